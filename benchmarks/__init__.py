@@ -1,0 +1,1 @@
+"""taskloom's benchmark suite (see benchmarks/README.md)."""

@@ -1,0 +1,229 @@
+"""The transport seam: what every broker implements and what the runtime may use.
+
+Brokers move opaque bytes wrapped in an :class:`Envelope`; they never see a
+``TaskMessage``. This module is the only thing ``runtime`` imports from
+``brokers`` (besides ``brokers.from_url``).
+
+The error tree is rooted here so brokers can subclass it::
+
+    TaskloomError
+    └── BrokerError
+        ├── BrokerConnectionError
+        │   ├── ConnectionFailed      could not open a connection
+        │   └── ConnectionLost        dropped mid-operation (retryable)
+        ├── PublishError              not confirmed / unroutable / rejected
+        ├── QueueNotFound
+        └── DeliveryAlreadySettled
+
+The contract (each sentence has a test in ``tests/contract``):
+
+1. ``publish`` returns only when the message is durable on the broker, else it
+   raises ``PublishError`` (or a ``BrokerConnectionError``). ``publish_many`` is
+   all-or-error: when it raises, any subset may have been stored (retrying with
+   the same ids gives visible duplicates, never loss).
+2. ``declare`` is idempotent; ``publish`` declares the queue implicitly.
+3. At least once: a delivery not settled before its consumer closes or dies
+   is delivered again with ``delivery_count + 1``.
+4. Settling twice with the same verb is a no-op; with another verb it raises
+   ``DeliveryAlreadySettled``.
+5. ``nack(delay_s=d)`` and ``Envelope.delay_s`` make a message invisible for at
+   least ``d`` seconds; it is never delivered early.
+6. ``dead_letter(reason)`` moves the message to the queue's dead-letter store
+   with the reason; it never returns to the queue by itself.
+7. ``consume`` is cancellable; closing a consumer stops fetching first, then
+   returns unsettled prefetched deliveries to the queue.
+8. ``prefetch`` bounds the unsettled deliveries a consumer holds.
+9. Among ready messages of one queue, a higher ``priority`` is delivered first
+   where ``capabilities.max_priority > 0``; elsewhere priority is ignored.
+10. Errors leave a broker only as the types of this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
+
+import msgspec
+
+__all__ = [
+    "Broker",
+    "BrokerConnectionError",
+    "BrokerError",
+    "Capabilities",
+    "ConnectionFailed",
+    "ConnectionLost",
+    "Consumer",
+    "DeadLetter",
+    "Delivery",
+    "DeliveryAlreadySettled",
+    "Envelope",
+    "PublishError",
+    "QueueNotFound",
+    "QueueStats",
+    "TaskloomError",
+]
+
+
+class TaskloomError(Exception):
+    """The root of every error taskloom raises on purpose."""
+
+
+class BrokerError(TaskloomError):
+    """A broker could not do what was asked."""
+
+
+class BrokerConnectionError(BrokerError):
+    """The connection to the broker is not usable."""
+
+
+class ConnectionFailed(BrokerConnectionError):
+    """A connection could not be opened: check the URL and that the server runs."""
+
+
+class ConnectionLost(BrokerConnectionError):
+    """The connection dropped mid-operation; the operation may be retried."""
+
+
+class PublishError(BrokerError):
+    """The broker did not confirm a message: it is not known to be stored."""
+
+
+class QueueNotFound(BrokerError):
+    """The queue does not exist on the broker."""
+
+
+class DeliveryAlreadySettled(BrokerError):
+    """A delivery was settled once already with another verb."""
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+    """What a broker stores and moves. The body is opaque bytes."""
+
+    id: str
+    queue: str
+    body: bytes
+    headers: dict[str, str] = {}
+    priority: int = 0
+    delay_s: float = 0.0
+
+
+class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
+    """What a broker can do; the runtime consults this, never isinstance()."""
+
+    max_priority: int = 0
+    native_delay: bool = True
+    max_message_bytes: int | None = None
+    dead_letter: bool = True
+    #: The broker redelivers a message whose consumer stops extending its lease
+    #: within this many seconds (None: only when the consumer's connection dies).
+    lease_s: float | None = None
+    #: Deliveries held unacked longer than this are taken back by the broker
+    #: (RabbitMQ's consumer_timeout). Task time limits must stay below it.
+    consumer_timeout_s: float | None = None
+
+
+class QueueStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Depths of one queue."""
+
+    ready: int = 0
+    delayed: int = 0
+    in_flight: int = 0
+    dead: int = 0
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A dead-lettered message with why it was dead-lettered."""
+
+    envelope: Envelope
+    reason: str
+    delivery_count: int = 0
+
+
+@runtime_checkable
+class Delivery(Protocol):
+    """One received message, leased to its consumer until settled."""
+
+    @property
+    def envelope(self) -> Envelope: ...
+
+    @property
+    def delivery_count(self) -> int:
+        """1 on first delivery; more means redelivered."""
+        ...
+
+    async def ack(self) -> None:
+        """Done: remove the message for good."""
+        ...
+
+    async def nack(self, *, delay_s: float = 0.0) -> None:
+        """Back to the queue, visible again after ``delay_s`` seconds."""
+        ...
+
+    async def dead_letter(self, reason: str) -> None:
+        """Move to the dead-letter store with ``reason``; never redelivered."""
+        ...
+
+    async def extend(self) -> None:
+        """Heartbeat: keep the lease of a long-running delivery."""
+        ...
+
+
+class Consumer(Protocol):
+    """A receive stream of deliveries from one or more queues."""
+
+    async def receive(self) -> Delivery:
+        """The next delivery; blocks until one is ready. Raises
+        ``anyio.EndOfStream`` once the consumer is closed."""
+        ...
+
+    def __aiter__(self) -> AsyncIterator[Delivery]: ...
+
+    async def aclose(self) -> None:
+        """Stop fetching, then hand unsettled deliveries back to the queue."""
+        ...
+
+
+class Broker(Protocol):
+    """A transport. ``async with broker:`` connects and closes."""
+
+    capabilities: Capabilities
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def declare(self, queue: str) -> None:
+        """Create the queue (and its delay and dead-letter stores); idempotent."""
+        ...
+
+    async def publish(self, envelope: Envelope) -> None:
+        """Store one message durably; returns only once the broker confirmed it."""
+        ...
+
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
+        """Store many messages in as few round trips as the broker allows."""
+        ...
+
+    def consume(
+        self, queues: Sequence[str], *, prefetch: int
+    ) -> AbstractAsyncContextManager[Consumer]:
+        """Open a consumer of ``queues`` holding at most ``prefetch`` unsettled
+        deliveries."""
+        ...
+
+    async def stats(self, queue: str) -> QueueStats: ...
+
+    async def purge(self, queue: str) -> int:
+        """Drop every ready and delayed message of ``queue``; returns how many."""
+        ...
+
+    async def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
+        """The oldest dead-lettered messages of ``queue``, without removing them."""
+        ...

@@ -1,0 +1,249 @@
+"""The in-process broker: the embedded default, honouring the whole contract.
+
+Leases, redelivery of unsettled deliveries when a consumer closes, delays,
+priorities, prefetch and a dead-letter store all behave as on a real server, so
+the worker's settlement path is exercised for real in unit tests. Nothing
+survives the process: use Redis or RabbitMQ where tasks must outlive it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Self
+
+import anyio
+
+from brokers.base import (
+    Capabilities,
+    DeadLetter,
+    DeliveryAlreadySettled,
+    Envelope,
+    QueueStats,
+)
+
+__all__ = ["MemoryBroker"]
+
+Clock = Callable[[], float]
+
+
+class _Queue:
+    __slots__ = ("dead", "delayed", "in_flight", "ready")
+
+    def __init__(self) -> None:
+        # (-priority, seq, envelope, deliveries so far)
+        self.ready: list[tuple[int, int, Envelope, int]] = []
+        # (due, seq, envelope, deliveries so far)
+        self.delayed: list[tuple[float, int, Envelope, int]] = []
+        self.dead: list[DeadLetter] = []
+        self.in_flight = 0
+
+
+class MemoryDelivery:
+    """A delivery of the memory broker."""
+
+    __slots__ = ("_consumer", "_settled", "delivery_count", "envelope")
+
+    def __init__(self, consumer: MemoryConsumer, envelope: Envelope, delivery_count: int) -> None:
+        self._consumer = consumer
+        self.envelope = envelope
+        self.delivery_count = delivery_count
+        self._settled: str | None = None
+
+    def _settle(self, verb: str) -> bool:
+        if self._settled is None:
+            self._settled = verb
+            return True
+        if self._settled in (verb, "released"):
+            return False
+        raise DeliveryAlreadySettled(
+            f"message {self.envelope.id} was already settled with {self._settled}(); "
+            f"it cannot also be settled with {verb}()"
+        )
+
+    async def ack(self) -> None:
+        if self._settle("ack"):
+            self._consumer._settled(self)
+
+    async def nack(self, *, delay_s: float = 0.0) -> None:
+        if self._settle("nack"):
+            self._consumer._settled(self)
+            self._consumer._broker._put(self.envelope, self.delivery_count, delay_s)
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settle("dead_letter"):
+            self._consumer._settled(self)
+            q = self._consumer._broker._queue(self.envelope.queue)
+            q.dead.append(DeadLetter(envelope=self.envelope, reason=reason,
+                                     delivery_count=self.delivery_count))
+
+    async def extend(self) -> None:
+        """Leases of the memory broker last as long as the consumer."""
+
+
+class MemoryConsumer:
+    """A consumer of the memory broker; see :meth:`MemoryBroker.consume`."""
+
+    def __init__(self, broker: MemoryBroker, queues: Sequence[str], prefetch: int) -> None:
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        self._broker = broker
+        self._queues = [broker._queue(name) for name in queues]
+        self._prefetch = prefetch
+        self._unsettled: set[MemoryDelivery] = set()
+        self._wake = anyio.Event()
+        self._closed = False
+
+    def _notify(self) -> None:
+        self._wake.set()
+
+    def _settled(self, delivery: MemoryDelivery) -> None:
+        self._unsettled.discard(delivery)
+        self._broker._queue(delivery.envelope.queue).in_flight -= 1
+        self._wake.set()
+
+    def _take(self) -> MemoryDelivery | None:
+        now = self._broker._clock()
+        best: _Queue | None = None
+        for q in self._queues:
+            while q.delayed and q.delayed[0][0] <= now:
+                _, seq, env, count = heapq.heappop(q.delayed)
+                heapq.heappush(q.ready, (-env.priority, seq, env, count))
+            if q.ready and (best is None or q.ready[0][:2] < best.ready[0][:2]):
+                best = q
+        if best is None:
+            return None
+        _, _, env, count = heapq.heappop(best.ready)
+        best.in_flight += 1
+        delivery = MemoryDelivery(self, env, count + 1)
+        self._unsettled.add(delivery)
+        return delivery
+
+    def _next_due(self) -> float:
+        dues = [q.delayed[0][0] for q in self._queues if q.delayed]
+        return min(dues) - self._broker._clock() if dues else float("inf")
+
+    async def receive(self) -> MemoryDelivery:
+        while True:
+            if self._closed:
+                raise anyio.EndOfStream
+            if len(self._unsettled) < self._prefetch:
+                delivery = self._take()
+                if delivery is not None:
+                    return delivery
+                wait = self._next_due()
+            else:
+                wait = float("inf")
+            self._wake = anyio.Event()
+            with anyio.move_on_after(max(wait, 0.0)):
+                await self._wake.wait()
+
+    def __aiter__(self) -> AsyncIterator[MemoryDelivery]:
+        return self
+
+    async def __anext__(self) -> MemoryDelivery:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._broker._consumers.discard(self)
+        self._wake.set()
+        for delivery in list(self._unsettled):
+            delivery._settled = "released"
+            self._settled(delivery)
+            self._broker._put(delivery.envelope, delivery.delivery_count, 0.0)
+
+
+class MemoryBroker:
+    """In-process broker. ``MemoryBroker.from_url("memory://")``."""
+
+    capabilities = Capabilities(max_priority=9, native_delay=True, max_message_bytes=None)
+
+    def __init__(self, *, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._queues: dict[str, _Queue] = {}
+        self._consumers: set[MemoryConsumer] = set()
+        self._seq = itertools.count()
+
+    @classmethod
+    def from_url(cls, url: str = "memory://", *, namespace: str = "") -> MemoryBroker:
+        """Every memory broker is its own namespace; ``namespace`` is accepted
+        for symmetry with the other brokers."""
+        return cls()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for consumer in list(self._consumers):
+            await consumer.aclose()
+
+    def _queue(self, name: str) -> _Queue:
+        q = self._queues.get(name)
+        if q is None:
+            q = self._queues[name] = _Queue()
+        return q
+
+    def _put(self, envelope: Envelope, deliveries: int, delay_s: float) -> None:
+        q = self._queue(envelope.queue)
+        seq = next(self._seq)
+        if delay_s > 0:
+            heapq.heappush(q.delayed, (self._clock() + delay_s, seq, envelope, deliveries))
+        else:
+            heapq.heappush(q.ready, (-envelope.priority, seq, envelope, deliveries))
+        for consumer in self._consumers:
+            consumer._notify()
+
+    async def declare(self, queue: str) -> None:
+        self._queue(queue)
+
+    async def publish(self, envelope: Envelope) -> None:
+        self._put(envelope, 0, envelope.delay_s)
+
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
+        for envelope in envelopes:
+            self._put(envelope, 0, envelope.delay_s)
+
+    @asynccontextmanager
+    async def consume(
+        self, queues: Sequence[str], *, prefetch: int
+    ) -> AsyncIterator[MemoryConsumer]:
+        consumer = MemoryConsumer(self, queues, prefetch)
+        self._consumers.add(consumer)
+        try:
+            yield consumer
+        finally:
+            await consumer.aclose()
+
+    async def stats(self, queue: str) -> QueueStats:
+        q = self._queue(queue)
+        return QueueStats(ready=len(q.ready), delayed=len(q.delayed),
+                          in_flight=q.in_flight, dead=len(q.dead))
+
+    async def purge(self, queue: str) -> int:
+        q = self._queue(queue)
+        n = len(q.ready) + len(q.delayed)
+        q.ready.clear()
+        q.delayed.clear()
+        return n
+
+    async def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
+        return list(self._queue(queue).dead[:limit])
+
+    def __repr__(self) -> str:
+        return f"MemoryBroker(queues={sorted(self._queues)})"
+

@@ -1,0 +1,415 @@
+"""The ``Runtime``: owns the registry, broker, result store and codec.
+
+    rt = Runtime()                      # memory broker + memory results
+    rt = Runtime(broker="redis://127.0.0.1:6379/0")   # results in the same Redis
+    rt = Runtime(broker="amqp://guest:guest@127.0.0.1/", results="redis://127.0.0.1/0")
+
+    @rt.task(retries=3, timeout=10)
+    async def add(x: int, y: int) -> int: ...
+
+    async with rt, rt.worker():
+        assert await run(add.s(1, 2)) == 3
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Generic, ParamSpec, Self, TypeVar, overload
+from urllib.parse import urlsplit
+
+import anyio
+import msgspec
+
+import brokers
+from brokers.base import Broker, Envelope
+from runtime import canvas
+from runtime.codec import DEFAULT_MAX_BYTES, Codec, Format
+from runtime.errors import (
+    ConfigError,
+    EnqueueError,
+    TaskCancelled,
+    TaskDeadLettered,
+    TaskError,
+    TaskloomError,
+    TaskTimeLimitExceeded,
+)
+from runtime.execution import ProcessRunner
+from runtime.messages import ErrorInfo, Result, State, TaskMessage, TaskOptions
+from runtime.observability import ensure_logging
+from runtime.registry import Kind, Task, TaskRegistry
+from runtime.results import DEFAULT_TTL_S, MemoryResultStore, ResultStore
+from runtime.retry import RetryPolicy
+from runtime.worker import Worker
+
+__all__ = ["Runtime", "TaskHandle", "run"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_RESULT_TIMEOUT_S = 300.0
+
+
+def _results_for(url: str, *, ttl_s: float, namespace: str) -> ResultStore:
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "memory":
+        return MemoryResultStore(ttl_s=ttl_s)
+    if scheme in ("redis", "rediss", "unix"):
+        module = importlib.import_module("runtime.results_redis")
+        store: ResultStore = module.RedisResultStore.from_url(url, ttl_s=ttl_s,
+                                                              namespace=namespace)
+        return store
+    raise ConfigError(
+        f"no result store handles {url!r}; use memory:// or redis://host:port/db"
+    )
+
+
+class TaskHandle(Generic[R]):
+    """A promise of one task's (or canvas's) outcome, by id."""
+
+    __slots__ = ("_return_type", "id", "runtime")
+
+    def __init__(self, runtime: Runtime, task_id: str, return_type: Any = Any) -> None:
+        self.runtime = runtime
+        self.id = task_id
+        self._return_type = return_type
+
+    async def result(self, timeout: float | None = None) -> R:
+        """The task's return value. Raises ``TaskError`` (or a subclass) if it
+        failed, ``ResultTimeout`` if none arrives within ``timeout`` seconds
+        (default: the runtime's ``result_timeout_s``)."""
+        rt = self.runtime
+        waited = await rt.results.wait(
+            self.id, rt.result_timeout_s if timeout is None else timeout)
+        return self._outcome(waited)
+
+    def _outcome(self, result: Result) -> R:
+        if result.state is State.SUCCESS:
+            if self._return_type is Any or result.value is None:
+                return result.value  # type: ignore[no-any-return]
+            try:
+                return msgspec.convert(result.value, self._return_type)  # type: ignore[no-any-return]
+            except msgspec.ValidationError:
+                return result.value  # type: ignore[no-any-return]
+        info = result.error or ErrorInfo(type="Unknown", message=f"state {result.state}")
+        if result.state is State.REVOKED:
+            raise TaskCancelled(info, self.id)
+        if info.type == "TaskTimeLimitExceeded":
+            raise TaskTimeLimitExceeded(info, self.id)
+        if info.reason in ("unknown_task", "bad_arguments", "rejected", "decode_error"):
+            raise TaskDeadLettered(info, self.id)
+        raise TaskError(info, self.id)
+
+    async def status(self) -> State:
+        """PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
+        found = await self.runtime.results.get(self.id)
+        return found.state if found is not None else State.PENDING
+
+    async def info(self) -> Result | None:
+        """The whole stored record (attempt, worker, timings), if any."""
+        return await self.runtime.results.get(self.id)
+
+    async def cancel(self) -> bool:
+        """Cancel the task if it has not finished: it will never run (or, if it
+        runs now, its outcome is discarded). Whether it was cancelled."""
+        return await self.runtime.results.revoke(self.id)
+
+    def __await__(self) -> Any:
+        return self.result().__await__()
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.id}>"
+
+
+class Runtime:
+    """A task runtime. ``async with runtime:`` connects the broker and the
+    result store; constructing one has no side effects."""
+
+    def __init__(
+        self,
+        broker: str | Broker = "memory://",
+        results: str | ResultStore | None = None,
+        *,
+        namespace: str = "",
+        codec: Format = "json",
+        compress_over: int | None = None,
+        signing_keys: dict[str, bytes] | None = None,
+        signing_key_id: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_BYTES,
+        result_ttl_s: float = DEFAULT_TTL_S,
+        result_timeout_s: float = DEFAULT_RESULT_TIMEOUT_S,
+        default_queue: str = "default",
+    ) -> None:
+        self.broker_url = broker if isinstance(broker, str) else None
+        self.broker: Broker = (
+            brokers.from_url(broker, namespace=namespace) if isinstance(broker, str) else broker
+        )
+        if results is None:
+            results = broker if isinstance(broker, str) and urlsplit(broker).scheme in (
+                "redis", "rediss", "unix") else "memory://"
+        self.results: ResultStore = (
+            _results_for(results, ttl_s=result_ttl_s, namespace=namespace)
+            if isinstance(results, str) else results
+        )
+        self.codec = Codec(codec, compress_over=compress_over, signing_keys=signing_keys,
+                           signing_key_id=signing_key_id, max_message_bytes=max_message_bytes)
+        broker_limit = self.broker.capabilities.max_message_bytes
+        if broker_limit is not None and max_message_bytes > broker_limit:
+            raise ConfigError(f"max_message_bytes {max_message_bytes} is above the broker's "
+                              f"limit of {broker_limit} bytes")
+        self.registry = TaskRegistry()
+        self.result_timeout_s = result_timeout_s
+        self.default_queue = default_queue
+        self._entered = 0
+        ensure_logging()
+
+    # -- tasks -------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        retries: int = 0,
+        backoff: float = 1.0,
+        backoff_factor: float = 2.0,
+        max_backoff: float = 300.0,
+        jitter: float = 0.5,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        timeout: float | None = None,
+        expires: float | None = None,
+        kind: Kind | None = None,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(  # type: ignore[misc]  # mypy cannot match ParamSpec overloads here
+        self,
+        fn: Callable[P, R] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        retries: int = 0,
+        backoff: float = 1.0,
+        backoff_factor: float = 2.0,
+        max_backoff: float = 300.0,
+        jitter: float = 0.5,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        timeout: float | None = None,
+        expires: float | None = None,
+        kind: Kind | None = None,
+    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a task. ``async def`` runs on the event loop, a plain
+        ``def`` in a thread, ``kind="process"`` in a process pool."""
+
+        def register(f: Callable[P, R]) -> Task[P, R]:
+            try:
+                policy = RetryPolicy(retries=retries, backoff_s=backoff, factor=backoff_factor,
+                                     max_delay_s=max_backoff, jitter=jitter)
+            except ValueError as e:
+                raise ConfigError(f"task {f.__qualname__}: {e}") from None
+            t: Task[P, R] = Task(
+                f,
+                name=name or f"{f.__module__}.{f.__qualname__}",
+                queue=queue or self.default_queue,
+                priority=priority,
+                retry=policy,
+                retry_on=retry_on,
+                timeout=timeout,
+                expires=expires,
+                kind=kind,
+                owner=self,
+            )
+            self._check_time_limit(t)
+            self.registry.add(t)
+            return t
+
+        if fn is not None:
+            return register(fn)
+        return register
+
+    def _check_time_limit(self, task: Task[Any, Any]) -> None:
+        limit = self.broker.capabilities.consumer_timeout_s
+        if limit is None:
+            return
+        if task.timeout is None or task.timeout >= limit:
+            raise ConfigError(
+                f"task {task.name!r} has timeout={task.timeout}, but the broker takes back "
+                f"messages held longer than its consumer timeout of {limit:g}s, which would run "
+                f"the task twice; give it timeout < {limit:g} or raise the broker's "
+                "consumer_timeout"
+            )
+
+    def signature(self, name: str, *args: Any, **kwargs: Any) -> canvas.Signature:
+        """A signature of a task by its registered name (UnknownTaskError if none)."""
+        return self.registry[name].s(*args, **kwargs)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._entered == 0:
+            for t in self.registry:
+                self._check_time_limit(t)
+            await self.broker.__aenter__()
+            try:
+                await self.results.__aenter__()
+            except BaseException:
+                await self.broker.__aexit__(None, None, None)
+                raise
+        self._entered += 1
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._entered -= 1
+        if self._entered == 0:
+            try:
+                await self.results.__aexit__(exc_type, exc, tb)
+            finally:
+                await self.broker.__aexit__(exc_type, exc, tb)
+
+    def _require_started(self) -> None:
+        if not self._entered:
+            raise TaskloomError(
+                "the runtime is not connected; use `async with runtime:` around enqueue/run"
+            )
+
+    @asynccontextmanager
+    async def worker(
+        self,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 100,
+        prefetch: int | None = None,
+        shutdown_grace_s: float = 30.0,
+        processes: ProcessRunner | None = None,
+    ) -> AsyncIterator[Worker]:
+        """A worker embedded in this event loop, consuming every queue the
+        runtime's tasks use (or ``queues``). Leaving the block drains it."""
+        self._require_started()
+        w = Worker(self, queues=queues, concurrency=concurrency, prefetch=prefetch,
+                   shutdown_grace_s=shutdown_grace_s, processes=processes)
+        async with anyio.create_task_group() as tg:
+            await tg.start(w.serve)
+            try:
+                yield w
+            finally:
+                w.stop()
+
+    # -- enqueue -------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        target: canvas.Canvas,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        task_id: str | None = None,
+        expires: float | None = None,
+    ) -> TaskHandle[Any]:
+        """Publish ``target`` (a signature or canvas); returns once the broker
+        has it durably. Raises an EnqueueError subclass before anything is sent
+        if the input is bad."""
+        self._require_started()
+        messages, handle = self._compile(target, countdown=countdown, eta=eta, priority=priority,
+                                         queue=queue, task_id=task_id, expires=expires)
+        await self.publish(messages)
+        return handle
+
+    async def enqueue_many(self, targets: Iterable[canvas.Canvas]) -> list[TaskHandle[Any]]:
+        """Publish many signatures or canvases in one batch."""
+        self._require_started()
+        messages: list[TaskMessage] = []
+        handles: list[TaskHandle[Any]] = []
+        for target in targets:
+            msgs, handle = self._compile(target)
+            messages.extend(msgs)
+            handles.append(handle)
+        await self.publish(messages)
+        return handles
+
+    async def run(self, target: canvas.Canvas, *, timeout: float | None = None) -> Any:
+        """Enqueue ``target`` and await its result."""
+        handle = await self.enqueue(target)
+        return await handle.result(timeout)
+
+    def handle(self, task_id: str) -> TaskHandle[Any]:
+        """A handle for a task enqueued elsewhere."""
+        return TaskHandle(self, task_id)
+
+    def _compile(
+        self,
+        target: canvas.Canvas,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        task_id: str | None = None,
+        expires: float | None = None,
+    ) -> tuple[list[TaskMessage], TaskHandle[Any]]:
+        if not isinstance(target, (canvas.Signature, canvas.Chain, canvas.Group, canvas.Chord)):
+            raise EnqueueError(
+                f"enqueue takes a signature or canvas (task.s(...), chain, group, chord), "
+                f"not {type(target).__qualname__}; did you call the task instead of task.s()?"
+            )
+        if countdown is not None and eta is not None:
+            raise EnqueueError("give countdown or eta, not both")
+        if eta is not None:
+            if eta.tzinfo is None:
+                raise EnqueueError("eta must be a timezone-aware datetime (e.g. datetime.now(UTC))")
+            countdown = max(0.0, eta.timestamp() - time.time())
+        if countdown is not None and countdown < 0:
+            raise EnqueueError(f"countdown must not be negative, got {countdown}")
+        overrides = None
+        if any(v is not None for v in (countdown, priority, queue, expires)):
+            overrides = TaskOptions(countdown=countdown, priority=priority, queue=queue,
+                                    expires=expires)
+            canvas._check_options(repr(target), overrides)
+        node = canvas.to_node(target, final=task_id)
+        messages = canvas.start(node, self.registry, overrides=overrides)
+        return_type = target.task.return_type if isinstance(target, canvas.Signature) else Any
+        return messages, TaskHandle(self, canvas.final_id(node), return_type)
+
+    async def publish(self, messages: Sequence[TaskMessage], *, delay_s: float | None = None
+                      ) -> None:
+        """Encode and publish task messages (used by enqueue and by workers)."""
+        if not messages:
+            return
+        now_ms = int(time.time() * 1000)
+        envelopes = []
+        encode = self.codec.encode
+        for m in messages:
+            body, headers = encode(m)
+            delay = delay_s if delay_s is not None else (
+                max(0.0, (m.eta_ms - now_ms) / 1000) if m.eta_ms else 0.0)
+            envelopes.append(Envelope(id=m.id, queue=m.queue, body=body, headers=headers,
+                                      priority=m.priority, delay_s=delay))
+        if len(envelopes) == 1:
+            await self.broker.publish(envelopes[0])
+        else:
+            await self.broker.publish_many(envelopes)
+
+
+async def run(target: canvas.Canvas, *, timeout: float | None = None) -> Any:
+    """Enqueue ``target`` on the runtime of its (first) task and await the result."""
+    owner = target.owner
+    if not isinstance(owner, Runtime):
+        raise ConfigError(f"{target!r} belongs to no runtime; define its task with @runtime.task")
+    return await owner.run(target, timeout=timeout)
+

@@ -1,0 +1,374 @@
+"""Signatures and the canvas (chain, group, chord), compiled to messages.
+
+Pure: no I/O. A canvas is first turned into a tree of ``Node`` structs with
+every id decided (:func:`to_node`), then :func:`start` makes the messages
+that begin a node. The rest of the work rides on the messages themselves: a
+chain's remaining steps in ``links``, a group's or chord's join in ``chord``.
+Every canvas has one *final id*, under which its outcome is stored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Union
+
+import msgspec
+
+from runtime.errors import ConfigError, EnqueueError
+from runtime.messages import (
+    ChainNode,
+    ChordNode,
+    ChordRef,
+    GroupNode,
+    Node,
+    SigNode,
+    TaskMessage,
+    TaskOptions,
+)
+
+if TYPE_CHECKING:
+    from runtime.registry import Task, TaskRegistry
+
+__all__ = [
+    "Canvas",
+    "Chain",
+    "Chord",
+    "Group",
+    "Signature",
+    "chain",
+    "chord",
+    "chunks",
+    "final_id",
+    "group",
+    "map",
+    "start",
+    "starmap",
+    "to_node",
+]
+
+_NO_VALUE: Any = object()
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class _Composable:
+    def __or__(self, other: Canvas) -> Chain:
+        return chain(self, other)  # type: ignore[arg-type]
+
+    @property
+    def owner(self) -> Any:
+        """The runtime of the first task in this canvas."""
+        raise NotImplementedError
+
+
+class Signature(_Composable):
+    """A task with its arguments and call options, ready to be enqueued."""
+
+    __slots__ = ("args", "errbacks", "immutable", "kwargs", "options", "task")
+
+    def __init__(
+        self,
+        task: Task[Any, Any],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        immutable: bool = False,
+        options: TaskOptions = TaskOptions(),
+        errbacks: tuple[Signature, ...] = (),
+    ) -> None:
+        self.task = task
+        self.args = args
+        self.kwargs = kwargs or {}
+        self.immutable = immutable
+        self.options = options
+        self.errbacks = errbacks
+
+    def set(self, **options: Any) -> Signature:
+        """A copy with call options changed: queue, priority, countdown,
+        expires, retries, timeout."""
+        unknown = set(options) - set(TaskOptions.__struct_fields__)
+        if unknown:
+            raise ConfigError(
+                f"unknown signature option(s) {sorted(unknown)}; "
+                f"use any of {list(TaskOptions.__struct_fields__)}"
+            )
+        merged = msgspec.structs.replace(self.options, **options)
+        _check_options(self.task.name, merged)
+        return Signature(self.task, self.args, self.kwargs, immutable=self.immutable,
+                         options=merged, errbacks=self.errbacks)
+
+    def on_error(self, errback: Signature) -> Signature:
+        """A copy that runs ``errback(task_id, error)`` once if this task fails for good."""
+        return Signature(self.task, self.args, self.kwargs, immutable=self.immutable,
+                         options=self.options, errbacks=(*self.errbacks, errback))
+
+    @property
+    def owner(self) -> Any:
+        return self.task.owner
+
+    def __repr__(self) -> str:
+        parts = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"{self.task.name}.{'si' if self.immutable else 's'}({', '.join(parts)})"
+
+
+class Chain(_Composable):
+    """Steps run one after the other; each result is the next step's first argument."""
+
+    def __init__(self, steps: Sequence[Canvas], errbacks: tuple[Signature, ...] = ()) -> None:
+        if not steps:
+            raise ConfigError("a chain needs at least one step")
+        self.steps = list(steps)
+        self.errbacks = errbacks
+
+    def on_error(self, errback: Signature) -> Chain:
+        """A copy that runs ``errback`` once when any step fails for good."""
+        return Chain(self.steps, (*self.errbacks, errback))
+
+    @property
+    def owner(self) -> Any:
+        return self.steps[0].owner
+
+    def __repr__(self) -> str:
+        return " | ".join(repr(s) for s in self.steps)
+
+
+class Group(_Composable):
+    """Members run in parallel; the result is the list of their results, in order."""
+
+    def __init__(self, members: Iterable[Canvas], errbacks: tuple[Signature, ...] = ()) -> None:
+        self.members = list(members)
+        if not self.members:
+            raise ConfigError("a group needs at least one member")
+        self.errbacks = errbacks
+
+    def on_error(self, errback: Signature) -> Group:
+        return Group(self.members, (*self.errbacks, errback))
+
+    @property
+    def owner(self) -> Any:
+        return self.members[0].owner
+
+    def __repr__(self) -> str:
+        return f"group({', '.join(repr(m) for m in self.members)})"
+
+
+class Chord(_Composable):
+    """A group whose ordered results are passed, once, to ``body``."""
+
+    def __init__(self, header: Iterable[Canvas], body: Canvas,
+                 errbacks: tuple[Signature, ...] = ()) -> None:
+        self.header = list(header)
+        if not self.header:
+            raise ConfigError("a chord needs at least one header member")
+        self.body = body
+        self.errbacks = errbacks
+
+    def on_error(self, errback: Signature) -> Chord:
+        return Chord(self.header, self.body, (*self.errbacks, errback))
+
+    @property
+    def owner(self) -> Any:
+        return self.header[0].owner
+
+    def __repr__(self) -> str:
+        return f"chord([{', '.join(repr(m) for m in self.header)}], {self.body!r})"
+
+
+Canvas = Union[Signature, Chain, Group, Chord]  # noqa: UP007 - runtime alias
+
+
+def chain(*steps: Canvas) -> Chain:
+    """``chain(a, b, c)`` is ``a | b | c``; nested chains are flattened."""
+    flat: list[Canvas] = []
+    for step in steps:
+        if isinstance(step, Chain) and not step.errbacks:
+            flat.extend(step.steps)
+        else:
+            flat.append(step)
+    return Chain(flat)
+
+
+def group(*members: Canvas | Iterable[Canvas]) -> Group:
+    """``group(a, b)`` or ``group(generator_of_signatures)``."""
+    if len(members) == 1 and not isinstance(members[0], _Composable):
+        return Group(members[0])
+    return Group(members)  # type: ignore[arg-type]
+
+
+def chord(header: Iterable[Canvas], body: Canvas) -> Chord:
+    return Chord(header, body)
+
+
+def map(task: Task[Any, Any], items: Iterable[Any]) -> Group:
+    """``task(item)`` for every item, in parallel."""
+    return Group(task.s(item) for item in items)
+
+
+def starmap(task: Task[Any, Any], items: Iterable[Sequence[Any]]) -> Group:
+    """``task(*item)`` for every item, in parallel."""
+    return Group(task.s(*item) for item in items)
+
+
+def chunks(task: Task[Any, Any], items: Iterable[Any], n: int) -> Group:
+    """Split ``items`` into ``n`` tasks; each gets a list of items and returns a
+    list; the group's result is the list of those lists, in order."""
+    seq = list(items)
+    if n < 1:
+        raise ConfigError(f"chunks needs n >= 1, got {n}")
+    size = max(1, -(-len(seq) // n))
+    return Group(task.s(seq[i:i + size]) for i in range(0, len(seq), size))
+
+
+# -- compile: canvas -> nodes with ids ----------------------------------------------
+
+
+def _check_options(name: str, options: TaskOptions) -> None:
+    if options.countdown is not None and options.countdown < 0:
+        raise EnqueueError(f"task {name!r}: countdown must not be negative, got {options.countdown}")
+    if options.priority is not None and not 0 <= options.priority <= 9:
+        raise EnqueueError(f"task {name!r}: priority must be within 0..9, got {options.priority}")
+    if options.retries is not None and options.retries < 0:
+        raise EnqueueError(f"task {name!r}: retries must not be negative, got {options.retries}")
+    for field in ("expires", "timeout"):
+        value = getattr(options, field)
+        if value is not None and value <= 0:
+            raise EnqueueError(f"task {name!r}: {field} must be positive seconds, got {value}")
+
+
+def _errback_nodes(errbacks: Sequence[Signature]) -> list[SigNode]:
+    return [_sig_node(e, new_id(), [], partial=True) for e in errbacks]
+
+
+def _sig_node(sig: Signature, node_id: str, errbacks: list[SigNode], *, partial: bool) -> SigNode:
+    sig.task.bind(sig.args, sig.kwargs, partial=partial)
+    return SigNode(
+        id=node_id,
+        task=sig.task.name,
+        args=list(sig.args),
+        kwargs=dict(sig.kwargs),
+        immutable=sig.immutable,
+        options=sig.options,
+        errbacks=errbacks + _errback_nodes(sig.errbacks),
+    )
+
+
+def to_node(canvas: Canvas, *, final: str | None = None, first: bool = True,
+            errbacks: list[SigNode] | None = None) -> Node:
+    """Assign ids; ``final`` is the id the outcome is stored under. Arguments
+    are checked here: fully for a signature that starts the canvas, partially
+    for later ones (they receive the previous result)."""
+    inherited = errbacks or []
+    node_id = final or new_id()
+    if isinstance(canvas, Signature):
+        return _sig_node(canvas, node_id, list(inherited),
+                         partial=not first and not canvas.immutable)
+    if isinstance(canvas, Chain):
+        ebs = inherited + _errback_nodes(canvas.errbacks)
+        steps = list(canvas.steps)
+        nodes: list[Node] = []
+        for i, step in enumerate(steps):
+            last = i == len(steps) - 1
+            if isinstance(step, Group) and not last:
+                # a group followed by a step is a chord of that step
+                nxt = steps[i + 1]
+                steps[i + 1] = Chord(step.members, nxt, step.errbacks)
+                continue
+            nodes.append(to_node(step, final=node_id if last else None,
+                                 first=first and not nodes, errbacks=ebs))
+        if len(nodes) == 1:
+            return nodes[0]
+        return ChainNode(id=node_id, steps=nodes)
+    if isinstance(canvas, Group):
+        ebs = inherited + _errback_nodes(canvas.errbacks)
+        return GroupNode(id=node_id, members=[
+            to_node(m, first=first, errbacks=ebs) for m in canvas.members
+        ])
+    ebs = inherited + _errback_nodes(canvas.errbacks)
+    header = [to_node(m, first=first, errbacks=ebs) for m in canvas.header]
+    body = to_node(canvas.body, final=node_id, first=False, errbacks=ebs)
+    return ChordNode(id=new_id(), header=header, body=body)
+
+
+def final_id(node: Node) -> str:
+    """The id a node's outcome is stored under."""
+    if isinstance(node, ChordNode):
+        return final_id(node.body) if node.body is not None else node.id
+    return node.id
+
+
+# -- start: nodes -> messages ----------------------------------------------------
+
+
+def _downstream(links: Sequence[Node], ref: ChordRef | None) -> list[str]:
+    ids = [final_id(n) for n in links]
+    while ref is not None:
+        ids.append(ref.id)
+        if ref.body is not None:
+            ids.append(final_id(ref.body))
+        ids.extend(final_id(n) for n in ref.links)
+        ref = ref.outer
+    return ids
+
+
+def start(
+    node: Node,
+    registry: TaskRegistry,
+    *,
+    prev: Any = _NO_VALUE,
+    links: Sequence[Node] = (),
+    ref: ChordRef | None = None,
+    parent_id: str | None = None,
+    root_id: str | None = None,
+    once: bool = False,
+    now_ms: int | None = None,
+    overrides: TaskOptions | None = None,
+) -> list[TaskMessage]:
+    """The messages that begin ``node``, fed ``prev`` (the previous result, if
+    any), followed by ``links`` and joining into ``ref`` when done."""
+    if isinstance(node, ChainNode):
+        return start(node.steps[0], registry, prev=prev, links=[*node.steps[1:], *links], ref=ref,
+                     parent_id=parent_id, root_id=root_id, once=once, now_ms=now_ms,
+                     overrides=overrides)
+    if isinstance(node, (GroupNode, ChordNode)):
+        members = node.members if isinstance(node, GroupNode) else node.header
+        body = node.body if isinstance(node, ChordNode) else None
+        join = ChordRef(id=node.id, index=0, size=len(members), body=body,
+                        links=list(links), outer=ref)
+        out: list[TaskMessage] = []
+        for i, member in enumerate(members):
+            out.extend(start(member, registry, prev=prev, ref=msgspec.structs.replace(join, index=i),
+                             parent_id=parent_id, root_id=root_id, now_ms=now_ms,
+                             overrides=overrides))
+        return out
+    task = registry[node.task]
+    opts = node.options
+    if overrides is not None:
+        changes = {k: v for k, v in msgspec.structs.asdict(overrides).items() if v is not None}
+        opts = msgspec.structs.replace(opts, **changes)
+    args = node.args if node.immutable or prev is _NO_VALUE else [prev, *node.args]
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    countdown = opts.countdown
+    expires = opts.expires if opts.expires is not None else task.expires
+    return [TaskMessage(
+        id=node.id,
+        task=node.task,
+        args=args,
+        kwargs=node.kwargs,
+        queue=opts.queue or task.queue,
+        priority=opts.priority if opts.priority is not None else task.priority,
+        eta_ms=now + int(countdown * 1000) if countdown else None,
+        expires_ms=now + int(expires * 1000) if expires else None,
+        retries=opts.retries,
+        timeout=opts.timeout,
+        parent_id=parent_id,
+        root_id=root_id or parent_id or node.id,
+        links=list(links),
+        errbacks=node.errbacks,
+        chord=ref,
+        downstream=_downstream(links, ref),
+        once=once,
+    )]

@@ -1,0 +1,148 @@
+"""Messages to bytes and back: JSON (default) or MessagePack, optional zlib,
+optional HMAC-SHA256 signing, a size limit checked before any parsing.
+
+Never pickle: only msgspec encodes and decodes, into typed Structs.
+
+The envelope headers carry how the body was made:
+``ct`` content type (``json`` | ``msgpack``), ``ce`` content encoding
+(``zlib`` when compressed), ``kid`` and ``sig`` the signing key id and the
+hex HMAC-SHA256 of the body (over the bytes as sent, compressed or not).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import msgspec
+
+from runtime.errors import ConfigError, DecodeError, EncodeError, PayloadTooLarge
+from runtime.messages import TaskMessage
+
+__all__ = ["Codec", "Format"]
+
+Format = Literal["json", "msgpack"]
+
+DEFAULT_MAX_BYTES = 1024 * 1024
+
+_TaskDecoder = msgspec.json.Decoder[TaskMessage] | msgspec.msgpack.Decoder[TaskMessage]
+
+
+def _enc_hook(obj: Any) -> Any:
+    raise NotImplementedError(
+        f"a value of type {type(obj).__qualname__} cannot be encoded; pass JSON-like data "
+        "(str, int, float, bool, None, list, dict, datetime, UUID, msgspec Structs, dataclasses)"
+    )
+
+
+class Codec:
+    """Encodes task messages and results; one instance per runtime, reused."""
+
+    def __init__(
+        self,
+        format: Format = "json",
+        *,
+        compress_over: int | None = None,
+        signing_keys: Mapping[str, bytes] | None = None,
+        signing_key_id: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        if format not in ("json", "msgpack"):
+            raise ConfigError(f"codec format must be 'json' or 'msgpack', not {format!r}")
+        self.format: Format = format
+        self.compress_over = compress_over
+        self.max_message_bytes = max_message_bytes
+        self._keys = dict(signing_keys or {})
+        if signing_key_id is None and self._keys:
+            signing_key_id = next(iter(self._keys))
+        if signing_key_id is not None and signing_key_id not in self._keys:
+            raise ConfigError(f"signing_key_id {signing_key_id!r} is not among the signing keys")
+        self._kid = signing_key_id
+        encoder: msgspec.json.Encoder | msgspec.msgpack.Encoder = (
+            msgspec.json.Encoder(enc_hook=_enc_hook)
+            if format == "json"
+            else msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+        )
+        self._encode: Callable[[Any], bytes] = encoder.encode
+        self._task_decoders: dict[str, _TaskDecoder] = {
+            "json": msgspec.json.Decoder(TaskMessage),
+            "msgpack": msgspec.msgpack.Decoder(TaskMessage),
+        }
+        self._base_headers: dict[str, str] = {"ct": format}
+
+    @property
+    def signs(self) -> bool:
+        return self._kid is not None
+
+    # -- values ----------------------------------------------------------------
+
+    def encode_value(self, value: Any) -> bytes:
+        """Encode any user value; raises EncodeError naming the bad type."""
+        try:
+            return self._encode(value)
+        except (NotImplementedError, TypeError, OverflowError) as e:
+            raise EncodeError(str(e)) from None
+
+    # -- task messages ------------------------------------------------------------
+
+    def encode(self, message: TaskMessage) -> tuple[bytes, dict[str, str]]:
+        """The body and headers of ``message``; raises EncodeError or PayloadTooLarge."""
+        try:
+            body = self._encode(message)
+        except (NotImplementedError, TypeError, OverflowError) as e:
+            raise EncodeError(f"task {message.task!r}: {e}") from None
+        headers = self._base_headers
+        if self.compress_over is not None and len(body) > self.compress_over:
+            body = zlib.compress(body, 6)
+            headers = {**headers, "ce": "zlib"}
+        if len(body) > self.max_message_bytes:
+            raise PayloadTooLarge(len(body), self.max_message_bytes, f"message for task {message.task!r}")
+        if self._kid is not None:
+            sig = hmac.new(self._keys[self._kid], body, hashlib.sha256).hexdigest()
+            headers = {**headers, "kid": self._kid, "sig": sig}
+        return body, headers
+
+    def decode(self, body: bytes, headers: Mapping[str, str]) -> TaskMessage:
+        """The message in ``body``; raises DecodeError with a DLQ reason."""
+        if len(body) > self.max_message_bytes:
+            raise DecodeError("too_large", f"{len(body)} bytes, limit {self.max_message_bytes}")
+        if self._keys:
+            self._verify(body, headers)
+        if headers.get("ce") == "zlib":
+            body = self._inflate(body)
+        elif "ce" in headers:
+            raise DecodeError("decode_error", f"unknown content encoding {headers['ce']!r}")
+        decoder = self._task_decoders.get(headers.get("ct", "json"))
+        if decoder is None:
+            raise DecodeError("decode_error", f"unsupported content type {headers.get('ct')!r}")
+        try:
+            message: TaskMessage = decoder.decode(body)
+        except msgspec.DecodeError as e:
+            raise DecodeError("decode_error", str(e)) from None
+        if message.v != 1:
+            raise DecodeError("decode_error", f"unsupported message version {message.v}")
+        return message
+
+    def _verify(self, body: bytes, headers: Mapping[str, str]) -> None:
+        kid, sig = headers.get("kid"), headers.get("sig")
+        if kid is None or sig is None:
+            raise DecodeError("bad_signature", "the message is not signed")
+        key = self._keys.get(kid)
+        if key is None:
+            raise DecodeError("bad_signature", f"unknown signing key id {kid!r}")
+        expected = hmac.new(key, body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, sig):
+            raise DecodeError("bad_signature", "the signature does not match the body")
+
+    def _inflate(self, body: bytes) -> bytes:
+        d = zlib.decompressobj()
+        try:
+            out = d.decompress(body, self.max_message_bytes * 4)
+        except zlib.error as e:
+            raise DecodeError("decode_error", f"bad zlib data: {e}") from None
+        if d.unconsumed_tail:
+            raise DecodeError("too_large", "the message inflates past 4x the size limit")
+        return out

@@ -1,0 +1,191 @@
+"""Every error taskloom raises, under one root a user can catch::
+
+    TaskloomError
+    ├── ConfigError                 bad settings, bad task options
+    ├── BrokerError                 (brokers.base) connection, publish, settlement
+    ├── EnqueueError                raised at enqueue time, before anything is sent
+    │   ├── UnknownTaskError
+    │   ├── ArgumentsError          arguments do not fit the task's signature
+    │   ├── EncodeError             a value cannot be encoded
+    │   └── PayloadTooLarge
+    ├── DecodeError                 bad bytes, bad signature, unknown version
+    ├── ResultError
+    │   ├── ResultTimeout           no result within the timeout
+    │   ├── ResultExpired
+    │   └── ResultStoreUnavailable  the result store cannot be reached
+    └── TaskError                   the task failed; ``.info`` says how
+        ├── TaskTimeLimitExceeded
+        ├── TaskCancelled
+        └── TaskDeadLettered
+
+Raised inside task bodies (control flow, not errors): ``Retry`` and ``Reject``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from brokers.base import (
+    BrokerConnectionError,
+    BrokerError,
+    ConnectionFailed,
+    ConnectionLost,
+    DeliveryAlreadySettled,
+    PublishError,
+    QueueNotFound,
+    TaskloomError,
+)
+
+if TYPE_CHECKING:
+    from runtime.messages import ErrorInfo
+
+__all__ = [
+    "ArgumentsError",
+    "BrokerConnectionError",
+    "BrokerError",
+    "ConfigError",
+    "ConnectionFailed",
+    "ConnectionLost",
+    "DecodeError",
+    "DeliveryAlreadySettled",
+    "EncodeError",
+    "EnqueueError",
+    "PayloadTooLarge",
+    "PublishError",
+    "QueueNotFound",
+    "Reject",
+    "ResultError",
+    "ResultExpired",
+    "ResultStoreUnavailable",
+    "ResultTimeout",
+    "Retry",
+    "TaskCancelled",
+    "TaskDeadLettered",
+    "TaskError",
+    "TaskTimeLimitExceeded",
+    "TaskloomError",
+    "UnknownTaskError",
+]
+
+
+class ConfigError(TaskloomError, ValueError):
+    """A setting or task option is not valid."""
+
+
+class EnqueueError(TaskloomError):
+    """A task could not be enqueued; nothing was sent."""
+
+
+class UnknownTaskError(EnqueueError, LookupError):
+    """No task of that name is registered."""
+
+    def __init__(self, name: str, known: list[str] | None = None) -> None:
+        self.name = name
+        hint = ""
+        if known:
+            shown = ", ".join(sorted(known)[:10])
+            hint = f" (registered: {shown}{', …' if len(known) > 10 else ''})"
+        super().__init__(
+            f"no task named {name!r} is registered{hint}; "
+            "decorate it with @runtime.task or check the name"
+        )
+
+
+class ArgumentsError(EnqueueError, TypeError):
+    """The arguments do not fit the task's signature or type hints."""
+
+    def __init__(self, task: str, detail: str) -> None:
+        self.task = task
+        self.detail = detail
+        super().__init__(f"bad arguments for task {task!r}: {detail}")
+
+
+class EncodeError(EnqueueError, TypeError):
+    """A value cannot be encoded into a message."""
+
+
+class PayloadTooLarge(EnqueueError, ValueError):
+    """The encoded message is over the size limit."""
+
+    def __init__(self, size: int, limit: int, what: str = "message") -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"the encoded {what} is {size} bytes, over the limit of {limit} bytes; "
+            "pass large data by reference (a URL or key) or raise max_message_bytes"
+        )
+
+
+class DecodeError(TaskloomError, ValueError):
+    """A message could not be decoded: it is dead-lettered, never executed."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+class ResultError(TaskloomError):
+    """A result could not be had."""
+
+
+class ResultTimeout(ResultError, TimeoutError):
+    """No terminal result arrived within the timeout."""
+
+    def __init__(self, task_id: str, timeout: float, state: str = "PENDING") -> None:
+        self.task_id = task_id
+        self.timeout = timeout
+        super().__init__(
+            f"task {task_id} has no result after {timeout:g}s (state {state}); "
+            "is a worker consuming its queue? wait longer or check `taskloom status`"
+        )
+
+
+class ResultExpired(ResultError, LookupError):
+    """The result existed but its time to live has passed."""
+
+
+class ResultStoreUnavailable(ResultError):
+    """The result store cannot be reached."""
+
+
+class TaskError(TaskloomError):
+    """The task failed. ``info`` carries the remote error's type name, message,
+    traceback and attempt; the remote exception type is never imported."""
+
+    def __init__(self, info: ErrorInfo, task_id: str = "") -> None:
+        self.info = info
+        self.task_id = task_id
+        super().__init__(f"task {task_id} failed: {info.type}: {info.message}")
+
+    def is_(self, exc_type: type[BaseException]) -> bool:
+        """Whether the remote error was of ``exc_type`` (compared by name)."""
+        return self.info.type in (exc_type.__qualname__, f"{exc_type.__module__}.{exc_type.__qualname__}")
+
+
+class TaskTimeLimitExceeded(TaskError):
+    """The task ran past its time limit."""
+
+
+class TaskCancelled(TaskError):
+    """The task was cancelled before it finished."""
+
+
+class TaskDeadLettered(TaskError):
+    """The task was dead-lettered (rejected, undecodable, or out of retries)."""
+
+
+class Retry(Exception):
+    """Raise inside a task to retry it, after ``delay_s`` (or the task's backoff)."""
+
+    def __init__(self, delay_s: float | None = None, reason: str = "") -> None:
+        self.delay_s = delay_s
+        self.reason = reason
+        super().__init__(reason or "retry requested")
+
+
+class Reject(Exception):
+    """Raise inside a task to dead-letter it at once, without retries."""
+
+    def __init__(self, reason: str = "rejected") -> None:
+        self.reason = reason
+        super().__init__(reason)

@@ -1,0 +1,178 @@
+"""Tasks and the registry that names them.
+
+A :class:`Task` wraps a function with its options and knows how to check and
+convert arguments against the function's type hints (``msgspec.convert``),
+both when a call is enqueued and when a worker runs it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
+
+import msgspec
+
+from runtime.errors import ArgumentsError, ConfigError, UnknownTaskError
+from runtime.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from runtime.canvas import Signature
+
+__all__ = ["Kind", "Task", "TaskRegistry"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Kind = Literal["async", "thread", "process"]
+_KINDS = ("async", "thread", "process")
+MAX_PRIORITY = 9
+
+_Converter = tuple[str, Any]  # (parameter name, type hint)
+
+
+class Task(Generic[P, R]):
+    """A registered task. Call it to run the function here and now; use
+    ``.s()``/``.si()`` to make a signature that runs on a worker."""
+
+    def __init__(
+        self,
+        fn: Callable[P, Any],
+        *,
+        name: str,
+        queue: str = "default",
+        priority: int = 0,
+        retry: RetryPolicy = RetryPolicy(),
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        timeout: float | None = None,
+        expires: float | None = None,
+        kind: Kind | None = None,
+        owner: Any = None,
+    ) -> None:
+        is_async = inspect.iscoroutinefunction(fn)
+        if kind is None:
+            kind = "async" if is_async else "thread"
+        if kind not in _KINDS:
+            raise ConfigError(f"task {name!r}: kind must be one of {_KINDS}, not {kind!r}")
+        if kind == "async" and not is_async:
+            raise ConfigError(f"task {name!r}: kind='async' needs an `async def` function")
+        if kind in ("thread", "process") and is_async:
+            raise ConfigError(f"task {name!r}: kind={kind!r} needs a plain `def` function")
+        if not name or not isinstance(name, str):
+            raise ConfigError(f"a task name must be a non-empty string, not {name!r}")
+        if not queue or not isinstance(queue, str):
+            raise ConfigError(f"task {name!r}: queue must be a non-empty string, not {queue!r}")
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise ConfigError(f"task {name!r}: priority must be within 0..{MAX_PRIORITY}, not {priority}")
+        if timeout is not None and timeout <= 0:
+            raise ConfigError(f"task {name!r}: timeout must be positive seconds, not {timeout}")
+        if expires is not None and expires <= 0:
+            raise ConfigError(f"task {name!r}: expires must be positive seconds, not {expires}")
+        self.fn = fn
+        self.name = name
+        self.queue = queue
+        self.priority = priority
+        self.retry = retry
+        self.retry_on = retry_on
+        self.timeout = timeout
+        self.expires = expires
+        self.kind: Kind = kind
+        self.owner = owner
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+        self._signature = inspect.signature(fn)
+        hints = typing.get_type_hints(fn)
+        self.return_type: Any = hints.pop("return", Any)
+        self._converters: list[_Converter] = [
+            (p.name, hints[p.name])
+            for p in self._signature.parameters.values()
+            if p.name in hints
+            and hints[p.name] is not Any
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Run the function in this process, now (no broker involved)."""
+        return self.fn(*args, **kwargs)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A signature of this task; in a chain, the previous result is
+        prepended to ``args``."""
+        from runtime.canvas import Signature
+
+        return Signature(self, tuple(args), kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable signature: it ignores the previous result in a chain."""
+        from runtime.canvas import Signature
+
+        return Signature(self, tuple(args), kwargs, immutable=True)
+
+    def bind(
+        self, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], *, partial: bool = False
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Check ``args``/``kwargs`` against the signature and type hints and
+        return them converted; raises ArgumentsError saying which argument is
+        wrong and what was expected."""
+        try:
+            binder = self._signature.bind_partial if partial else self._signature.bind
+            bound = binder(*args, **kwargs)
+        except TypeError as e:
+            raise ArgumentsError(self.name, f"{e} (signature: {self.name}{self._signature})") from None
+        if self._converters:
+            arguments = bound.arguments
+            for pname, hint in self._converters:
+                if pname in arguments:
+                    try:
+                        arguments[pname] = msgspec.convert(arguments[pname], hint)
+                    except msgspec.ValidationError as e:
+                        raise ArgumentsError(
+                            self.name, f"argument {pname!r}: {e} (expected {_hint_name(hint)})"
+                        ) from None
+        return bound.args, bound.kwargs
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.queue} kind={self.kind}>"
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__qualname__", None) or repr(hint)
+
+
+class TaskRegistry:
+    """Tasks by name. Dispatch is by explicit registration only: a name in a
+    message is never imported."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, Task[Any, Any]] = {}
+
+    def add(self, task: Task[Any, Any]) -> None:
+        existing = self._tasks.get(task.name)
+        if existing is not None and existing.fn is not task.fn:
+            raise ConfigError(
+                f"a task named {task.name!r} is registered already ({existing.fn!r}); "
+                "pass name=... to tell them apart"
+            )
+        self._tasks[task.name] = task
+
+    def get(self, name: str) -> Task[Any, Any] | None:
+        return self._tasks.get(name)
+
+    def __getitem__(self, name: str) -> Task[Any, Any]:
+        task = self._tasks.get(name)
+        if task is None:
+            raise UnknownTaskError(name, list(self._tasks))
+        return task
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __iter__(self) -> Iterator[Task[Any, Any]]:
+        return iter(self._tasks.values())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def queues(self) -> list[str]:
+        return sorted({t.queue for t in self._tasks.values()})

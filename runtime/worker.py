@@ -1,0 +1,381 @@
+"""The worker: consume → decode → execute → store → follow up → ack.
+
+Late ack: a delivery is settled only after its outcome is stored and its
+follow-ups (next chain step, retry, join) are published, so a worker dying at
+any point leaves the message to be delivered again (at least once).
+
+Dead-letter reasons: ``decode_error``, ``bad_signature``, ``too_large``,
+``unknown_task``, ``bad_arguments``, ``rejected``, ``failed`` (out of
+retries), ``delivery_limit`` (set by brokers).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import msgspec
+import structlog
+
+from brokers.base import BrokerConnectionError, Delivery
+from runtime import canvas
+from runtime.errors import (
+    ArgumentsError,
+    DecodeError,
+    EncodeError,
+    PayloadTooLarge,
+    Reject,
+    ResultError,
+    Retry,
+)
+from runtime.execution import ProcessRunner, TimeLimit, execute
+from runtime.messages import ChordRef, ErrorInfo, Result, SigNode, State, TaskMessage
+from runtime.retry import next_delay
+
+if TYPE_CHECKING:
+    from runtime.app import Runtime
+
+__all__ = ["Worker"]
+
+log = structlog.get_logger("taskloom.worker")
+
+_STORE_RETRY_MAX_S = 5.0
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _error_info(exc: BaseException, reason: str) -> ErrorInfo:
+    cls = type(exc)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return ErrorInfo(
+        type=name,
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+        reason=reason,
+    )
+
+
+class Worker:
+    """Runs the tasks of one runtime from its queues.
+
+    ``await tg.start(worker.serve)`` returns once the worker is consuming;
+    ``worker.stop()`` stops taking work and drains within ``shutdown_grace_s``.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 100,
+        prefetch: int | None = None,
+        shutdown_grace_s: float = 30.0,
+        threads: int = 40,
+        processes: ProcessRunner | None = None,
+        name: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self.runtime = runtime
+        self.queues = list(queues) if queues else runtime.registry.queues() or ["default"]
+        self.concurrency = concurrency
+        self.prefetch = prefetch if prefetch is not None else concurrency
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, got {self.prefetch}")
+        self.shutdown_grace_s = shutdown_grace_s
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.processes = processes
+        self._threads = anyio.CapacityLimiter(threads)
+        self._slots = anyio.Semaphore(concurrency)
+        self._intake: anyio.CancelScope | None = None
+        self._stopping = False
+        self.in_flight = 0
+        self.processed = 0
+        self.failed = 0
+        self._changed = anyio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Consume until :meth:`stop` (or cancellation); then drain."""
+        rt = self.runtime
+        async with anyio.create_task_group() as services:
+            await services.start(rt.results.watch)
+            async with rt.broker.consume(self.queues, prefetch=self.prefetch) as consumer:
+                async with anyio.create_task_group() as running:
+                    with anyio.CancelScope() as intake:
+                        self._intake = intake
+                        if self._stopping:
+                            intake.cancel()
+                        log.info("worker started", worker=self.name, queues=self.queues,
+                                 concurrency=self.concurrency)
+                        task_status.started()
+                        try:
+                            while True:
+                                await self._slots.acquire()
+                                try:
+                                    delivery = await consumer.receive()
+                                except BaseException:
+                                    self._slots.release()
+                                    raise
+                                running.start_soon(self._handle, delivery)
+                        except anyio.EndOfStream:
+                            pass
+                    # intake stopped: let in-flight tasks finish within the grace period
+                    running.cancel_scope.deadline = anyio.current_time() + self.shutdown_grace_s
+            services.cancel_scope.cancel()
+        log.info("worker stopped", worker=self.name, processed=self.processed, failed=self.failed)
+
+    def stop(self) -> None:
+        """Stop taking work; in-flight tasks get ``shutdown_grace_s`` to finish,
+        then are cancelled and handed back to the broker."""
+        self._stopping = True
+        if self._intake is not None:
+            self._intake.cancel()
+
+    async def idle(self) -> None:
+        """Return once nothing is in flight here and the queues hold nothing
+        ready, delayed or unacked (burst mode for tests and scripts)."""
+        broker = self.runtime.broker
+        while True:
+            changed = self._changed
+            if self.in_flight == 0:
+                busy = False
+                for queue in self.queues:
+                    stats = await broker.stats(queue)
+                    if stats.ready or stats.delayed or stats.in_flight:
+                        busy = True
+                        break
+                if not busy and self.in_flight == 0:
+                    return
+            await changed.wait()
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    # -- one delivery ------------------------------------------------------------
+
+    async def _handle(self, delivery: Delivery) -> None:
+        self.in_flight += 1
+        try:
+            await self._process(delivery)
+        except BrokerConnectionError as e:
+            # the broker will redeliver what we could not settle
+            log.warning("could not settle a delivery; the broker will redeliver it",
+                        message_id=delivery.envelope.id, error=str(e))
+        finally:
+            self.in_flight -= 1
+            self.processed += 1
+            self._slots.release()
+            self._signal()
+
+    async def _process(self, delivery: Delivery) -> None:
+        rt = self.runtime
+        env = delivery.envelope
+        try:
+            msg = rt.codec.decode(env.body, env.headers)
+        except DecodeError as e:
+            log.error("dead-lettering an undecodable message", message_id=env.id,
+                      queue=env.queue, reason=e.reason, error=str(e))
+            await delivery.dead_letter(e.reason)
+            return
+        task = rt.registry.get(msg.task)
+        if task is None:
+            log.error("dead-lettering a message for an unknown task", task_id=msg.id, task=msg.task)
+            await self._fail(msg, delivery, ErrorInfo(
+                type="UnknownTaskError", reason="unknown_task",
+                message=f"no task named {msg.task!r} is registered on worker {self.name}"))
+            return
+        if rt.results.is_revoked(msg.id):
+            log.info("skipping a cancelled task", task_id=msg.id, task=msg.task)
+            await delivery.ack()
+            return
+        if msg.expires_ms is not None and _now_ms() > msg.expires_ms:
+            log.info("discarding an expired task", task_id=msg.id, task=msg.task)
+            await self._store(Result(id=msg.id, task=msg.task, state=State.REVOKED,
+                                     attempt=msg.attempt, finished_ms=_now_ms(),
+                                     error=ErrorInfo(type="Expired", reason="expired",
+                                                     message="the task expired before it ran")))
+            await delivery.ack()
+            return
+        if msg.once and not await self._claim(msg, task.timeout, delivery):
+            return
+        try:
+            args, kwargs = task.bind(msg.args, msg.kwargs)
+        except ArgumentsError as e:
+            await self._fail(msg, delivery, _error_info(e, "bad_arguments"))
+            return
+        started = _now_ms()
+        timeout = msg.timeout if msg.timeout is not None else task.timeout
+        try:
+            value = await execute(task, args, kwargs, timeout, threads=self._threads,
+                                  processes=self.processes)
+        except Reject as e:
+            await self._fail(msg, delivery, _error_info(e, "rejected"), started)
+            return
+        except Retry as e:
+            await self._retry_or_fail(msg, delivery, e, e.delay_s, started)
+            return
+        except TimeLimit as e:
+            await self._retry_or_fail(msg, delivery, e, None, started,
+                                      type_name="TaskTimeLimitExceeded")
+            return
+        except Exception as e:
+            if isinstance(e, task.retry_on):
+                await self._retry_or_fail(msg, delivery, e, None, started)
+            else:
+                await self._fail(msg, delivery, _error_info(e, "failed"), started)
+            return
+        if isinstance(value, (canvas.Signature, canvas.Chain, canvas.Group, canvas.Chord)):
+            await self._replace(msg, value)
+            await delivery.ack()
+            return
+        await self._succeed(msg, delivery, value, started)
+
+    async def _succeed(self, msg: TaskMessage, delivery: Delivery, value: Any,
+                       started: int) -> None:
+        result = Result(id=msg.id, task=msg.task, state=State.SUCCESS, value=value,
+                        attempt=msg.attempt, delivery_count=delivery.delivery_count,
+                        worker=self.name, started_ms=started, finished_ms=_now_ms())
+        try:
+            await self._store(result)
+        except (PayloadTooLarge, EncodeError) as e:
+            await self._fail(msg, delivery, _error_info(e, "bad_result"), started)
+            return
+        if msg.links:
+            await self.runtime.publish(canvas.start(
+                msg.links[0], self.runtime.registry, prev=value, links=msg.links[1:],
+                ref=msg.chord, parent_id=msg.id, root_id=msg.root_id))
+        elif msg.chord is not None:
+            await self._join(msg.chord, value, msg)
+        await delivery.ack()
+        log.debug("task succeeded", task_id=msg.id, task=msg.task, attempt=msg.attempt,
+                  duration_ms=result.finished_ms - started if result.finished_ms else None)
+
+    async def _join(self, ref: ChordRef, value: Any, msg: TaskMessage) -> None:
+        """Count ``value`` into ``ref``; the call that finds it complete goes on."""
+        rt = self.runtime
+        values = await rt.results.join(ref.id, ref.index, ref.size, value)
+        if values is None:
+            return
+        if ref.body is not None:
+            await rt.publish(canvas.start(ref.body, rt.registry, prev=values, links=ref.links,
+                                          ref=ref.outer, parent_id=msg.id, root_id=msg.root_id,
+                                          once=True))
+            return
+        await self._store(Result(id=ref.id, state=State.SUCCESS, value=values,
+                                 worker=self.name, finished_ms=_now_ms()))
+        if ref.links:
+            await rt.publish(canvas.start(ref.links[0], rt.registry, prev=values,
+                                          links=ref.links[1:], ref=ref.outer,
+                                          parent_id=msg.id, root_id=msg.root_id, once=True))
+        elif ref.outer is not None:
+            await self._join(ref.outer, values, msg)
+
+    async def _replace(self, msg: TaskMessage, value: canvas.Canvas) -> None:
+        """The task returned a canvas: run it in this task's place."""
+        rt = self.runtime
+        node = canvas.to_node(value, final=msg.id, first=True)
+        await rt.publish(canvas.start(node, rt.registry, links=msg.links, ref=msg.chord,
+                                      parent_id=msg.id, root_id=msg.root_id))
+
+    async def _retry_or_fail(self, msg: TaskMessage, delivery: Delivery, exc: BaseException,
+                             delay_s: float | None, started: int, *,
+                             type_name: str | None = None) -> None:
+        task = self.runtime.registry[msg.task]
+        retries = msg.retries if msg.retries is not None else task.retry.retries
+        info = _error_info(exc, "failed")
+        if type_name is not None:
+            info = ErrorInfo(type=type_name, message=info.message, traceback=info.traceback,
+                             reason="time_limit")
+        if msg.attempt > retries:
+            await self._fail(msg, delivery, info, started)
+            return
+        delay = delay_s if delay_s is not None else next_delay(msg.attempt, task.retry)
+        log.info("retrying a task", task_id=msg.id, task=msg.task, attempt=msg.attempt,
+                 retries=retries, delay_s=round(delay, 3), error=f"{info.type}: {info.message}")
+        await self._store(Result(id=msg.id, task=msg.task, state=State.RETRY, error=info,
+                                 attempt=msg.attempt, delivery_count=delivery.delivery_count,
+                                 worker=self.name, started_ms=started))
+        again = msgspec.structs.replace(msg, attempt=msg.attempt + 1)
+        await self.runtime.publish([again], delay_s=delay)
+        await delivery.ack()
+
+    async def _fail(self, msg: TaskMessage, delivery: Delivery, info: ErrorInfo,
+                    started: int | None = None) -> None:
+        """A failure for good: store it (and on everything waiting downstream),
+        run the errbacks once, dead-letter the message."""
+        self.failed += 1
+        log.warning("task failed", task_id=msg.id, task=msg.task, attempt=msg.attempt,
+                    reason=info.reason, error=f"{info.type}: {info.message}")
+        now = _now_ms()
+        failure = Result(id=msg.id, task=msg.task, state=State.FAILURE, error=info,
+                         attempt=msg.attempt, delivery_count=delivery.delivery_count,
+                         worker=self.name, started_ms=started, finished_ms=now)
+        upstream = ErrorInfo(type=info.type, message=info.message, traceback=info.traceback,
+                             reason=f"upstream:{msg.id}")
+        results = [failure] + [
+            Result(id=i, state=State.FAILURE, error=upstream, worker=self.name, finished_ms=now)
+            for i in msg.downstream
+        ]
+        await self._store_many(results)
+        if msg.errbacks:
+            await self._errbacks(msg, msg.errbacks, info)
+        await delivery.dead_letter(info.reason or "failed")
+
+    async def _errbacks(self, msg: TaskMessage, errbacks: list[SigNode], info: ErrorInfo) -> None:
+        rt = self.runtime
+        error = {"type": info.type, "message": info.message, "reason": info.reason}
+        out: list[TaskMessage] = []
+        for node in errbacks:
+            fed = msgspec.structs.replace(node, args=[msg.id, error, *node.args], immutable=True)
+            out.extend(canvas.start(fed, rt.registry, parent_id=msg.id, root_id=msg.root_id,
+                                    once=True))
+        await rt.publish(out)
+
+    async def _claim(self, msg: TaskMessage, timeout: float | None, delivery: Delivery) -> bool:
+        """For at-most-once-per-id messages (chord bodies, errbacks)."""
+        rt = self.runtime
+        if await rt.results.claim(msg.id, (timeout or 300.0) + 60.0):
+            return True
+        existing = await rt.results.get(msg.id)
+        if existing is not None and existing.state.terminal:
+            log.info("skipping a duplicate of a task that ran already", task_id=msg.id)
+            await delivery.ack()
+        else:
+            log.info("a duplicate is running elsewhere; checking again later", task_id=msg.id)
+            await delivery.nack(delay_s=5.0)
+        return False
+
+    # -- storing, with retries while the store is down ---------------------------------
+
+    async def _store(self, result: Result) -> None:
+        await self._store_many([result])
+
+    async def _store_many(self, results: list[Result]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                if len(results) == 1:
+                    await self.runtime.results.put(results[0])
+                else:
+                    await self.runtime.results.put_many(results)
+                return
+            except (PayloadTooLarge, EncodeError):
+                raise
+            except (ResultError, BrokerConnectionError) as e:
+                log.warning("result store unavailable; retrying before acking",
+                            task_id=results[0].id, error=str(e), retry_in_s=delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _STORE_RETRY_MAX_S)
