@@ -381,10 +381,12 @@ class Runtime:
             overrides = TaskOptions(countdown=countdown, priority=priority, queue=queue,
                                     expires=expires)
             canvas._check_options(repr(target), overrides)
+        if isinstance(target, canvas.Signature) and not target.errbacks:
+            message = canvas.message_for(target, task_id=task_id, overrides=overrides)
+            return [message], TaskHandle(self, message.id, target.task.return_type)
         node = canvas.to_node(target, final=task_id)
         messages = canvas.start(node, self.registry, overrides=overrides)
-        return_type = target.task.return_type if isinstance(target, canvas.Signature) else Any
-        return messages, TaskHandle(self, canvas.final_id(node), return_type)
+        return messages, TaskHandle(self, canvas.final_id(node))
 
     async def publish(self, messages: Sequence[TaskMessage], *, delay_s: float | None = None
                       ) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "final_id",
     "group",
     "map",
+    "message_for",
     "start",
     "starmap",
     "to_node",
@@ -345,19 +346,51 @@ def start(
                              overrides=overrides))
         return out
     task = registry[node.task]
-    opts = node.options
+    args = node.args if node.immutable or prev is _NO_VALUE else [prev, *node.args]
+    return [_message(task, node.id, args, node.kwargs, node.options, overrides, now_ms,
+                     errbacks=node.errbacks, links=links, ref=ref, parent_id=parent_id,
+                     root_id=root_id, once=once)]
+
+
+def message_for(sig: Signature, *, task_id: str | None = None,
+                overrides: TaskOptions | None = None) -> TaskMessage:
+    """The message of one plain signature (the enqueue hot path): the same
+    as ``start(to_node(sig))`` without building the tree."""
+    if sig.errbacks:
+        raise ValueError("message_for takes a signature without errbacks; use to_node + start")
+    sig.task.bind(sig.args, sig.kwargs)
+    return _message(sig.task, task_id or new_id(), list(sig.args), sig.kwargs, sig.options,
+                    overrides, None)
+
+
+def _message(
+    task: Task[Any, Any],
+    task_id: str,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    opts: TaskOptions,
+    overrides: TaskOptions | None,
+    now_ms: int | None,
+    *,
+    errbacks: list[SigNode] | None = None,
+    links: Sequence[Node] = (),
+    ref: ChordRef | None = None,
+    parent_id: str | None = None,
+    root_id: str | None = None,
+    once: bool = False,
+) -> TaskMessage:
     if overrides is not None:
         changes = {k: v for k, v in msgspec.structs.asdict(overrides).items() if v is not None}
         opts = msgspec.structs.replace(opts, **changes)
-    args = node.args if node.immutable or prev is _NO_VALUE else [prev, *node.args]
-    now = now_ms if now_ms is not None else int(time.time() * 1000)
     countdown = opts.countdown
     expires = opts.expires if opts.expires is not None else task.expires
-    return [TaskMessage(
-        id=node.id,
-        task=node.task,
+    if countdown or expires:
+        now = now_ms if now_ms is not None else int(time.time() * 1000)
+    return TaskMessage(
+        id=task_id,
+        task=task.name,
         args=args,
-        kwargs=node.kwargs,
+        kwargs=kwargs,
         queue=opts.queue or task.queue,
         priority=opts.priority if opts.priority is not None else task.priority,
         eta_ms=now + int(countdown * 1000) if countdown else None,
@@ -365,10 +398,10 @@ def start(
         retries=opts.retries,
         timeout=opts.timeout,
         parent_id=parent_id,
-        root_id=root_id or parent_id or node.id,
+        root_id=root_id or parent_id or task_id,
         links=list(links),
-        errbacks=node.errbacks,
+        errbacks=errbacks or [],
         chord=ref,
-        downstream=_downstream(links, ref),
+        downstream=_downstream(links, ref) if links or ref else [],
         once=once,
-    )]
+    )

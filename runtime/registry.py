@@ -91,6 +91,15 @@ class Task(Generic[P, R]):
             and hints[p.name] is not Any
             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         ]
+        params = list(self._signature.parameters.values())
+        simple = all(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+            for p in params
+        )
+        # the hot path: all-positional calls of simple signatures skip inspect.bind
+        self._arity = len(params) if simple else -1
+        index = {p.name: i for i, p in enumerate(params)}
+        self._positional_converters = [(index[n], n, h) for n, h in self._converters]
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Run the function in this process, now (no broker involved)."""
@@ -115,6 +124,13 @@ class Task(Generic[P, R]):
         """Check ``args``/``kwargs`` against the signature and type hints and
         return them converted; raises ArgumentsError saying which argument is
         wrong and what was expected."""
+        if not kwargs and len(args) == self._arity:
+            if not self._converters:
+                return tuple(args), {}
+            converted = list(args)
+            for i, pname, hint in self._positional_converters:
+                converted[i] = self._convert(pname, converted[i], hint)
+            return tuple(converted), {}
         try:
             binder = self._signature.bind_partial if partial else self._signature.bind
             bound = binder(*args, **kwargs)
@@ -124,13 +140,16 @@ class Task(Generic[P, R]):
             arguments = bound.arguments
             for pname, hint in self._converters:
                 if pname in arguments:
-                    try:
-                        arguments[pname] = msgspec.convert(arguments[pname], hint)
-                    except msgspec.ValidationError as e:
-                        raise ArgumentsError(
-                            self.name, f"argument {pname!r}: {e} (expected {_hint_name(hint)})"
-                        ) from None
+                    arguments[pname] = self._convert(pname, arguments[pname], hint)
         return bound.args, bound.kwargs
+
+    def _convert(self, pname: str, value: Any, hint: Any) -> Any:
+        try:
+            return msgspec.convert(value, hint)
+        except msgspec.ValidationError as e:
+            raise ArgumentsError(
+                self.name, f"argument {pname!r}: {e} (expected {_hint_name(hint)})"
+            ) from None
 
     def __repr__(self) -> str:
         return f"<Task {self.name} queue={self.queue} kind={self.kind}>"

@@ -23,8 +23,9 @@ import anyio
 import anyio.abc
 import msgspec
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from brokers.base import BrokerConnectionError, Delivery
+from brokers.base import BrokerConnectionError, Consumer, Delivery
 from runtime import canvas
 from runtime.errors import (
     ArgumentsError,
@@ -95,24 +96,32 @@ class Worker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.processes = processes
         self._threads = anyio.CapacityLimiter(threads)
-        self._slots = anyio.Semaphore(concurrency)
         self._intake: anyio.CancelScope | None = None
         self._stopping = False
         self.in_flight = 0
         self.processed = 0
         self.failed = 0
-        self._changed = anyio.Event()
+        self._changed: anyio.Event | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                     ) -> None:
-        """Consume until :meth:`stop` (or cancellation); then drain."""
+        """Consume until :meth:`stop` (or cancellation); then drain.
+
+        One fetcher hands deliveries to ``concurrency`` long-lived runners over
+        an unbuffered stream: no task is spawned per message, and a delivery is
+        taken from the consumer only when a runner is free to start it.
+        """
         rt = self.runtime
         async with anyio.create_task_group() as services:
             await services.start(rt.results.watch)
             async with rt.broker.consume(self.queues, prefetch=self.prefetch) as consumer:
+                send, receive = anyio.create_memory_object_stream[Delivery](0)
                 async with anyio.create_task_group() as running:
+                    async with receive:
+                        for _ in range(self.concurrency):
+                            running.start_soon(self._runner, receive.clone())
                     with anyio.CancelScope() as intake:
                         self._intake = intake
                         if self._stopping:
@@ -120,21 +129,29 @@ class Worker:
                         log.info("worker started", worker=self.name, queues=self.queues,
                                  concurrency=self.concurrency)
                         task_status.started()
-                        try:
-                            while True:
-                                await self._slots.acquire()
-                                try:
-                                    delivery = await consumer.receive()
-                                except BaseException:
-                                    self._slots.release()
-                                    raise
-                                running.start_soon(self._handle, delivery)
-                        except anyio.EndOfStream:
-                            pass
+                        async with send:
+                            await self._fetch(consumer, send)
+                    send.close()
                     # intake stopped: let in-flight tasks finish within the grace period
                     running.cancel_scope.deadline = anyio.current_time() + self.shutdown_grace_s
             services.cancel_scope.cancel()
         log.info("worker stopped", worker=self.name, processed=self.processed, failed=self.failed)
+
+    async def _fetch(self, consumer: Consumer, send: MemoryObjectSendStream[Delivery]) -> None:
+        try:
+            while True:
+                delivery = await consumer.receive()
+                try:
+                    send.send_nowait(delivery)
+                except anyio.WouldBlock:
+                    await send.send(delivery)
+        except anyio.EndOfStream:
+            return
+
+    async def _runner(self, receive: MemoryObjectReceiveStream[Delivery]) -> None:
+        async with receive:
+            async for delivery in receive:
+                await self._handle(delivery)
 
     def stop(self) -> None:
         """Stop taking work; in-flight tasks get ``shutdown_grace_s`` to finish,
@@ -148,7 +165,7 @@ class Worker:
         ready, delayed or unacked (burst mode for tests and scripts)."""
         broker = self.runtime.broker
         while True:
-            changed = self._changed
+            changed = self._changed = self._changed or anyio.Event()
             if self.in_flight == 0:
                 busy = False
                 for queue in self.queues:
@@ -161,8 +178,10 @@ class Worker:
             await changed.wait()
 
     def _signal(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            changed.set()
 
     # -- one delivery ------------------------------------------------------------
 
@@ -177,7 +196,6 @@ class Worker:
         finally:
             self.in_flight -= 1
             self.processed += 1
-            self._slots.release()
             self._signal()
 
     async def _process(self, delivery: Delivery) -> None:
