@@ -238,16 +238,25 @@ class Runtime:
         return register
 
     def _check_time_limit(self, task: Task[Any, Any]) -> None:
+        """A time limit must stay below the broker's consumer timeout (tasks
+        without one get ``default_time_limit``, which does)."""
         limit = self.broker.capabilities.consumer_timeout_s
         if limit is None:
             return
-        if task.timeout is None or task.timeout >= limit:
+        if task.timeout is not None and task.timeout >= limit:
             raise ConfigError(
                 f"task {task.name!r} has timeout={task.timeout}, but the broker takes back "
                 f"messages held longer than its consumer timeout of {limit:g}s, which would run "
                 f"the task twice; give it timeout < {limit:g} or raise the broker's "
                 "consumer_timeout"
             )
+
+    @property
+    def default_time_limit(self) -> float | None:
+        """The limit of tasks that set none: 90% of the broker's consumer timeout
+        (RabbitMQ takes a message back after it), else no limit."""
+        limit = self.broker.capabilities.consumer_timeout_s
+        return None if limit is None else limit * 0.9
 
     def signature(self, name: str, *args: Any, **kwargs: Any) -> canvas.Signature:
         """A signature of a task by its registered name (UnknownTaskError if none)."""

@@ -96,6 +96,7 @@ class Worker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.processes = processes
         self._threads = anyio.CapacityLimiter(threads)
+        self._default_limit = runtime.default_time_limit
         self._intake: anyio.CancelScope | None = None
         self._stopping = False
         self.in_flight = 0
@@ -236,6 +237,8 @@ class Worker:
             return
         started = _now_ms()
         timeout = msg.timeout if msg.timeout is not None else task.timeout
+        if timeout is None:
+            timeout = self._default_limit
         try:
             value = await execute(task, args, kwargs, timeout, threads=self._threads,
                                   processes=self.processes)
