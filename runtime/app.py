@@ -40,6 +40,7 @@ from runtime.errors import (
 )
 from runtime.execution import ProcessRunner
 from runtime.messages import ErrorInfo, Result, State, TaskMessage, TaskOptions
+from runtime.middleware import Middleware
 from runtime.observability import ensure_logging
 from runtime.registry import Kind, Task, TaskRegistry
 from runtime.results import DEFAULT_TTL_S, MemoryResultStore, ResultStore
@@ -143,7 +144,11 @@ class Runtime:
         result_ttl_s: float = DEFAULT_TTL_S,
         result_timeout_s: float = DEFAULT_RESULT_TIMEOUT_S,
         default_queue: str = "default",
+        middleware: Sequence[Middleware] = (),
     ) -> None:
+        self.middleware = list(middleware)
+        self._publish_hooks = [m for m in self.middleware
+                               if type(m).before_publish is not Middleware.before_publish]
         self.broker_url = broker if isinstance(broker, str) else None
         self.broker: Broker = (
             brokers.from_url(broker, namespace=namespace) if isinstance(broker, str) else broker
@@ -405,7 +410,11 @@ class Runtime:
         now_ms = int(time.time() * 1000)
         envelopes = []
         encode = self.codec.encode
-        for m in messages:
+        hooks = self._publish_hooks
+        for original in messages:
+            m = original
+            for hook in hooks:
+                m = hook.before_publish(m)
             body, headers = encode(m)
             delay = delay_s if delay_s is not None else (
                 max(0.0, (m.eta_ms - now_ms) / 1000) if m.eta_ms else 0.0)

@@ -38,6 +38,7 @@ from runtime.errors import (
 )
 from runtime.execution import ProcessRunner, TimeLimit, execute
 from runtime.messages import ChordRef, ErrorInfo, Result, SigNode, State, TaskMessage
+from runtime.middleware import CallNext, Middleware, TaskContext, build_chain
 from runtime.retry import next_delay
 
 if TYPE_CHECKING:
@@ -97,6 +98,9 @@ class Worker:
         self.processes = processes
         self._threads = anyio.CapacityLimiter(threads)
         self._default_limit = runtime.default_time_limit
+        self._chain: CallNext | None = None
+        if any(type(m).execute is not Middleware.execute for m in runtime.middleware):
+            self._chain = build_chain(runtime.middleware, self._execute)
         self._intake: anyio.CancelScope | None = None
         self._stopping = False
         self.in_flight = 0
@@ -184,6 +188,10 @@ class Worker:
             self._changed = None
             changed.set()
 
+    async def _execute(self, ctx: TaskContext) -> Any:
+        return await execute(ctx.task, ctx.args, ctx.kwargs, ctx.timeout, threads=self._threads,
+                             processes=self.processes)
+
     # -- one delivery ------------------------------------------------------------
 
     async def _handle(self, delivery: Delivery) -> None:
@@ -240,8 +248,13 @@ class Worker:
         if timeout is None:
             timeout = self._default_limit
         try:
-            value = await execute(task, args, kwargs, timeout, threads=self._threads,
-                                  processes=self.processes)
+            if self._chain is None:
+                value = await execute(task, args, kwargs, timeout, threads=self._threads,
+                                      processes=self.processes)
+            else:
+                value = await self._chain(TaskContext(
+                    message=msg, task=task, args=args, kwargs=kwargs, timeout=timeout,
+                    delivery_count=delivery.delivery_count, worker=self.name))
         except Reject as e:
             await self._fail(msg, delivery, _error_info(e, "rejected"), started)
             return
