@@ -138,7 +138,8 @@ class MemoryConsumer:
                 wait = self._next_due()
             else:
                 wait = float("inf")
-            self._wake = anyio.Event()
+            if self._wake.is_set():
+                self._wake = anyio.Event()
             with anyio.move_on_after(max(wait, 0.0)):
                 await self._wake.wait()
 

@@ -407,7 +407,7 @@ class Runtime:
         """Encode and publish task messages (used by enqueue and by workers)."""
         if not messages:
             return
-        now_ms = int(time.time() * 1000)
+        now = time.time()
         envelopes = []
         encode = self.codec.encode
         hooks = self._publish_hooks
@@ -417,7 +417,7 @@ class Runtime:
                 m = hook.before_publish(m)
             body, headers = encode(m)
             delay = delay_s if delay_s is not None else (
-                max(0.0, (m.eta_ms - now_ms) / 1000) if m.eta_ms else 0.0)
+                max(0.0, m.eta_ms / 1000 - now) if m.eta_ms else 0.0)
             envelopes.append(Envelope(id=m.id, queue=m.queue, body=body, headers=headers,
                                       priority=m.priority, delay_s=delay))
         if len(envelopes) == 1:

@@ -9,6 +9,7 @@ Every canvas has one *final id*, under which its outcome is stored.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -97,7 +98,11 @@ class Signature(_Composable):
                 f"unknown signature option(s) {sorted(unknown)}; "
                 f"use any of {list(TaskOptions.__struct_fields__)}"
             )
-        merged = msgspec.structs.replace(self.options, **options)
+        try:
+            merged = msgspec.convert({**msgspec.structs.asdict(self.options), **options},
+                                     TaskOptions)
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"{self.task.name}.set(): bad option: {e}") from None
         _check_options(self.task.name, merged)
         return Signature(self.task, self.args, self.kwargs, immutable=self.immutable,
                          options=merged, errbacks=self.errbacks)
@@ -220,14 +225,25 @@ def chunks(task: Task[Any, Any], items: Iterable[Any], n: int) -> Group:
     seq = list(items)
     if n < 1:
         raise ConfigError(f"chunks needs n >= 1, got {n}")
-    size = max(1, -(-len(seq) // n))
-    return Group(task.s(seq[i:i + size]) for i in range(0, len(seq), size))
+    n = min(n, len(seq)) or 1
+    size, extra = divmod(len(seq), n)
+    parts: list[list[Any]] = []
+    start_at = 0
+    for i in range(n):
+        end = start_at + size + (1 if i < extra else 0)
+        parts.append(seq[start_at:end])
+        start_at = end
+    return Group(task.s(part) for part in parts)
 
 
 # -- compile: canvas -> nodes with ids ----------------------------------------------
 
 
 def _check_options(name: str, options: TaskOptions) -> None:
+    for field in ("countdown", "expires", "timeout"):
+        value = getattr(options, field)
+        if value is not None and not math.isfinite(value):
+            raise EnqueueError(f"task {name!r}: {field} must be a finite number, got {value}")
     if options.countdown is not None and options.countdown < 0:
         raise EnqueueError(f"task {name!r}: countdown must not be negative, got {options.countdown}")
     if options.priority is not None and not 0 <= options.priority <= 9:
@@ -241,11 +257,12 @@ def _check_options(name: str, options: TaskOptions) -> None:
 
 
 def _errback_nodes(errbacks: Sequence[Signature]) -> list[SigNode]:
-    return [_sig_node(e, new_id(), [], partial=True) for e in errbacks]
+    # an errback is called as errback(task_id, error, *its own args)
+    return [_sig_node(e, new_id(), [], leading=2) for e in errbacks]
 
 
-def _sig_node(sig: Signature, node_id: str, errbacks: list[SigNode], *, partial: bool) -> SigNode:
-    sig.task.bind(sig.args, sig.kwargs, partial=partial)
+def _sig_node(sig: Signature, node_id: str, errbacks: list[SigNode], *, leading: int) -> SigNode:
+    sig.task.bind(sig.args, sig.kwargs, leading=leading)
     return SigNode(
         id=node_id,
         task=sig.task.name,
@@ -260,13 +277,12 @@ def _sig_node(sig: Signature, node_id: str, errbacks: list[SigNode], *, partial:
 def to_node(canvas: Canvas, *, final: str | None = None, first: bool = True,
             errbacks: list[SigNode] | None = None) -> Node:
     """Assign ids; ``final`` is the id the outcome is stored under. Arguments
-    are checked here: fully for a signature that starts the canvas, partially
-    for later ones (they receive the previous result)."""
+    are checked here; a later step's first argument is the previous result."""
     inherited = errbacks or []
     node_id = final or new_id()
     if isinstance(canvas, Signature):
-        return _sig_node(canvas, node_id, list(inherited),
-                         partial=not first and not canvas.immutable)
+        receives_prev = not first and not canvas.immutable
+        return _sig_node(canvas, node_id, list(inherited), leading=1 if receives_prev else 0)
     if isinstance(canvas, Chain):
         ebs = inherited + _errback_nodes(canvas.errbacks)
         steps = list(canvas.steps)
@@ -385,7 +401,7 @@ def _message(
     countdown = opts.countdown
     expires = opts.expires if opts.expires is not None else task.expires
     if countdown or expires:
-        now = now_ms if now_ms is not None else int(time.time() * 1000)
+        now = now_ms if now_ms is not None else time.time() * 1000
     return TaskMessage(
         id=task_id,
         task=task.name,
@@ -393,8 +409,8 @@ def _message(
         kwargs=kwargs,
         queue=opts.queue or task.queue,
         priority=opts.priority if opts.priority is not None else task.priority,
-        eta_ms=now + int(countdown * 1000) if countdown else None,
-        expires_ms=now + int(expires * 1000) if expires else None,
+        eta_ms=math.ceil(now + countdown * 1000) if countdown else None,
+        expires_ms=math.ceil(now + expires * 1000) if expires else None,
         retries=opts.retries,
         timeout=opts.timeout,
         parent_id=parent_id,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -29,6 +30,22 @@ Format = Literal["json", "msgpack"]
 DEFAULT_MAX_BYTES = 1024 * 1024
 
 _TaskDecoder = msgspec.json.Decoder[TaskMessage] | msgspec.msgpack.Decoder[TaskMessage]
+
+
+def _check_finite(value: Any, task: str) -> None:
+    """JSON has no NaN or infinity (msgspec would write null): refuse them."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise EncodeError(
+                f"task {task!r}: {value!r} cannot be sent as JSON; "
+                "pass a finite number or use codec='msgpack'"
+            )
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_finite(item, task)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_finite(item, task)
 
 
 def _enc_hook(obj: Any) -> Any:
@@ -83,26 +100,32 @@ class Codec:
         """Encode any user value; raises EncodeError naming the bad type."""
         try:
             return self._encode(value)
-        except (NotImplementedError, TypeError, OverflowError) as e:
-            raise EncodeError(str(e)) from None
+        except (NotImplementedError, TypeError, OverflowError, RecursionError) as e:
+            raise EncodeError(str(e) or "the value is nested too deeply") from None
 
     # -- task messages ------------------------------------------------------------
 
     def encode(self, message: TaskMessage) -> tuple[bytes, dict[str, str]]:
         """The body and headers of ``message``; raises EncodeError or PayloadTooLarge."""
         try:
+            if self.format == "json" and (message.args or message.kwargs):
+                _check_finite(message.args, message.task)
+                _check_finite(message.kwargs, message.task)
             body = self._encode(message)
-        except (NotImplementedError, TypeError, OverflowError) as e:
-            raise EncodeError(f"task {message.task!r}: {e}") from None
-        headers = self._base_headers
+        except (NotImplementedError, TypeError, OverflowError, RecursionError) as e:
+            raise EncodeError(f"task {message.task!r}: {e or 'a value is nested too deeply'}") from None
+        if len(body) > self.max_message_bytes * 4:
+            raise PayloadTooLarge(len(body), self.max_message_bytes, f"message for task {message.task!r}")
+        headers = dict(self._base_headers)
         if self.compress_over is not None and len(body) > self.compress_over:
             body = zlib.compress(body, 6)
-            headers = {**headers, "ce": "zlib"}
+            headers["ce"] = "zlib"
         if len(body) > self.max_message_bytes:
             raise PayloadTooLarge(len(body), self.max_message_bytes, f"message for task {message.task!r}")
         if self._kid is not None:
             sig = hmac.new(self._keys[self._kid], body, hashlib.sha256).hexdigest()
-            headers = {**headers, "kid": self._kid, "sig": sig}
+            headers["kid"] = self._kid
+            headers["sig"] = sig
         return body, headers
 
     def decode(self, body: bytes, headers: Mapping[str, str]) -> TaskMessage:
@@ -121,9 +144,12 @@ class Codec:
         try:
             message: TaskMessage = decoder.decode(body)
         except msgspec.DecodeError as e:
+            if "`$.v`" in str(e):
+                raise DecodeError("decode_error", f"unsupported message version ({e}); this "
+                                  "worker reads version 1: upgrade the worker") from None
             raise DecodeError("decode_error", str(e)) from None
-        if message.v != 1:
-            raise DecodeError("decode_error", f"unsupported message version {message.v}")
+        except RecursionError:
+            raise DecodeError("decode_error", "the message is nested too deeply") from None
         return message
 
     def _verify(self, body: bytes, headers: Mapping[str, str]) -> None:

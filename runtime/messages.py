@@ -1,6 +1,6 @@
 """The wire format: task messages, canvas nodes and results (msgspec Structs).
 
-Every message carries a version ``v``. Decoding is strict (no str/number
+Every message carries its version as the tag ``v`` (missing means 1). Decoding is strict (no str/number
 coercion); unknown fields are ignored so that newer producers can add
 optional fields without breaking older workers.
 """
@@ -108,12 +108,12 @@ class ChordRef(msgspec.Struct, frozen=True, kw_only=True):
     outer: ChordRef | None = None
 
 
-class TaskMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One task to run."""
+class TaskMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
+                  tag_field="v", tag=VERSION):
+    """One task to run. ``"v": 1`` is on the wire; another version is refused."""
 
     id: str
     task: str
-    v: int = VERSION
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     queue: str = "default"
@@ -149,12 +149,12 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
 
 
-class Result(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class Result(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
+             tag_field="v", tag=VERSION):
     """The state (and, when terminal, the outcome) of one task id."""
 
     id: str
     state: State
-    v: int = VERSION
     task: str = ""
     value: Any = None
     error: ErrorInfo | None = None

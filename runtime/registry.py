@@ -8,6 +8,7 @@ both when a call is enqueued and when a worker runs it.
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
@@ -30,6 +31,14 @@ _KINDS = ("async", "thread", "process")
 MAX_PRIORITY = 9
 
 _Converter = tuple[str, Any]  # (parameter name, type hint)
+
+
+class _FilledLater:
+    def __repr__(self) -> str:
+        return "<filled in later>"
+
+
+_FILLED_LATER: Any = _FilledLater()
 
 
 class Task(Generic[P, R]):
@@ -63,6 +72,14 @@ class Task(Generic[P, R]):
             raise ConfigError(f"a task name must be a non-empty string, not {name!r}")
         if not queue or not isinstance(queue, str):
             raise ConfigError(f"task {name!r}: queue must be a non-empty string, not {queue!r}")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ConfigError(f"task {name!r}: priority must be an int within 0..{MAX_PRIORITY}, "
+                              f"not {priority!r}")
+        for label, value in (("timeout", timeout), ("expires", expires)):
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                      or not math.isfinite(value)):
+                raise ConfigError(f"task {name!r}: {label} must be a number of seconds, "
+                                  f"not {value!r}")
         if not 0 <= priority <= MAX_PRIORITY:
             raise ConfigError(f"task {name!r}: priority must be within 0..{MAX_PRIORITY}, not {priority}")
         if timeout is not None and timeout <= 0:
@@ -119,17 +136,31 @@ class Task(Generic[P, R]):
         return Signature(self, tuple(args), kwargs, immutable=True)
 
     def bind(
-        self, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], *, partial: bool = False
+        self,
+        args: tuple[Any, ...] | list[Any],
+        kwargs: dict[str, Any],
+        *,
+        partial: bool = False,
+        leading: int = 0,
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Check ``args``/``kwargs`` against the signature and type hints and
         return them converted; raises ArgumentsError saying which argument is
-        wrong and what was expected."""
+        wrong and what was expected.
+
+        ``leading`` positional arguments will be prepended later (a chain
+        step's previous result, an errback's task id and error): they are
+        counted in the arity check but not converted. ``partial`` allows
+        missing arguments.
+        """
+        if leading:
+            args = (*([_FILLED_LATER] * leading), *args)
         if not kwargs and len(args) == self._arity:
             if not self._converters:
                 return tuple(args), {}
             converted = list(args)
             for i, pname, hint in self._positional_converters:
-                converted[i] = self._convert(pname, converted[i], hint)
+                if i >= leading:
+                    converted[i] = self._convert(pname, converted[i], hint)
             return tuple(converted), {}
         try:
             binder = self._signature.bind_partial if partial else self._signature.bind
@@ -139,7 +170,7 @@ class Task(Generic[P, R]):
         if self._converters:
             arguments = bound.arguments
             for pname, hint in self._converters:
-                if pname in arguments:
+                if pname in arguments and arguments[pname] is not _FILLED_LATER:
                     arguments[pname] = self._convert(pname, arguments[pname], hint)
         return bound.args, bound.kwargs
 

@@ -23,13 +23,35 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 import anyio
+import msgspec
 
-from runtime.errors import ResultTimeout
-from runtime.messages import Result, State
+from runtime.errors import EncodeError, PayloadTooLarge, ResultTimeout
+from runtime.messages import ErrorInfo, Result, State
 
-__all__ = ["DEFAULT_TTL_S", "MemoryResultStore", "ResultStore"]
+__all__ = ["CANCELLED", "DEFAULT_MAX_RESULT_BYTES", "DEFAULT_TTL_S", "MemoryResultStore",
+           "ResultStore", "encode_result"]
 
 DEFAULT_TTL_S = 24 * 3600.0
+DEFAULT_MAX_RESULT_BYTES = 16 * 1024 * 1024
+
+#: The error stored with a result revoked by ``TaskHandle.cancel()``.
+CANCELLED = ErrorInfo(type="TaskCancelled", reason="cancelled",
+                      message="cancelled by TaskHandle.cancel() before it finished")
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(Result)
+
+
+def encode_result(result: Result, limit: int) -> bytes:
+    """The stored form of ``result``; EncodeError or PayloadTooLarge if it
+    cannot be stored."""
+    try:
+        data = _ENCODER.encode(result)
+    except (TypeError, OverflowError, RecursionError) as e:
+        raise EncodeError(f"the result of task {result.id} cannot be encoded: {e}") from None
+    if len(data) > limit:
+        raise PayloadTooLarge(len(data), limit, f"result of task {result.id}")
+    return data
 
 
 class ResultStore(Protocol):
@@ -86,9 +108,13 @@ class ResultStore(Protocol):
 class MemoryResultStore:
     """Results in this process; the embedded default."""
 
-    def __init__(self, *, ttl_s: float = DEFAULT_TTL_S) -> None:
+    def __init__(self, *, ttl_s: float = DEFAULT_TTL_S,
+                 max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> None:
         self.ttl_s = ttl_s
-        self._results: dict[str, tuple[float, Result]] = {}
+        self.max_result_bytes = max_result_bytes
+        # stored encoded, as a remote store would: what cannot be encoded fails
+        # here too, and readers get decoded copies, never the worker's objects
+        self._results: dict[str, tuple[float, Result, bytes]] = {}
         self._waiters: dict[str, anyio.Event] = {}
         self._revoked: set[str] = set()
         self._joins: dict[str, tuple[float, dict[int, Any]]] = {}
@@ -117,13 +143,14 @@ class MemoryResultStore:
         if entry[0] < time.monotonic():
             del self._results[task_id]
             return None
-        return entry[1]
+        return _DECODER.decode(entry[2])
 
     def _put(self, result: Result) -> bool:
-        current = self._live(result.id)
-        if current is not None and current.state.terminal:
+        entry = self._results.get(result.id)
+        if entry is not None and entry[0] >= time.monotonic() and entry[1].state.terminal:
             return False
-        self._results[result.id] = (time.monotonic() + self.ttl_s, result)
+        data = encode_result(result, self.max_result_bytes)
+        self._results[result.id] = (time.monotonic() + self.ttl_s, result, data)
         if result.state.terminal:
             event = self._waiters.pop(result.id, None)
             if event is not None:
@@ -153,7 +180,7 @@ class MemoryResultStore:
         raise ResultTimeout(task_id, timeout, current.state if current else State.PENDING)
 
     async def revoke(self, task_id: str) -> bool:
-        stored = self._put(Result(id=task_id, state=State.REVOKED,
+        stored = self._put(Result(id=task_id, state=State.REVOKED, error=CANCELLED,
                                   finished_ms=int(time.time() * 1000)))
         if stored:
             self._revoked.add(task_id)

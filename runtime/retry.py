@@ -28,13 +28,20 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"retries must be 0 or more, got {self.retries}")
         if self.backoff_s < 0 or self.max_delay_s < 0:
             raise ValueError("backoff_s and max_delay_s must not be negative")
+        if self.factor < 1.0:
+            raise ValueError(f"factor must be 1 or more (a growing backoff), got {self.factor}")
         if not 0.0 <= self.jitter <= 1.0:
             raise ValueError(f"jitter must be within 0..1, got {self.jitter}")
 
 
 def next_delay(attempt: int, policy: RetryPolicy, rng: random.Random | None = None) -> float:
     """Seconds to wait before the retry that follows failed ``attempt`` (1-based)."""
-    raw = min(policy.backoff_s * policy.factor ** (attempt - 1), policy.max_delay_s)
+    if attempt < 1:
+        raise ValueError(f"attempt counts from 1, got {attempt}")
+    try:
+        raw = min(policy.backoff_s * policy.factor ** (attempt - 1), policy.max_delay_s)
+    except OverflowError:
+        raw = policy.max_delay_s
     if policy.jitter == 0.0:
         return raw
     low = raw * (1.0 - policy.jitter)

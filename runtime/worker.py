@@ -11,6 +11,7 @@ retries), ``delivery_limit`` (set by brokers).
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -29,8 +30,10 @@ from brokers.base import BrokerConnectionError, Consumer, Delivery
 from runtime import canvas
 from runtime.errors import (
     ArgumentsError,
+    ConfigError,
     DecodeError,
     EncodeError,
+    EnqueueError,
     PayloadTooLarge,
     Reject,
     ResultError,
@@ -86,13 +89,13 @@ class Worker:
         name: str | None = None,
     ) -> None:
         if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+            raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
         self.runtime = runtime
         self.queues = list(queues) if queues else runtime.registry.queues() or ["default"]
         self.concurrency = concurrency
         self.prefetch = prefetch if prefetch is not None else concurrency
         if self.prefetch < 1:
-            raise ValueError(f"prefetch must be at least 1, got {self.prefetch}")
+            raise ConfigError(f"prefetch must be at least 1, got {self.prefetch}")
         self.shutdown_grace_s = shutdown_grace_s
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.processes = processes
@@ -202,6 +205,15 @@ class Worker:
             # the broker will redeliver what we could not settle
             log.warning("could not settle a delivery; the broker will redeliver it",
                         message_id=delivery.envelope.id, error=str(e))
+        except Exception as e:
+            # a bug of ours must not stop the worker or loop the message forever
+            log.exception("internal error handling a delivery; dead-lettering it",
+                          message_id=delivery.envelope.id)
+            try:
+                await delivery.dead_letter(f"internal_error: {type(e).__name__}")
+            except Exception as settle_error:
+                log.warning("could not dead-letter after an internal error",
+                            message_id=delivery.envelope.id, error=str(settle_error))
         finally:
             self.in_flight -= 1
             self.processed += 1
@@ -224,16 +236,21 @@ class Worker:
                 type="UnknownTaskError", reason="unknown_task",
                 message=f"no task named {msg.task!r} is registered on worker {self.name}"))
             return
-        if rt.results.is_revoked(msg.id):
+        revoked = rt.results.is_revoked
+        if revoked(msg.id) or (msg.downstream and any(revoked(i) for i in msg.downstream)):
             log.info("skipping a cancelled task", task_id=msg.id, task=msg.task)
+            await self._end(msg, State.REVOKED, ErrorInfo(
+                type="TaskCancelled", reason="cancelled",
+                message="the task (or the canvas it belongs to) was cancelled"))
             await delivery.ack()
             return
         if msg.expires_ms is not None and _now_ms() > msg.expires_ms:
             log.info("discarding an expired task", task_id=msg.id, task=msg.task)
-            await self._store(Result(id=msg.id, task=msg.task, state=State.REVOKED,
-                                     attempt=msg.attempt, finished_ms=_now_ms(),
-                                     error=ErrorInfo(type="Expired", reason="expired",
-                                                     message="the task expired before it ran")))
+            info = ErrorInfo(type="Expired", reason="expired",
+                             message="the task expired before it ran")
+            await self._end(msg, State.REVOKED, info)
+            if msg.errbacks:
+                await self._errbacks(msg, msg.errbacks, info)
             await delivery.ack()
             return
         if msg.once and not await self._claim(msg, task.timeout, delivery):
@@ -271,11 +288,21 @@ class Worker:
             else:
                 await self._fail(msg, delivery, _error_info(e, "failed"), started)
             return
-        if isinstance(value, (canvas.Signature, canvas.Chain, canvas.Group, canvas.Chord)):
-            await self._replace(msg, value)
-            await delivery.ack()
+        except anyio.get_cancelled_exc_class() as e:
+            if anyio.current_effective_deadline() == -math.inf:
+                raise  # cancelled from outside: shutdown; the broker gets it back
+            # the task body raised CancelledError by itself: a failure like any other
+            await self._fail(msg, delivery, _error_info(e, "failed"), started)
             return
-        await self._succeed(msg, delivery, value, started)
+        try:
+            if isinstance(value, (canvas.Signature, canvas.Chain, canvas.Group, canvas.Chord)):
+                await self._replace(msg, value)
+                await delivery.ack()
+                return
+            await self._succeed(msg, delivery, value, started)
+        except EnqueueError as e:
+            # a follow-up (next step, chord body, replacement) cannot be sent
+            await self._fail(msg, delivery, _error_info(e, "bad_follow_up"), started)
 
     async def _succeed(self, msg: TaskMessage, delivery: Delivery, value: Any,
                        started: int) -> None:
@@ -374,14 +401,31 @@ class Worker:
         out: list[TaskMessage] = []
         for node in errbacks:
             fed = msgspec.structs.replace(node, args=[msg.id, error, *node.args], immutable=True)
-            out.extend(canvas.start(fed, rt.registry, parent_id=msg.id, root_id=msg.root_id,
-                                    once=True))
-        await rt.publish(out)
+            try:
+                out.extend(canvas.start(fed, rt.registry, parent_id=msg.id, root_id=msg.root_id,
+                                        once=True))
+            except EnqueueError as e:
+                log.error("cannot run an errback", task_id=msg.id, errback=node.task, error=str(e))
+        try:
+            await rt.publish(out)
+        except EnqueueError as e:
+            log.error("cannot publish errbacks", task_id=msg.id, error=str(e))
+
+    async def _end(self, msg: TaskMessage, state: State, info: ErrorInfo) -> None:
+        """Store a terminal non-success for ``msg`` and everything waiting on it."""
+        now = _now_ms()
+        upstream = ErrorInfo(type=info.type, message=info.message, traceback=info.traceback,
+                             reason=f"upstream:{msg.id}")
+        await self._store_many(
+            [Result(id=msg.id, task=msg.task, state=state, error=info, attempt=msg.attempt,
+                    worker=self.name, finished_ms=now)]
+            + [Result(id=i, state=state, error=upstream, worker=self.name, finished_ms=now)
+               for i in msg.downstream])
 
     async def _claim(self, msg: TaskMessage, timeout: float | None, delivery: Delivery) -> bool:
         """For at-most-once-per-id messages (chord bodies, errbacks)."""
         rt = self.runtime
-        if await rt.results.claim(msg.id, (timeout or 300.0) + 60.0):
+        if await rt.results.claim(f"{msg.id}#{msg.attempt}", (timeout or 300.0) + 60.0):
             return True
         existing = await rt.results.get(msg.id)
         if existing is not None and existing.state.terminal:

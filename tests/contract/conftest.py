@@ -1,4 +1,10 @@
-"""The broker fixture: one contract suite, parametrised over every broker."""
+"""The broker fixture: one contract suite, parametrised over every broker.
+
+A broker joins the suite by appearing in ``_URLS``/``BROKERS`` (the AMQP broker
+joins automatically once ``brokers/amqp.py`` exists). Every test gets a fresh
+broker in a unique namespace, cleaned up with ``purge_namespace()`` where the
+broker has it.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +37,15 @@ async def broker(request: pytest.FixtureRequest, namespace: str) -> AsyncIterato
     try:
         yield b
     finally:
-        cleanup = getattr(b, "purge_namespace", None)
-        if cleanup is not None:
-            await cleanup()
-        await b.__aexit__(None, None, None)
+        try:
+            cleanup = getattr(b, "purge_namespace", None)
+            if cleanup is not None:
+                await cleanup()
+        finally:
+            await b.__aexit__(None, None, None)
+
+
+@pytest.fixture
+def queue() -> str:
+    """The queue a test uses (brokers are namespaced per test)."""
+    return "jobs"

@@ -1,0 +1,38 @@
+"""Small helpers shared by the contract tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from brokers.base import Consumer, Delivery, Envelope
+
+#: Upper bound for anything a test waits for; never a timing assertion.
+WAIT_S = 5.0
+#: How long a test watches for something that must NOT arrive.
+QUIET_S = 0.3
+#: Delays used by delay tests (short, but far above timer granularity).
+DELAY_S = 0.3
+
+
+def env(queue: str, id: str, body: bytes = b"", **kw: Any) -> Envelope:
+    return Envelope(id=id, queue=queue, body=body or id.encode(), **kw)
+
+
+async def recv(consumer: Consumer) -> Delivery:
+    with anyio.fail_after(WAIT_S):
+        return await consumer.receive()
+
+
+async def recv_n(consumer: Consumer, n: int) -> list[Delivery]:
+    return [await recv(consumer) for _ in range(n)]
+
+
+async def assert_nothing_arrives(consumer: Consumer, within: float = QUIET_S) -> None:
+    """Fail if a delivery arrives within ``within`` seconds."""
+    with anyio.move_on_after(within):
+        delivery = await consumer.receive()
+        pytest.fail(f"unexpected delivery of {delivery.envelope.id!r} "
+                    f"(delivery_count={delivery.delivery_count})")

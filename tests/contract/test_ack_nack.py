@@ -1,0 +1,90 @@
+"""Settling: ack removes, nack requeues, settling is exactly once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from brokers.base import DeliveryAlreadySettled
+from tests.contract.helpers import assert_nothing_arrives, env, recv
+
+
+async def test_ack_removes_the_message(broker: Any, queue: str) -> None:
+    await broker.publish(env(queue, "m1"))
+    async with broker.consume([queue], prefetch=1) as consumer:
+        delivery = await recv(consumer)
+        await delivery.ack()
+        stats = await broker.stats(queue)
+        assert (stats.ready, stats.in_flight, stats.delayed, stats.dead) == (0, 0, 0, 0)
+    async with broker.consume([queue], prefetch=1) as consumer:
+        await assert_nothing_arrives(consumer)
+
+
+async def test_nack_requeues_with_delivery_count_plus_one(broker: Any, queue: str) -> None:
+    await broker.publish(env(queue, "m1", b"payload", headers={"k": "v"}))
+    async with broker.consume([queue], prefetch=1) as consumer:
+        first = await recv(consumer)
+        assert first.delivery_count == 1
+        await first.nack()
+        second = await recv(consumer)
+        assert second.envelope.id == "m1"
+        assert second.envelope.body == b"payload"
+        assert second.envelope.headers == {"k": "v"}
+        assert second.delivery_count == 2
+        await second.nack()
+        third = await recv(consumer)
+        assert third.delivery_count == 3
+        await third.ack()
+
+
+async def test_settling_twice_with_the_same_verb_is_a_no_op(broker: Any, queue: str) -> None:
+    await broker.publish_many([env(queue, "acked"), env(queue, "nacked"), env(queue, "dead")])
+    async with broker.consume([queue], prefetch=3) as consumer:
+        by_id = {}
+        for _ in range(3):
+            d = await recv(consumer)
+            by_id[d.envelope.id] = d
+        await by_id["acked"].ack()
+        await by_id["acked"].ack()
+        await by_id["dead"].dead_letter("bad")
+        await by_id["dead"].dead_letter("bad")
+        await by_id["nacked"].nack()
+        await by_id["nacked"].nack()
+        again = await recv(consumer)
+        assert (again.envelope.id, again.delivery_count) == ("nacked", 2)
+        await again.ack()
+        await assert_nothing_arrives(consumer)
+    assert len(await broker.dead_letters(queue)) == 1
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("ack", "nack"), ("ack", "dead_letter"), ("nack", "ack"), ("dead_letter", "ack"),
+])
+async def test_settling_with_another_verb_raises(
+    broker: Any, queue: str, first: str, second: str
+) -> None:
+    async def settle(delivery: Any, verb: str) -> None:
+        if verb == "dead_letter":
+            await delivery.dead_letter("reason")
+        else:
+            await getattr(delivery, verb)()
+
+    await broker.publish(env(queue, "m1"))
+    async with broker.consume([queue], prefetch=1) as consumer:
+        delivery = await recv(consumer)
+        await settle(delivery, first)
+        with pytest.raises(DeliveryAlreadySettled):
+            await settle(delivery, second)
+        if first == "nack":
+            await (await recv(consumer)).ack()
+
+
+async def test_extend_keeps_the_delivery(broker: Any, queue: str) -> None:
+    await broker.publish(env(queue, "m1"))
+    async with broker.consume([queue], prefetch=1) as consumer:
+        delivery = await recv(consumer)
+        await delivery.extend()
+        await delivery.ack()
+        await delivery.extend()  # settled: nothing to keep, not an error
+    assert (await broker.stats(queue)).in_flight == 0
