@@ -1,39 +1,48 @@
-"""The ``taskloom`` command. Nothing imports this module."""
+"""The ``taskloom`` command. Nothing imports this module.
+
+Exit codes of ``taskloom worker`` (see also :mod:`runtime.serve`):
+
+====  ==========================================================================
+0     stopped cleanly: every worker process drained
+1     startup or configuration error (bad APP or option, the app cannot load)
+2     command-line usage error (click)
+3     worker processes crash-looped: they kept dying before becoming ready
+130   forced stop: a second SIGTERM/SIGINT, or processes that outlived the grace
+====  ==========================================================================
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
 import click
+import structlog
 
+from brokers.base import BrokerError
 from runtime.app import Runtime
+from runtime.errors import ConfigError
 from runtime.observability import configure_logging
+from runtime.serve import EXIT_CONFIG, ParentLink, WorkerOptions, parse_size
+from runtime.serve import load_runtime as _load
 
 __all__ = ["main"]
 
+log = structlog.get_logger("taskloom.cli")
+
 
 def load_runtime(spec: str) -> Runtime:
-    """``package.module:attr`` -> the Runtime it names."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise click.BadParameter(f"expected module:attribute (e.g. app.tasks:rt), got {spec!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    """``package.module:attr`` -> the Runtime it names (a usage error if not)."""
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise click.BadParameter(f"cannot import {module_name!r}: {e}") from None
-    try:
-        obj: Any = getattr(module, attr)
-    except AttributeError:
-        raise click.BadParameter(f"module {module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(obj, Runtime):
-        raise click.BadParameter(f"{spec} is a {type(obj).__qualname__}, not a taskloom Runtime")
-    return obj
+        return _load(spec)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="APP") from None
 
 
 def _event_loop_backend() -> dict[str, Any]:
@@ -44,17 +53,44 @@ def _event_loop_backend() -> dict[str, Any]:
     return {"use_uvloop": True}
 
 
+class _Size(click.ParamType):  # type: ignore[type-arg, unused-ignore]
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            size = parse_size(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        if size <= 0:
+            self.fail("must be more than 0 bytes", param, ctx)
+        return size
+
+
+def _queues(text: str | None) -> tuple[str, ...] | None:
+    if not text:
+        return None
+    names = tuple(q.strip() for q in text.split(",") if q.strip())
+    return names or None
+
+
 @click.group()
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--log-json", is_flag=True, help="Log JSON lines instead of console text.")
-def main(log_level: str, log_json: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, log_level: str, log_json: bool) -> None:
     """taskloom: an asyncio-native task runtime."""
+    ctx.obj = {"log_level": log_level, "log_json": log_json}
     configure_logging(log_level, json=log_json)
 
 
 @main.command()
 @click.argument("app")
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Worker processes. Above 1 (or with a recycling limit) a supervisor starts "
+                   "them and restarts any that dies; 1 runs the worker in this process.")
 @click.option("--queues", default=None, help="Comma-separated queues (default: all the app's).")
 @click.option("--concurrency", default=100, show_default=True, type=click.IntRange(min=1),
               help="Tasks run at once per worker process.")
@@ -62,16 +98,210 @@ def main(log_level: str, log_json: bool) -> None:
               help="Deliveries held per process (default: the concurrency).")
 @click.option("--shutdown-grace", default=30.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds in-flight tasks get to finish on SIGTERM.")
-def worker(app: str, queues: str | None, concurrency: int, prefetch: int | None,
-           shutdown_grace: float) -> None:
-    """Run a worker for APP (module:runtime_attribute)."""
+@click.option("--max-tasks-per-child", default=None, type=click.IntRange(min=1),
+              help="Recycle a worker process (drain, replace) after this many tasks.")
+@click.option("--max-memory-per-child", default=None, type=_Size(),
+              help="Recycle a worker process past this RSS, e.g. 512MiB.")
+@click.option("--pool-size", default=None, type=click.IntRange(min=0),
+              help="Processes per worker process for kind='process' tasks (default: the CPU "
+                   "count divided by --processes, when the app has such tasks; 0: none).")
+@click.option("--lag-threshold", default=0.1, show_default=True, type=click.FloatRange(min=0),
+              help="Warn when an async task blocks the event loop longer (seconds; 0: off).")
+@click.option("--heartbeat", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between liveness heartbeats (0: off).")
+@click.option("--child", is_flag=True, hidden=True,
+              help="Run as a supervised child (internal).")
+@click.pass_context
+def worker(ctx: click.Context, app: str, processes: int, queues: str | None, concurrency: int,
+           prefetch: int | None, shutdown_grace: float, max_tasks_per_child: int | None,
+           max_memory_per_child: int | None, pool_size: int | None, lag_threshold: float,
+           heartbeat: float, child: bool) -> None:
+    """Run workers for APP (module:runtime_attribute).
+
+    \b
+    Signals: SIGTERM or SIGINT drains (no new tasks; in-flight ones get
+    --shutdown-grace seconds); a second one stops at once (SIGKILL to the
+    worker processes; their unfinished tasks return to the broker).
+    Exit codes: 0 clean, 1 startup/config error, 2 usage error,
+    3 worker processes crash-looping, 130 forced stop.
+    """
     from runtime.serve import serve_worker
 
+    opts = WorkerOptions(
+        app=app, queues=_queues(queues), concurrency=concurrency, prefetch=prefetch,
+        shutdown_grace_s=shutdown_grace, pool_size=pool_size, max_tasks=max_tasks_per_child,
+        max_memory_bytes=max_memory_per_child, lag_threshold_s=lag_threshold,
+        heartbeat_s=heartbeat)
+    if child:
+        link = ParentLink.attach()
+        try:
+            rt = _load(app)
+        except ConfigError as e:
+            link.send("fatal", error=str(e))
+            log.error("cannot load the application", app=app, error=str(e))
+            sys.exit(EXIT_CONFIG)
+        sys.exit(_serve(functools.partial(serve_worker, rt, opts, link=link), link))
+    if processes == 1 and max_tasks_per_child is None and max_memory_per_child is None:
+        try:
+            rt = _load(app)
+        except ConfigError as e:
+            log.error("cannot load the application", app=app, error=str(e))
+            sys.exit(EXIT_CONFIG)
+        sys.exit(_serve(functools.partial(serve_worker, rt, opts), None))
+    module_name, _, attr = app.partition(":")
+    if not module_name or not attr:
+        raise click.BadParameter(f"expected module:attribute (e.g. app.tasks:rt), got {app!r}",
+                                 param_hint="APP")
+    from runtime.supervisor import Supervisor
+
+    if pool_size is None:  # share the cores among the children's pools
+        pool_size = max(1, (os.cpu_count() or 1) // processes)
+    command = _child_command(ctx, app, queues=queues, concurrency=concurrency, prefetch=prefetch,
+                             shutdown_grace=shutdown_grace, max_tasks=max_tasks_per_child,
+                             max_memory=max_memory_per_child, pool_size=pool_size,
+                             lag_threshold=lag_threshold, heartbeat=heartbeat)
+    supervisor = Supervisor(command, processes, shutdown_grace_s=shutdown_grace)
+    sys.exit(anyio.run(supervisor.run, backend_options=_event_loop_backend()))
+
+
+def _serve(run: Callable[[], Awaitable[int]], link: ParentLink | None) -> int:
+    """Run one worker process; startup errors become a log line and exit code 1."""
+    try:
+        return anyio.run(run, backend_options=_event_loop_backend())
+    except (ConfigError, BrokerError) as e:
+        if link is not None and isinstance(e, ConfigError):
+            link.send("fatal", error=str(e))
+        log.error("the worker could not start", error=str(e), error_type=type(e).__name__)
+        return EXIT_CONFIG
+
+
+def _child_command(ctx: click.Context, app: str, *, queues: str | None, concurrency: int,
+                   prefetch: int | None, shutdown_grace: float, max_tasks: int | None,
+                   max_memory: int | None, pool_size: int | None, lag_threshold: float,
+                   heartbeat: float) -> list[str]:
+    root = ctx.find_root().obj or {}
+    cmd = [sys.executable, "-m", "runtime.cli", "--log-level", str(root.get("log_level", "INFO"))]
+    if root.get("log_json"):
+        cmd.append("--log-json")
+    cmd += ["worker", app, "--child", "--concurrency", str(concurrency),
+            "--shutdown-grace", repr(shutdown_grace), "--lag-threshold", repr(lag_threshold),
+            "--heartbeat", repr(heartbeat)]
+    optional: Sequence[tuple[str, object]] = (
+        ("--queues", queues), ("--prefetch", prefetch), ("--max-tasks-per-child", max_tasks),
+        ("--max-memory-per-child", max_memory), ("--pool-size", pool_size))
+    for flag, value in optional:
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+# -- inspection and maintenance ----------------------------------------------------------
+
+
+def _age(ms: int) -> str:
+    if not ms:
+        return "-"
+    seconds = max(0.0, time.time() - ms / 1000)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+@main.command()
+@click.argument("app")
+@click.option("--queues", default=None, help="Comma-separated queues (default: all the app's).")
+def status(app: str, queues: str | None) -> None:
+    """Live workers of APP and the depths of its queues."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from runtime.liveness import store_for
+
     rt = load_runtime(app)
-    names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
-    code = anyio.run(serve_worker, rt, names, concurrency, prefetch, shutdown_grace,
-                     backend_options=_event_loop_backend())
-    sys.exit(code)
+    names = list(_queues(queues) or rt.registry.queues() or [rt.default_queue])
+
+    async def gather() -> tuple[list[Any], list[Any]]:
+        store = store_for(rt)
+        try:
+            async with rt.broker:
+                stats = [(q, await rt.broker.stats(q)) for q in names]
+            beats = await store.list()
+        finally:
+            await store.aclose()
+        return beats, stats
+
+    beats, stats = anyio.run(gather, backend_options=_event_loop_backend())
+    console = Console()
+    workers = Table(title=f"workers ({len(beats)} live)")
+    for column in ("worker", "host", "pid", "queues", "in flight", "processed", "failed",
+                   "lag ms", "up", "seen"):
+        workers.add_column(column, justify="right" if column in (
+            "pid", "in flight", "processed", "failed", "lag ms") else "left")
+    for b in beats:
+        workers.add_row(b.id, b.host, str(b.pid), ",".join(b.queues), str(b.in_flight),
+                        str(b.processed), str(b.failed), f"{b.lag_ms:g}", _age(b.started_ms),
+                        f"{_age(b.last_seen_ms)} ago")
+    console.print(workers)
+    if not beats and rt.broker_url is not None and rt.broker_url.startswith("memory"):
+        console.print("(the memory broker lives inside one process: no other process's "
+                      "workers can be seen)")
+    depths = Table(title="queues")
+    for column in ("queue", "ready", "delayed", "in flight", "dead"):
+        depths.add_column(column, justify="left" if column == "queue" else "right")
+    for q, s in stats:
+        depths.add_row(q, str(s.ready), str(s.delayed), str(s.in_flight), str(s.dead))
+    console.print(depths)
+
+
+@main.command()
+@click.argument("app")
+@click.option("--queue", "queue", required=True, help="The queue to empty.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def purge(app: str, queue: str, yes: bool) -> None:
+    """Drop every ready and delayed message of a queue of APP."""
+    rt = load_runtime(app)
+    if not yes:
+        click.confirm(f"Drop every ready and delayed message of queue {queue!r}?", abort=True)
+
+    async def run() -> int:
+        async with rt.broker:
+            return await rt.broker.purge(queue)
+
+    dropped = anyio.run(run, backend_options=_event_loop_backend())
+    click.echo(f"purged {dropped} message(s) from {queue}")
+
+
+@main.command()
+@click.argument("app")
+@click.option("--queue", "queue", required=True, help="The queue whose dead letters to list.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
+def dlq(app: str, queue: str, limit: int) -> None:
+    """List the dead letters of a queue of APP, with why each was dead-lettered."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rt = load_runtime(app)
+
+    async def run() -> list[Any]:
+        async with rt.broker:
+            return await rt.broker.dead_letters(queue, limit=limit)
+
+    letters = anyio.run(run, backend_options=_event_loop_backend())
+    table = Table(title=f"dead letters of {queue} ({len(letters)} shown)")
+    for column in ("message id", "task", "reason", "deliveries", "args"):
+        table.add_column(column)
+    for letter in letters:
+        env = letter.envelope
+        try:
+            msg = rt.codec.decode(env.body, env.headers)
+            task, args = msg.task, repr((msg.args, msg.kwargs))
+        except Exception as e:  # undecodable: that may be why it is here
+            task, args = "?", f"<{type(e).__name__}>"
+        table.add_row(env.id, task, letter.reason, str(letter.delivery_count),
+                      args if len(args) <= 60 else args[:57] + "...")
+    Console().print(table)
 
 
 @main.command()
@@ -81,6 +311,14 @@ def demo() -> None:
 
     configure_logging("ERROR")
     anyio.run(run_demo, click.echo, backend_options=_event_loop_backend())
+
+
+# bench command: registered here when the lead's runtime/cli_bench.py exists
+try:
+    main.add_command(importlib.import_module("runtime.cli_bench").bench)
+except ModuleNotFoundError as e:
+    if e.name != "runtime.cli_bench":
+        raise
 
 
 if __name__ == "__main__":

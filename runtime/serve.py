@@ -1,60 +1,283 @@
-"""Running one worker process until a signal: SIGTERM/SIGINT drain, a second
-one stops at once (unfinished tasks return to the broker)."""
+"""Running one worker process until it is told to stop.
+
+``serve_worker`` runs, in one task group on this process's event loop: the
+:class:`~runtime.worker.Worker`, a :class:`~runtime.lag.LagMonitor`, the
+liveness heartbeats, the signal handler and, under a supervisor, the link to
+it (readiness, recycling, parent death) and the recycling checks. Tasks of
+``kind="process"`` get a :class:`~runtime.pool.ProcessPool`.
+
+Signals: SIGTERM or SIGINT drains (stop taking work; in-flight tasks get the
+grace period); a second one stops at once (unfinished tasks are handed back
+to the broker).
+"""
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib
+import os
+import re
 import signal
-from collections.abc import Sequence
+import sys
+from contextlib import AsyncExitStack
+from typing import Any
 
 import anyio
+import msgspec
 import structlog
 
 from runtime.app import Runtime
+from runtime.errors import ConfigError
+from runtime.execution import ProcessRunner
+from runtime.lag import LagMonitor
+from runtime.liveness import publish_heartbeats, store_for
 from runtime.worker import Worker
 
-__all__ = ["EXIT_OK", "EXIT_SIGNAL_TWICE", "serve_worker"]
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_CRASH_LOOP",
+    "EXIT_FORCED",
+    "EXIT_OK",
+    "EXIT_RECYCLED",
+    "EXIT_SIGNAL_TWICE",
+    "ParentLink",
+    "WorkerOptions",
+    "die_with_parent",
+    "load_runtime",
+    "parse_size",
+    "serve_worker",
+]
 
 log = structlog.get_logger("taskloom.serve")
 
+#: stopped cleanly (drained)
 EXIT_OK = 0
-EXIT_SIGNAL_TWICE = 130
+#: startup or configuration error (bad APP, bad option, app cannot be loaded)
+EXIT_CONFIG = 1
+#: supervisor: children kept dying before they became ready
+EXIT_CRASH_LOOP = 3
+#: a supervised child drained itself to be replaced (max tasks or memory)
+EXIT_RECYCLED = 4
+#: a second signal stopped it at once (or children had to be killed)
+EXIT_FORCED = 130
+EXIT_SIGNAL_TWICE = EXIT_FORCED
+
+SUPERVISOR_PID_ENV = "TASKLOOM_SUPERVISOR_PID"
+
+_PR_SET_PDEATHSIG = 1
 
 
-async def serve_worker(
-    rt: Runtime,
-    queues: Sequence[str] | None,
-    concurrency: int,
-    prefetch: int | None,
-    shutdown_grace_s: float,
-) -> int:
-    """Serve until signalled; returns the process exit code."""
+def load_runtime(spec: str) -> Runtime:
+    """``package.module:attr`` -> the Runtime it names; ConfigError if it cannot."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"expected the application as module:attribute (e.g. app.tasks:rt), "
+                          f"got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"cannot import {module_name!r}: {e} (run from the directory that "
+                          "holds the package, or install it)") from None
+    try:
+        obj: Any = getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, Runtime):
+        raise ConfigError(f"{spec} is a {type(obj).__qualname__}, not a taskloom Runtime")
+    return obj
+
+
+def die_with_parent(sig: int = signal.SIGTERM, parent_pid: int | None = None) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent dies
+    (``PR_SET_PDEATHSIG``); whether that is in place. If ``parent_pid`` is
+    given and is no longer the parent, the parent died already: ``sig`` now."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ok = bool(libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        log.warning("could not set PR_SET_PDEATHSIG; relying on the parent pipe alone")
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), sig)
+    return ok
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``512MiB``, ``1.5GiB``, ``500MB``, ``800M`` (= MiB) or plain bytes."""
+    m = _SIZE.match(text)
+    if m is None:
+        raise ValueError(f"cannot read {text!r} as a size; use e.g. 512MiB, 2GiB, 500MB")
+    number, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3)
+    if not unit:
+        return int(number)
+    power = "kmgt".index(unit) + 1
+    base = 1000 if (not binary and text.strip().lower().endswith("b")) else 1024
+    return int(number * base**power)
+
+
+class WorkerOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """How to run one worker process."""
+
+    #: module:attribute of the Runtime (process pools import it by this name)
+    app: str
+    queues: tuple[str, ...] | None = None
+    concurrency: int = 100
+    prefetch: int | None = None
+    shutdown_grace_s: float = 30.0
+    #: processes for kind="process" tasks: None = CPU count when the app has
+    #: process tasks, 0 = no pool
+    pool_size: int | None = None
+    #: drain and exit with EXIT_RECYCLED after this many tasks (supervised)
+    max_tasks: int | None = None
+    #: drain and exit with EXIT_RECYCLED past this RSS in bytes (supervised)
+    max_memory_bytes: int | None = None
+    #: warn when the loop is blocked longer (0: no lag monitor)
+    lag_threshold_s: float = 0.1
+    #: seconds between heartbeats (0: none)
+    heartbeat_s: float = 5.0
+    #: seconds between checks of the recycling limits
+    recycle_check_s: float = 0.5
+
+
+class ParentLink:
+    """A supervised child's side of the link to its supervisor.
+
+    - status: JSON lines on a pipe (the child's original stdout; the child's
+      fd 1 is pointed at stderr so prints cannot corrupt it): ``ready``,
+      ``recycling``, ``fatal``;
+    - parent death: ``PR_SET_PDEATHSIG`` (SIGTERM: drain) and EOF on stdin.
+    """
+
+    def __init__(self, status_fd: int, parent_pid: int | None) -> None:
+        self.status_fd = status_fd
+        self.parent_pid = parent_pid
+
+    @classmethod
+    def attach(cls) -> ParentLink:
+        parent = os.environ.get(SUPERVISOR_PID_ENV)
+        parent_pid = int(parent) if parent else None
+        die_with_parent(signal.SIGTERM, parent_pid)
+        status_fd = os.dup(1)  # not inherited by this child's own children
+        os.dup2(2, 1)
+        return cls(status_fd, parent_pid)
+
+    def send(self, event: str, **fields: Any) -> None:
+        line = msgspec.json.encode({"event": event, "pid": os.getpid(), **fields}) + b"\n"
+        try:
+            os.write(self.status_fd, line)
+        except OSError as e:  # the supervisor is gone: parent death handling takes over
+            log.debug("could not tell the supervisor", event=event, error=str(e))
+
+    async def wait_parent_gone(self, fd: int = 0) -> None:
+        """Return at EOF on ``fd`` (stdin): the supervisor closed it or died."""
+        while True:
+            await anyio.wait_readable(fd)
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+
+
+def _has_process_tasks(rt: Runtime) -> bool:
+    return any(task.kind == "process" for task in rt.registry)
+
+
+async def serve_worker(rt: Runtime, opts: WorkerOptions, *, link: ParentLink | None = None,
+                       processes: ProcessRunner | None = None) -> int:
+    """Serve until signalled (or recycled); returns the process exit code.
+    ``processes`` overrides the process pool built for ``kind="process"`` tasks."""
+    from runtime.pool import ProcessPool
+
     code = EXIT_OK
-    async with rt:
-        worker = Worker(rt, queues=queues, concurrency=concurrency, prefetch=prefetch,
-                        shutdown_grace_s=shutdown_grace_s)
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(rt)
+        if processes is None and opts.pool_size != 0 and _has_process_tasks(rt):
+            processes = await stack.enter_async_context(ProcessPool(opts.app, opts.pool_size))
+        worker = Worker(rt, queues=opts.queues, concurrency=opts.concurrency,
+                        prefetch=opts.prefetch, shutdown_grace_s=opts.shutdown_grace_s,
+                        processes=processes)
+        lag = LagMonitor(opts.lag_threshold_s) if opts.lag_threshold_s > 0 else None
+        stopping = anyio.Event()
+
+        def drain(why: str, **fields: Any) -> None:
+            if not stopping.is_set():
+                log.info(f"draining: {why}", worker=worker.name,
+                         grace_s=opts.shutdown_grace_s, in_flight=worker.in_flight, **fields)
+                stopping.set()
+                worker.stop()
+
         async with anyio.create_task_group() as tg:
 
             async def on_signals() -> None:
                 nonlocal code
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for signum in signals:
-                        if not worker_stopping.is_set():
-                            log.info("draining on signal", signal=signal.Signals(signum).name,
-                                     grace_s=shutdown_grace_s)
-                            worker_stopping.set()
-                            worker.stop()
+                        name = signal.Signals(signum).name
+                        if not stopping.is_set():
+                            drain("signal", signal=name)
                         else:
                             log.warning("second signal: stopping now; unfinished tasks return "
-                                        "to the broker", signal=signal.Signals(signum).name)
-                            code = EXIT_SIGNAL_TWICE
+                                        "to the broker", signal=name, in_flight=worker.in_flight)
+                            code = EXIT_FORCED
                             tg.cancel_scope.cancel()
                             return
 
-            worker_stopping = anyio.Event()
+            async def on_parent_gone(parent: ParentLink) -> None:
+                await parent.wait_parent_gone()
+                drain("the supervisor is gone")
+
+            async def recycle(parent: ParentLink | None) -> None:
+                nonlocal code
+                import psutil
+
+                me = psutil.Process()
+                while not stopping.is_set():
+                    with anyio.move_on_after(opts.recycle_check_s):
+                        await stopping.wait()
+                    reason = None
+                    if opts.max_tasks is not None and worker.processed >= opts.max_tasks:
+                        reason = f"processed {worker.processed} tasks (max {opts.max_tasks})"
+                    elif opts.max_memory_bytes is not None:
+                        rss = me.memory_info().rss
+                        if rss >= opts.max_memory_bytes:
+                            reason = f"RSS {rss} bytes (max {opts.max_memory_bytes})"
+                    if reason is not None and not stopping.is_set():
+                        code = EXIT_RECYCLED
+                        if parent is not None:
+                            parent.send("recycling", reason=reason)
+                        drain("recycling", reason=reason)
+                        return
+
+            async def run_worker(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                await worker.serve(task_status=task_status)
+                tg.cancel_scope.cancel()
+
             tg.start_soon(on_signals)
-            await worker.serve()
-            tg.cancel_scope.cancel()
+            if lag is not None:
+                await tg.start(lag.run)
+            if link is not None:
+                tg.start_soon(on_parent_gone, link)
+            if opts.max_tasks is not None or opts.max_memory_bytes is not None:
+                tg.start_soon(recycle, link)
+            await tg.start(run_worker)
+            if opts.heartbeat_s > 0:
+                store = store_for(rt)
+                stack.push_async_callback(store.aclose)
+                tg.start_soon(functools.partial(publish_heartbeats, store, worker,
+                                                interval_s=opts.heartbeat_s, lag=lag))
+            if link is not None:
+                link.send("ready", worker=worker.name)
     return code
-
-
-

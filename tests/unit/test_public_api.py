@@ -6,8 +6,6 @@ import subprocess
 import sys
 import types
 
-import pytest
-
 import runtime
 import runtime.errors
 

@@ -1,0 +1,216 @@
+"""Worker liveness: each worker process publishes a heartbeat every few seconds.
+
+A heartbeat says who the worker is (id, host, pid, queues, concurrency), how
+busy it is (in flight, processed, failed, the largest event-loop lag since the
+last beat) and when it started and was last seen. Heartbeats run on the event
+loop beside the worker, independent of task code, and expire when they stop.
+
+Where they go: to Redis when the runtime's broker (or result store) is Redis
+(one hash per worker, ``<namespace>:taskloom:worker:<id>``, with a TTL of a
+few intervals), else to an in-memory store of the runtime (seen only inside
+the process). ``taskloom status APP`` lists them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+import msgspec
+import structlog
+
+if TYPE_CHECKING:
+    from runtime.app import Runtime
+    from runtime.lag import LagMonitor
+    from runtime.worker import Worker
+
+__all__ = [
+    "Heartbeat",
+    "LivenessStore",
+    "MemoryLivenessStore",
+    "RedisLivenessStore",
+    "heartbeat_of",
+    "publish_heartbeats",
+    "store_for",
+]
+
+log = structlog.get_logger("taskloom.liveness")
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    host: str
+    pid: int
+    queues: list[str]
+    concurrency: int = 0
+    in_flight: int = 0
+    processed: int = 0
+    failed: int = 0
+    #: the largest event-loop lag since the previous heartbeat
+    lag_ms: float = 0.0
+    started_ms: int = 0
+    last_seen_ms: int = 0
+
+
+class LivenessStore(Protocol):
+    async def put(self, beat: Heartbeat, ttl_s: float) -> None: ...
+
+    async def remove(self, worker_id: str) -> None: ...
+
+    async def list(self) -> list[Heartbeat]:
+        """The live workers (heartbeats not yet expired), by id."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class MemoryLivenessStore:
+    """Heartbeats of the workers of one process."""
+
+    def __init__(self) -> None:
+        self._beats: dict[str, tuple[float, Heartbeat]] = {}
+
+    async def put(self, beat: Heartbeat, ttl_s: float) -> None:
+        self._beats[beat.id] = (time.monotonic() + ttl_s, beat)
+
+    async def remove(self, worker_id: str) -> None:
+        self._beats.pop(worker_id, None)
+
+    async def list(self) -> list[Heartbeat]:
+        now = time.monotonic()
+        for key in [k for k, (due, _) in self._beats.items() if due <= now]:
+            del self._beats[key]
+        return [beat for _, beat in sorted(self._beats.values(), key=lambda x: x[1].id)]
+
+    async def aclose(self) -> None:
+        return None
+
+
+class RedisLivenessStore:
+    """One hash per worker with a TTL, under the runtime's namespace."""
+
+    def __init__(self, url: str, *, namespace: str = "") -> None:
+        import redis.asyncio
+
+        self.url = url
+        self.prefix = f"{namespace}:taskloom:worker:" if namespace else "taskloom:worker:"
+        self._redis: Any = redis.asyncio.Redis.from_url(url, socket_timeout=5.0,
+                                                        socket_connect_timeout=5.0)
+
+    def _key(self, worker_id: str) -> str:
+        return self.prefix + worker_id
+
+    async def put(self, beat: Heartbeat, ttl_s: float) -> None:
+        fields = {k: ",".join(v) if isinstance(v, list) else str(v)
+                  for k, v in msgspec.structs.asdict(beat).items()}
+        key = self._key(beat.id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=fields)
+            pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+            await pipe.execute()
+
+    async def remove(self, worker_id: str) -> None:
+        await self._redis.delete(self._key(worker_id))
+
+    async def list(self) -> list[Heartbeat]:
+        keys = [k async for k in self._redis.scan_iter(match=self.prefix + "*", count=500)]
+        beats = []
+        for key in sorted(keys):
+            raw = await self._redis.hgetall(key)
+            if not raw:
+                continue
+            fields: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+            fields["queues"] = [q for q in fields.get("queues", "").split(",") if q]
+            try:
+                beats.append(msgspec.convert(fields, Heartbeat, strict=False))
+            except msgspec.ValidationError as e:
+                log.warning("skipping a malformed heartbeat", key=key, error=str(e))
+        return beats
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+_memory_stores: weakref.WeakKeyDictionary[Runtime, MemoryLivenessStore] = (
+    weakref.WeakKeyDictionary())
+
+
+def _redis_url_of(rt: Runtime) -> str | None:
+    # the broker's and store's own URLs: without the taskloom options of the query
+    # (RedisResultStore keeps its URL as ``_url`` for now)
+    for owner, attr in ((rt.broker, "url"), (rt.results, "url"), (rt.results, "_url")):
+        url = getattr(owner, attr, None)
+        if isinstance(url, str) and urlsplit(url).scheme.lower() in _REDIS_SCHEMES:
+            return url
+    return None
+
+
+def _namespace_of(rt: Runtime) -> str:
+    for owner in (rt, rt.broker, rt.results):
+        ns = getattr(owner, "namespace", None)
+        if isinstance(ns, str):
+            return ns
+    return ""
+
+
+def store_for(rt: Runtime) -> LivenessStore:
+    """Redis when the runtime uses Redis, else the runtime's memory store."""
+    url = _redis_url_of(rt)
+    if url is not None:
+        return RedisLivenessStore(url, namespace=_namespace_of(rt))
+    store = _memory_stores.get(rt)
+    if store is None:
+        store = _memory_stores[rt] = MemoryLivenessStore()
+    return store
+
+
+def heartbeat_of(worker: Worker, *, started_ms: int, lag: LagMonitor | None = None,
+                 queues: Sequence[str] | None = None) -> Heartbeat:
+    return Heartbeat(
+        id=worker.name, host=socket.gethostname(), pid=os.getpid(),
+        queues=list(queues if queues is not None else worker.queues),
+        concurrency=worker.concurrency, in_flight=worker.in_flight,
+        processed=worker.processed, failed=worker.failed,
+        lag_ms=round(lag.take_max() * 1000, 1) if lag is not None else 0.0,
+        started_ms=started_ms, last_seen_ms=int(time.time() * 1000))
+
+
+async def publish_heartbeats(
+    store: LivenessStore,
+    worker: Worker,
+    *,
+    interval_s: float = 5.0,
+    ttl_s: float | None = None,
+    lag: LagMonitor | None = None,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Publish ``worker``'s heartbeat every ``interval_s`` until cancelled, then
+    remove it. A store that is down is logged and tried again next beat."""
+    ttl = ttl_s if ttl_s is not None else interval_s * 3
+    started_ms = int(time.time() * 1000)
+    task_status.started()
+    try:
+        while True:
+            beat = heartbeat_of(worker, started_ms=started_ms, lag=lag)
+            try:
+                with anyio.fail_after(max(interval_s, 1.0)):
+                    await store.put(beat, ttl)
+            except Exception as e:  # redis errors, timeouts: never stop the worker
+                log.warning("could not publish a heartbeat", worker=worker.name,
+                            error=f"{type(e).__name__}: {e}")
+            await anyio.sleep(interval_s)
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+            try:
+                await store.remove(worker.name)
+            except Exception as e:
+                log.debug("could not remove a heartbeat", worker=worker.name, error=str(e))

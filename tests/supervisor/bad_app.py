@@ -1,0 +1,3 @@
+"""An importable module whose attribute is not a Runtime (configuration error)."""
+
+rt = "not a runtime"
