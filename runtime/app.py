@@ -146,6 +146,7 @@ class Runtime:
         default_queue: str = "default",
         middleware: Sequence[Middleware] = (),
     ) -> None:
+        self.namespace = namespace
         self.middleware = list(middleware)
         self._publish_hooks = [m for m in self.middleware
                                if type(m).before_publish is not Middleware.before_publish]

@@ -146,20 +146,15 @@ _memory_stores: weakref.WeakKeyDictionary[Runtime, MemoryLivenessStore] = (
 
 def _redis_url_of(rt: Runtime) -> str | None:
     # the broker's and store's own URLs: without the taskloom options of the query
-    # (RedisResultStore keeps its URL as ``_url`` for now)
-    for owner, attr in ((rt.broker, "url"), (rt.results, "url"), (rt.results, "_url")):
-        url = getattr(owner, attr, None)
+    for owner in (rt.broker, rt.results):
+        url = getattr(owner, "url", None)
         if isinstance(url, str) and urlsplit(url).scheme.lower() in _REDIS_SCHEMES:
             return url
     return None
 
 
 def _namespace_of(rt: Runtime) -> str:
-    for owner in (rt, rt.broker, rt.results):
-        ns = getattr(owner, "namespace", None)
-        if isinstance(ns, str):
-            return ns
-    return ""
+    return rt.namespace
 
 
 def store_for(rt: Runtime) -> LivenessStore:

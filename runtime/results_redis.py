@@ -271,6 +271,8 @@ class RedisResultStore:
         self.max_result_bytes = max_result_bytes
         self.namespace = namespace
         self._url = url
+        #: The Redis URL without taskloom's own query options.
+        self.url = url
         self._where = (f"{parts.scheme}://{parts.hostname or '127.0.0.1'}:{parts.port or 6379}"
                        f"{parts.path}" if parts.scheme != "unix" else f"unix://{parts.path}")
         ns = namespace or "taskloom"
