@@ -150,13 +150,13 @@ class Runtime:
         self.middleware = list(middleware)
         self._publish_hooks = [m for m in self.middleware
                                if type(m).before_publish is not Middleware.before_publish]
-        self.broker_url = broker if isinstance(broker, str) else None
         self.broker: Broker = (
             brokers.from_url(broker, namespace=namespace) if isinstance(broker, str) else broker
         )
         if results is None:
-            results = broker if isinstance(broker, str) and urlsplit(broker).scheme in (
-                "redis", "rediss", "unix") else "memory://"
+            # the broker's own Redis (its URL without the broker's query options)
+            results = getattr(self.broker, "url", broker) if isinstance(broker, str) and urlsplit(
+                broker).scheme in ("redis", "rediss", "unix") else "memory://"
         self.results: ResultStore = (
             _results_for(results, ttl_s=result_ttl_s, namespace=namespace)
             if isinstance(results, str) else results

@@ -244,7 +244,7 @@ def status(app: str, queues: str | None) -> None:
                         str(b.processed), str(b.failed), f"{b.lag_ms:g}", _age(b.started_ms),
                         f"{_age(b.last_seen_ms)} ago")
     console.print(workers)
-    if not beats and rt.broker_url is not None and rt.broker_url.startswith("memory"):
+    if not beats and type(rt.broker).__name__ == "MemoryBroker":
         console.print("(the memory broker lives inside one process: no other process's "
                       "workers can be seen)")
     depths = Table(title="queues")

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from brokers.base import BrokerConnectionError, Consumer, Delivery
 from runtime import canvas
@@ -105,6 +105,8 @@ class Worker:
         if any(type(m).execute is not Middleware.execute for m in runtime.middleware):
             self._chain = build_chain(runtime.middleware, self._execute)
         self._intake: anyio.CancelScope | None = None
+        self._active: set[anyio.CancelScope] = set()
+        self._drain_deadline: float | None = None
         self._stopping = False
         self.in_flight = 0
         self.processed = 0
@@ -115,58 +117,68 @@ class Worker:
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                     ) -> None:
-        """Consume until :meth:`stop` (or cancellation); then drain.
+        """Consume until :meth:`stop` (or :meth:`kill`); then drain.
 
-        One fetcher hands deliveries to ``concurrency`` long-lived runners over
-        an unbuffered stream: no task is spawned per message, and a delivery is
-        taken from the consumer only when a runner is free to start it.
+        ``concurrency`` long-lived runners share one consumer: no task is
+        spawned per message, and a delivery is taken only when a runner is free.
+        A running task is shielded from the stop of intake and gets
+        ``shutdown_grace_s`` to finish; :meth:`kill` cancels it at once.
         """
         rt = self.runtime
         async with anyio.create_task_group() as services:
             await services.start(rt.results.watch)
             async with rt.broker.consume(self.queues, prefetch=self.prefetch) as consumer:
-                send, receive = anyio.create_memory_object_stream[Delivery](0)
-                async with anyio.create_task_group() as running:
-                    async with receive:
+                with anyio.CancelScope() as intake:
+                    self._intake = intake
+                    if self._stopping:
+                        intake.cancel()
+                    log.info("worker started", worker=self.name, queues=self.queues,
+                             concurrency=self.concurrency)
+                    async with anyio.create_task_group() as runners:
                         for _ in range(self.concurrency):
-                            running.start_soon(self._runner, receive.clone())
-                    with anyio.CancelScope() as intake:
-                        self._intake = intake
-                        if self._stopping:
-                            intake.cancel()
-                        log.info("worker started", worker=self.name, queues=self.queues,
-                                 concurrency=self.concurrency)
+                            runners.start_soon(self._runner, consumer)
                         task_status.started()
-                        async with send:
-                            await self._fetch(consumer, send)
-                    send.close()
-                    # intake stopped: let in-flight tasks finish within the grace period
-                    running.cancel_scope.deadline = anyio.current_time() + self.shutdown_grace_s
             services.cancel_scope.cancel()
         log.info("worker stopped", worker=self.name, processed=self.processed, failed=self.failed)
 
-    async def _fetch(self, consumer: Consumer, send: MemoryObjectSendStream[Delivery]) -> None:
-        try:
-            while True:
-                delivery = await consumer.receive()
+    async def _runner(self, consumer: Consumer) -> None:
+        """Receive a delivery, run it, repeat: ``concurrency`` of these share the
+        consumer, so no task is spawned per message. Receiving is cancelled by
+        :meth:`stop`; running is shielded from that and gets the grace period."""
+        receive = consumer.receive
+        active = self._active
+        checkpoint = anyio.lowlevel.checkpoint_if_cancelled
+        while True:
+            try:
+                await checkpoint()  # a receive that needs no wait would not see stop()
+                delivery = await receive()
+            except anyio.EndOfStream:
+                return
+            with anyio.CancelScope(shield=True) as scope:
+                if self._drain_deadline is not None:
+                    scope.deadline = self._drain_deadline
+                active.add(scope)
                 try:
-                    send.send_nowait(delivery)
-                except anyio.WouldBlock:
-                    await send.send(delivery)
-        except anyio.EndOfStream:
-            return
-
-    async def _runner(self, receive: MemoryObjectReceiveStream[Delivery]) -> None:
-        async with receive:
-            async for delivery in receive:
-                await self._handle(delivery)
+                    await self._handle(delivery)
+                finally:
+                    active.discard(scope)
 
     def stop(self) -> None:
         """Stop taking work; in-flight tasks get ``shutdown_grace_s`` to finish,
         then are cancelled and handed back to the broker."""
-        self._stopping = True
+        if not self._stopping:
+            self._stopping = True
+            self._drain_deadline = anyio.current_time() + self.shutdown_grace_s
+            for scope in self._active:
+                scope.deadline = self._drain_deadline
         if self._intake is not None:
             self._intake.cancel()
+
+    def kill(self) -> None:
+        """Stop now: cancel running tasks too; their deliveries go back to the broker."""
+        self.stop()
+        for scope in list(self._active):
+            scope.cancel()
 
     async def idle(self) -> None:
         """Return once nothing is in flight here and the queues hold nothing
@@ -186,6 +198,8 @@ class Worker:
             await changed.wait()
 
     def _signal(self) -> None:
+        if self.in_flight:
+            return  # idle() only returns once nothing is in flight
         changed = self._changed
         if changed is not None:
             self._changed = None

@@ -357,3 +357,11 @@ async def test_arguments_arrive_as_the_hinted_types(rt: Runtime) -> None:
                               tags=["t"], raw=b"\x00\xff"))
     expected = (when, (1, "a"), Point(1, 2), u, frozenset({"t"}), b"\x00\xff")
     assert seen == [expected, expected]
+
+
+def test_results_default_to_the_brokers_redis_without_its_options() -> None:
+    from runtime.results_redis import RedisResultStore
+
+    rt = Runtime(broker="redis://127.0.0.1:6379/0?lease_s=2&max_deliveries=3")
+    assert isinstance(rt.results, RedisResultStore)
+    assert "lease_s" not in rt.results.url and "max_deliveries" not in rt.results.url
