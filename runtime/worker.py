@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 import msgspec
 import structlog
 
@@ -104,9 +103,8 @@ class Worker:
         self._chain: CallNext | None = None
         if any(type(m).execute is not Middleware.execute for m in runtime.middleware):
             self._chain = build_chain(runtime.middleware, self._execute)
-        self._intake: anyio.CancelScope | None = None
-        self._active: set[anyio.CancelScope] = set()
-        self._drain_deadline: float | None = None
+        self._scopes: set[anyio.CancelScope] = set()
+        self._receiving: set[anyio.CancelScope] = set()
         self._stopping = False
         self.in_flight = 0
         self.processed = 0
@@ -121,63 +119,65 @@ class Worker:
 
         ``concurrency`` long-lived runners share one consumer: no task is
         spawned per message, and a delivery is taken only when a runner is free.
-        A running task is shielded from the stop of intake and gets
-        ``shutdown_grace_s`` to finish; :meth:`kill` cancels it at once.
+        On :meth:`stop` a running task gets ``shutdown_grace_s`` to finish;
+        :meth:`kill` cancels it at once.
         """
         rt = self.runtime
         async with anyio.create_task_group() as services:
             await services.start(rt.results.watch)
             async with rt.broker.consume(self.queues, prefetch=self.prefetch) as consumer:
-                with anyio.CancelScope() as intake:
-                    self._intake = intake
-                    if self._stopping:
-                        intake.cancel()
-                    log.info("worker started", worker=self.name, queues=self.queues,
-                             concurrency=self.concurrency)
-                    async with anyio.create_task_group() as runners:
-                        for _ in range(self.concurrency):
-                            runners.start_soon(self._runner, consumer)
-                        task_status.started()
+                log.info("worker started", worker=self.name, queues=self.queues,
+                         concurrency=self.concurrency)
+                async with anyio.create_task_group() as runners:
+                    for _ in range(self.concurrency):
+                        runners.start_soon(self._runner, consumer)
+                    task_status.started()
             services.cancel_scope.cancel()
         log.info("worker stopped", worker=self.name, processed=self.processed, failed=self.failed)
 
     async def _runner(self, consumer: Consumer) -> None:
         """Receive a delivery, run it, repeat: ``concurrency`` of these share the
-        consumer, so no task is spawned per message. Receiving is cancelled by
-        :meth:`stop`; running is shielded from that and gets the grace period."""
+        consumer, so no task is spawned per message.
+
+        :meth:`stop` cancels only the runners waiting in ``receive`` (they are
+        in ``_receiving``); a runner busy with a task finishes it within the
+        grace period (the deadline set on its scope) and then sees that the
+        worker is stopping. :meth:`kill` cancels every runner.
+        """
         receive = consumer.receive
-        active = self._active
-        checkpoint = anyio.lowlevel.checkpoint_if_cancelled
-        while True:
+        receiving = self._receiving
+        with anyio.CancelScope() as scope:
+            self._scopes.add(scope)
             try:
-                await checkpoint()  # a receive that needs no wait would not see stop()
-                delivery = await receive()
-            except anyio.EndOfStream:
-                return
-            with anyio.CancelScope(shield=True) as scope:
-                if self._drain_deadline is not None:
-                    scope.deadline = self._drain_deadline
-                active.add(scope)
-                try:
+                while not self._stopping:
+                    receiving.add(scope)
+                    try:
+                        delivery = await receive()
+                    except anyio.EndOfStream:
+                        return
+                    finally:
+                        receiving.discard(scope)
                     await self._handle(delivery)
-                finally:
-                    active.discard(scope)
+            finally:
+                self._scopes.discard(scope)
 
     def stop(self) -> None:
         """Stop taking work; in-flight tasks get ``shutdown_grace_s`` to finish,
         then are cancelled and handed back to the broker."""
-        if not self._stopping:
-            self._stopping = True
-            self._drain_deadline = anyio.current_time() + self.shutdown_grace_s
-            for scope in self._active:
-                scope.deadline = self._drain_deadline
-        if self._intake is not None:
-            self._intake.cancel()
+        if self._stopping:
+            return
+        self._stopping = True
+        deadline = anyio.current_time() + self.shutdown_grace_s
+        for scope in list(self._scopes):
+            if scope in self._receiving:
+                scope.cancel()
+            else:
+                scope.deadline = deadline
 
     def kill(self) -> None:
         """Stop now: cancel running tasks too; their deliveries go back to the broker."""
         self.stop()
-        for scope in list(self._active):
+        for scope in list(self._scopes):
             scope.cancel()
 
     async def idle(self) -> None:
