@@ -45,6 +45,7 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
+import anyio
 import msgspec
 
 __all__ = [
@@ -62,7 +63,9 @@ __all__ = [
     "PublishError",
     "QueueNotFound",
     "QueueStats",
+    "ReceiveIteration",
     "TaskloomError",
+    "first_settlement",
 ]
 
 
@@ -168,6 +171,37 @@ class Delivery(Protocol):
     async def extend(self) -> None:
         """Heartbeat: keep the lease of a long-running delivery."""
         ...
+
+
+def first_settlement(current: str | None, verb: str, message_id: str) -> bool:
+    """Whether settling with ``verb`` is the first settlement of a delivery now
+    settled with ``current`` (None: not yet). The same verb again (or any verb
+    after the broker released the delivery) is a no-op; another verb raises
+    ``DeliveryAlreadySettled``. Shared by every broker's ``Delivery``."""
+    if current is None:
+        return True
+    if current in (verb, "released"):
+        return False
+    raise DeliveryAlreadySettled(
+        f"message {message_id} was already settled with {current}(); "
+        f"it cannot also be settled with {verb}()"
+    )
+
+
+class ReceiveIteration:
+    """``async for delivery in consumer`` on top of ``receive()``."""
+
+    async def receive(self) -> Delivery:
+        raise NotImplementedError
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
 
 
 class Consumer(Protocol):

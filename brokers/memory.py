@@ -21,9 +21,10 @@ import anyio
 from brokers.base import (
     Capabilities,
     DeadLetter,
-    DeliveryAlreadySettled,
     Envelope,
     QueueStats,
+    ReceiveIteration,
+    first_settlement,
 )
 
 __all__ = ["MemoryBroker"]
@@ -55,15 +56,10 @@ class MemoryDelivery:
         self._settled: str | None = None
 
     def _settle(self, verb: str) -> bool:
-        if self._settled is None:
+        first = first_settlement(self._settled, verb, self.envelope.id)
+        if first:
             self._settled = verb
-            return True
-        if self._settled in (verb, "released"):
-            return False
-        raise DeliveryAlreadySettled(
-            f"message {self.envelope.id} was already settled with {self._settled}(); "
-            f"it cannot also be settled with {verb}()"
-        )
+        return first
 
     async def ack(self) -> None:
         if self._settle("ack"):
@@ -85,7 +81,7 @@ class MemoryDelivery:
         """Leases of the memory broker last as long as the consumer."""
 
 
-class MemoryConsumer:
+class MemoryConsumer(ReceiveIteration):
     """A consumer of the memory broker; see :meth:`MemoryBroker.consume`."""
 
     def __init__(self, broker: MemoryBroker, queues: Sequence[str], prefetch: int) -> None:
@@ -142,15 +138,6 @@ class MemoryConsumer:
                 self._wake = anyio.Event()
             with anyio.move_on_after(max(wait, 0.0)):
                 await self._wake.wait()
-
-    def __aiter__(self) -> AsyncIterator[MemoryDelivery]:
-        return self
-
-    async def __anext__(self) -> MemoryDelivery:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
 
     async def aclose(self) -> None:
         if self._closed:

@@ -78,10 +78,11 @@ from brokers.base import (
     ConnectionFailed,
     ConnectionLost,
     DeadLetter,
-    DeliveryAlreadySettled,
     Envelope,
     PublishError,
     QueueStats,
+    ReceiveIteration,
+    first_settlement,
 )
 
 __all__ = ["RedisBroker", "RedisBrokerOptions", "RedisConsumer", "RedisDelivery"]
@@ -599,15 +600,10 @@ class RedisDelivery:
         self.delivery_count = delivery_count
 
     def _settle(self, verb: str) -> bool:
-        if self._settled is None:
+        first = first_settlement(self._settled, verb, self.envelope.id)
+        if first:
             self._settled = verb
-            return True
-        if self._settled in (verb, "released"):
-            return False
-        raise DeliveryAlreadySettled(
-            f"message {self.envelope.id} was already settled with {self._settled}(); "
-            f"it cannot also be settled with {verb}()"
-        )
+        return first
 
     # Settling queues the settlement for the consumer's next batch (sent within
     # ``batch_wait_s``, and always before its next fetch) and returns: a crash in
@@ -655,7 +651,7 @@ class _Batch:
 
 # -- consumer -------------------------------------------------------------------------
 
-class RedisConsumer:
+class RedisConsumer(ReceiveIteration):
     """A consumer of the Redis broker; see :meth:`RedisBroker.consume`."""
 
     def __init__(self, broker: RedisBroker, queues: Sequence[str], prefetch: int) -> None:
@@ -711,15 +707,6 @@ class RedisConsumer:
             if self._has_ready.is_set():
                 self._has_ready = anyio.Event()
             await self._has_ready.wait()
-
-    def __aiter__(self) -> AsyncIterator[RedisDelivery]:
-        return self
-
-    async def __anext__(self) -> RedisDelivery:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
 
     async def aclose(self) -> None:
         """Stop fetching, flush settlements, hand unsettled deliveries back."""
