@@ -16,9 +16,10 @@ How the promises are kept:
 
 * **Publishing**: persistent messages on a confirm channel with ``mandatory``, so an
   unroutable message raises :class:`~brokers.base.PublishError` instead of
-  vanishing. ``publish_many`` sends a chunk without waiting and awaits all its
-  confirms together. The queue (and its dead-letter queue) is declared on first
-  use and remembered.
+  vanishing. ``publish_many`` writes a chunk of messages at once (a few socket
+  writes, not one per message) and then awaits all their confirms together. The
+  queue (and its dead-letter queue) is declared on first use and remembered; a
+  publish that fails makes the broker declare again on next use.
 * **Delays** never hold a message in a worker: a delay is rounded *up* to whole
   ticks of :data:`DELAY_TICK_S` (0.1 s) and the message routed, by the bits of
   that tick count in its routing key, through the TTL queues whose bits are set,
@@ -28,36 +29,51 @@ How the promises are kept:
   time RabbitMQ takes to expire and move a message, a few ms per level. The
   levels of a queue are created on first use, from 0 up to the highest one
   needed; the longest delay is ``(2**32 - 1)`` ticks, about 13.6 years.
-* **Consuming**: one channel per consumer, ``basic.qos`` prefetch, manual ack
-  (``basic.ack`` has no reply, so ``ack()`` does not wait for a round trip).
+* **Consuming**: one channel per consumer, ``basic.qos`` prefetch, manual ack.
   Deliveries are pushed by the broker into a local buffer that ``prefetch``
-  bounds. After a reconnect the consumer subscribes again; deliveries of the
-  dead channel are dropped from the buffer, and settling one of them (a stale
-  delivery tag) is logged, not raised: RabbitMQ redelivers the message.
-* **Delivery count**: quorum queues count deliveries (``x-delivery-count``);
-  classic queues only flag a redelivery, which counts as 2. A message the
-  broker republishes itself (a nack on a classic queue, a nack with delay, a
-  dead letter) carries its count in a header, so counts stay exact there.
+  bounds, each handed to one waiting receiver. ``basic.ack`` has no reply, so
+  ``ack()`` only records the ack: they are sent merged (one ``multiple`` ack for
+  a settled run of delivery tags, in one socket write) once a quarter of the
+  prefetch is pending, as soon as the prefetch is used up, and at most 2 ms
+  later; closing the consumer sends them first.
+* **Reconnecting**: the connection is aio-pika's robust one. After a reconnect
+  each consumer subscribes again (also after the server cancelled it, e.g. a
+  deleted queue, which it declares again); deliveries of the dead channel are
+  dropped from the buffer, and settling one of them (a stale delivery tag) is
+  logged, not raised: RabbitMQ redelivers the message.
+* **Nack and delivery count**: ``nack()`` publishes a copy (confirmed) carrying
+  the delivery count in a header, to the back of the queue or through the delay
+  cascade, then acks. Quorum queues count the deliveries of a message
+  (``x-delivery-count``); classic queues only flag a redelivery, which counts as
+  one more. So the ``delivery_limit`` of quorum queues counts deliveries that
+  ended without settlement (a crashed or stopped worker, a lost connection), not
+  nacks: retries are the runtime's to count.
 * **Dead letters**: ``dead_letter(reason)`` publishes a copy to the dead-letter
   queue (confirmed), then acks. On quorum queues RabbitMQ dead-letters a message
-  delivered more than ``delivery_limit`` times by itself, with reason
-  ``delivery_limit``. ``dead_letters()`` reads without removing: it takes the
-  oldest messages with ``basic.get`` on a private channel and hands them back
+  delivered more than ``delivery_limit`` times by itself (at-least-once), with
+  reason ``delivery_limit``. ``dead_letters()`` reads without removing: it takes
+  the oldest messages with ``basic.get`` on a private channel and hands them back
   (nack with requeue), which puts them back in place; while it runs, another
   reader of the same dead-letter queue sees them as unacked.
-* **Closing** a consumer cancels its subscriptions (stop fetching) and closes its
-  channel, which returns every unsettled delivery to its queue.
+* **Closing** a consumer cancels its subscriptions (stop fetching), sends the
+  acks made so far and closes its channel, which returns every other unsettled
+  delivery to its queue.
 
 Limits: ``stats().in_flight`` counts the deliveries held by this process's
 consumers (AMQP does not tell unacked counts without the management plugin).
 ``stats().delayed`` scans the delay levels of the queue (a message moving down
-a level during the scan may be counted twice or missed). Classic queues cannot
-count redeliveries beyond "redelivered": use ``queue_type=quorum`` to dead-letter
-messages that crash their worker repeatedly. Quorum queues have no priorities on
-RabbitMQ 3.x (``capabilities.max_priority`` is 0 there). RabbitMQ 3.x has no
-default delivery limit on quorum queues and 4.x a default of 20: this broker
-always sets ``x-delivery-limit`` explicitly. RabbitMQ < 3.12 only knows the global
-``consumer_timeout`` (rabbitmq.conf); ``consumer_timeout_s`` must match it.
+a level during the scan may be counted twice or missed). On quorum queues the
+counts lag a little: deliveries handed back by a closing consumer show in
+``ready`` a few milliseconds after ``aclose()`` returned (Raft applies them). Classic queues cannot
+count redeliveries after a crash beyond "redelivered": use ``queue_type=quorum``
+to dead-letter messages that crash their worker repeatedly. Quorum queues have
+no priorities on RabbitMQ 3.x (``capabilities.max_priority`` is 0 there).
+RabbitMQ 3.x has no default delivery limit on quorum queues and 4.x a default of
+20: this broker always sets ``x-delivery-limit`` explicitly. RabbitMQ < 3.12 only
+knows the global ``consumer_timeout`` (rabbitmq.conf); ``consumer_timeout_s``
+must match it. Batched publishing and merged acks write frames through aiormq's
+channel internals (``write_queue``, confirm bookkeeping), checked at run time,
+with a fallback to aiormq's per-message calls.
 """
 
 from __future__ import annotations
@@ -69,7 +85,7 @@ import os
 import re
 import secrets
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from types import TracebackType
@@ -82,7 +98,6 @@ import aiormq.abc
 import aiormq.exceptions as aex
 import anyio
 import anyio.abc
-import anyio.lowlevel
 import msgspec
 import structlog
 from aio_pika.abc import AbstractRobustChannel
@@ -98,11 +113,12 @@ from brokers.base import (
     ConnectionFailed,
     ConnectionLost,
     DeadLetter,
-    DeliveryAlreadySettled,
     Envelope,
     PublishError,
     QueueNotFound,
     QueueStats,
+    ReceiveIteration,
+    first_settlement,
 )
 
 __all__ = [
@@ -133,8 +149,10 @@ _SERVER_HEADERS: Final = frozenset({
     "x-last-death-exchange",
 })
 _DEFAULT_DELIVERY_LIMIT: Final = 10
-#: Longest time an ack waits to be sent with others (when no receiver runs dry).
+#: Longest time an ack waits to be sent with others (when the prefetch is not used up).
 _ACK_DELAY_S: Final = 0.002
+#: Longest time closing a consumer waits for RabbitMQ (the server may be gone).
+_CLOSE_TIMEOUT_S: Final = 10.0
 _LEVEL_SUFFIX = re.compile(r"\.delay\.\d\d$")
 _STALE = (aex.ChannelInvalidStateError, aex.AMQPError, ConnectionError)
 
@@ -246,7 +264,7 @@ def _vhost_of(path: str) -> str:
 class _Queue:
     """Names and declaration state (in this process) of one logical queue."""
 
-    __slots__ = ("amqp", "bound", "declared", "dlq", "levels", "name")
+    __slots__ = ("amqp", "bound", "created_levels", "declared", "dlq", "levels", "name")
 
     def __init__(self, prefix: str, name: str) -> None:
         if not name or "*" in name or "#" in name:
@@ -267,6 +285,8 @@ class _Queue:
         #: the delay hand-back exchange.
         self.levels = -1
         self.bound = False
+        #: Highest delay level this process ever declared (for purge_namespace).
+        self.created_levels = -1
 
     def level(self, k: int) -> str:
         return f"{self.amqp}.delay.{k:02d}"
@@ -329,17 +349,13 @@ class AmqpDelivery:
 
     def _settle(self, verb: str) -> bool:
         """Claim the settlement for ``verb``; False when it is a no-op."""
-        if self._settled is None:
-            if self._consumer._closed:  # handed back when its consumer closed
-                self._settled = "released"
-                return False
-            self._settled = verb
-            return True
-        if self._settled in (verb, "released"):
+        if self._settled is None and self._consumer._closed:
+            self._settled = "released"  # handed back when its consumer closed
             return False
-        raise DeliveryAlreadySettled(
-            f"message {self.envelope.id} was already settled with {self._settled}(); "
-            f"it cannot also be settled with {verb}()")
+        first = first_settlement(self._settled, verb, self.envelope.id)
+        if first:
+            self._settled = verb
+        return first
 
     def _stale(self, verb: str, error: BaseException | None = None) -> bool:
         """True (and logged) when the delivery's channel died: RabbitMQ redelivers it."""
@@ -451,7 +467,7 @@ async def _send_acks(channel: aiormq.Channel, frames: list[Basic.Ack]) -> None:
         await channel.basic_ack(frame.delivery_tag or 0, multiple=frame.multiple, wait=False)
 
 
-class AmqpConsumer:
+class AmqpConsumer(ReceiveIteration):
     """A consumer on its own channel; see :meth:`AmqpBroker.consume`."""
 
     def __init__(self, broker: AmqpBroker, queues: Sequence[str], prefetch: int) -> None:
@@ -538,7 +554,7 @@ class AmqpConsumer:
                 with _mapped("subscribing again"):
                     await self._subscribe()
                 log.info("amqp.consumer_resubscribed", queues=[q.amqp for q in self._queues])
-            except BrokerError as e:
+            except Exception as e:  # never let the consumer's task group crash
                 log.warning("amqp.resubscribe_failed", error=str(e), retry_in_s=1.0)
                 await anyio.sleep(1.0)
                 self._resubscribe.set()
@@ -594,7 +610,11 @@ class AmqpConsumer:
                     self._ack_nudge.clear()
                     await self._ack_nudge.wait()
             self._ack_wanted.clear()
-            await self._flush_acks()
+            try:
+                await self._flush_acks()
+            except Exception as e:  # never let the consumer's task group crash
+                log.warning("amqp.ack_flush_failed", error=repr(e),
+                            note="unsent acks: RabbitMQ redelivers those messages")
 
     async def _flush_acks(self) -> None:
         self._pending_acks = 0
@@ -665,6 +685,8 @@ class AmqpConsumer:
                         # Handed a message, then cancelled: pass it on, do not drop it.
                         buffer.appendleft(waiter.result())
                         self._pass_on()
+                    elif waiter in self._waiters:
+                        self._waiters.remove(waiter)
                     raise
             if message is None or message.channel.is_closed:
                 continue  # woken by aclose(), or its channel died: RabbitMQ redelivers it
@@ -674,15 +696,6 @@ class AmqpConsumer:
         """Give the buffer's first message to a waiting receiver, if any."""
         if self._buffer and self._waiters:
             self._handoff(self._buffer.popleft(), first=True)
-
-    def __aiter__(self) -> AsyncIterator[AmqpDelivery]:
-        return self
-
-    async def __anext__(self) -> AmqpDelivery:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
 
     async def aclose(self) -> None:
         """Stop fetching (``basic.cancel``), then close the channel, which hands every
@@ -700,8 +713,12 @@ class AmqpConsumer:
             self._broker._in_flight[name] -= held
         self._held.clear()
         channel = self._channel
-        if channel is None:
-            return
+        if channel is not None:
+            # Bounded: callers shield this from cancellation, and the server may be gone.
+            with anyio.move_on_after(_CLOSE_TIMEOUT_S):
+                await self._close_channel(channel)
+
+    async def _close_channel(self, channel: AbstractRobustChannel) -> None:
         try:
             if not channel.is_closed:
                 underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
@@ -927,6 +944,8 @@ class AmqpBroker:
         #: Exchanges declared by this broker, and the highest delay level exchange.
         self._exchanges: set[str] = set()
         self._exchange_levels = -1
+        #: Everything this broker ever declared (for purge_namespace).
+        self._created_exchanges: set[str] = set()
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str = "") -> AmqpBroker:
@@ -1064,6 +1083,7 @@ class AmqpBroker:
         if name not in self._exchanges:
             await channel.exchange_declare(name, exchange_type=kind, durable=True)
             self._exchanges.add(name)
+            self._created_exchanges.add(name)
 
     async def _declare(self, q: _Queue) -> None:
         """The queue and its dead-letter queue (idempotent; remembered)."""
@@ -1113,6 +1133,7 @@ class AmqpBroker:
                                 routing_key="*." * (DELAY_LEVELS - 1 - k) + "1."
                                 + "*." * k + q.amqp)
             q.levels = k
+            q.created_levels = max(q.created_levels, k)
         if not q.bound:
             await ch.queue_bind(q.amqp, self._handback,
                                 routing_key="*." * DELAY_LEVELS + q.amqp)
@@ -1204,10 +1225,10 @@ class AmqpBroker:
     async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
         """Store many messages: each chunk is sent at once, then its confirms awaited
         together. All-or-error; on error any subset may be stored."""
-        items = [await self._item(envelope) for envelope in envelopes]
         chunk = self.options.publish_chunk
-        for i in range(0, len(items), chunk):
-            await self._publish(items[i:i + chunk], f"publish_many ({len(items)} messages)")
+        what = f"publish_many ({len(envelopes)} messages)"
+        for i in range(0, len(envelopes), chunk):
+            await self._publish([await self._item(e) for e in envelopes[i:i + chunk]], what)
 
     async def _send(self, envelope: Envelope, delivered: int) -> None:
         """Publish ``envelope`` again (a nack), with the deliveries it had."""
@@ -1332,19 +1353,21 @@ class AmqpBroker:
         with _mapped("purging the namespace"):
             ch = await self._raw_channel()
             try:
-                for q in self._queues.values():
-                    if not q.declared:
-                        continue
-                    names = [q.amqp, q.dlq, *(q.level(k) for k in range(q.levels + 1))]
-                    for name in names:
-                        await ch.queue_delete(name)
-                        deleted += 1
-                for name in sorted(self._exchanges, reverse=True):
+                for q in self._queues.values():  # deleting a missing queue is fine
+                    for k in range(q.created_levels, -1, -1):
+                        await ch.queue_delete(q.level(k))
+                    await ch.queue_delete(q.amqp)
+                    await ch.queue_delete(q.dlq)
+                    deleted += 2 + q.created_levels + 1
+                for name in sorted(self._created_exchanges, reverse=True):
                     await ch.exchange_delete(name)
                     deleted += 1
             finally:
                 await ch.close()
+        self._created_exchanges.clear()
         self._forget_all()
+        for q in self._queues.values():
+            q.created_levels = -1
         return deleted
 
     def __repr__(self) -> str:

@@ -15,7 +15,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from brokers.amqp import AmqpBroker
+from brokers.amqp import AmqpBroker, AmqpBrokerOptions
 from brokers.base import ConnectionFailed
 from tests.conftest import AMQP_URL, server_missing
 
@@ -24,10 +24,12 @@ pytestmark = pytest.mark.amqp
 
 def amqp_url(base: str = AMQP_URL, *, netloc: str | None = None, path: str | None = None,
              **options: Any) -> str:
-    """The test server's URL with broker options (and optionally another host:port or
-    vhost path) merged in."""
+    """The test server's URL with these broker options (and optionally another
+    host:port or vhost path); broker options of the base URL are dropped, so that
+    each test states the options it depends on."""
     parts = urlsplit(base)
-    query = dict(parse_qsl(parts.query))
+    known = set(AmqpBrokerOptions.__struct_fields__)
+    query = {k: v for k, v in parse_qsl(parts.query) if k not in known}
     query.update({k: str(v).lower() if isinstance(v, bool) else str(v)
                   for k, v in options.items()})
     return urlunsplit(parts._replace(netloc=netloc or parts.netloc,
@@ -61,7 +63,7 @@ async def make_broker(namespace: str) -> AsyncIterator[MakeBroker]:
 async def raw() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
     """A plain aio-pika channel on the test server, to act behind the broker's back."""
     try:
-        connection = await aio_pika.connect(AMQP_URL)
+        connection = await aio_pika.connect(amqp_url())
     except Exception as e:
         server_missing("RabbitMQ", e)
     async with connection:

@@ -70,7 +70,7 @@ def test_guest_towards_a_remote_host_is_refused(url: str) -> None:
     "amqp://guest:guest@rabbit.example.com/?allow_guest=true",
 ])
 def test_guest_on_loopback_or_a_real_user_is_fine(url: str) -> None:
-    AmqpBroker.from_url(url)
+    assert AmqpBroker.from_url(url).vhost == "/"
 
 
 def test_password_is_not_shown_in_errors() -> None:

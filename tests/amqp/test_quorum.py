@@ -8,15 +8,14 @@ import anyio
 import pytest
 
 from brokers.base import Envelope
-from tests.amqp.conftest import MakeBroker
-from tests.conftest import AMQP_URL
+from tests.amqp.conftest import MakeBroker, amqp_url
 
 pytestmark = pytest.mark.amqp
 
 
 async def next_message_of(queue_name: str) -> aio_pika.abc.AbstractIncomingMessage:
     """Wait (push, no polling) for a message on ``queue_name``, then hand it back."""
-    async with await aio_pika.connect(AMQP_URL) as connection:
+    async with await aio_pika.connect(amqp_url()) as connection:
         channel = await connection.channel()
         queue = await channel.get_queue(queue_name)
         async with queue.iterator() as messages:
@@ -61,13 +60,22 @@ async def test_a_message_redelivered_past_the_delivery_limit_is_dead_lettered(
 
 
 async def test_quorum_queues_are_declared_with_an_explicit_limit_and_safe_dead_lettering(
-    make_broker: MakeBroker, raw: aio_pika.abc.AbstractChannel, namespace: str
+    make_broker: MakeBroker, namespace: str
 ) -> None:
     broker = await make_broker(queue_type="quorum")
     await broker.declare("jobs")
-    # Declaring with the same arguments passes; RabbitMQ refuses other ones (406).
-    await raw.declare_queue(f"{namespace}.jobs", durable=True, arguments={
+    arguments = {
         "x-queue-type": "quorum", "x-delivery-limit": 10,
         "x-dead-letter-exchange": f"{namespace}.taskloom.dlx",
         "x-dead-letter-routing-key": f"{namespace}.jobs",
-        "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
+        "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+    async with await aio_pika.connect(amqp_url()) as connection:
+        # RabbitMQ refuses a declaration whose arguments differ from the queue's (406)
+        for name in ("x-delivery-limit", "x-dead-letter-strategy", "x-overflow"):
+            other = {k: v for k, v in arguments.items() if k != name}
+            with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed, match=name):
+                await (await connection.channel()).declare_queue(
+                    f"{namespace}.jobs", durable=True, arguments=other)
+        same = await (await connection.channel()).declare_queue(
+            f"{namespace}.jobs", durable=True, arguments=arguments)
+        assert same.declaration_result.message_count == 0

@@ -52,10 +52,8 @@ async def test_consumer_resubscribes_after_the_link_is_cut(
 ) -> None:
     await make_broker()  # skips when the server is missing
     async with running_proxy() as proxy:
-        netloc = urlsplit(AMQP_URL).netloc.rsplit(":", 1)[0].rsplit("@", 1)
-        userinfo = f"{netloc[0]}@" if len(netloc) == 2 else ""
-        host = netloc[-1]
-        url = amqp_url(netloc=f"{userinfo}{host}:{proxy.port}", reconnect_interval_s=0.2)
+        userinfo, at, _ = urlsplit(AMQP_URL).netloc.rpartition("@")
+        url = amqp_url(netloc=f"{userinfo}{at}127.0.0.1:{proxy.port}", reconnect_interval_s=0.2)
 
         async def cut(proxy: Proxy = proxy) -> None:
             before = proxy.connections

@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import anyio
@@ -77,7 +78,7 @@ async def test_the_urls_vhost_is_used_and_isolates_queues(
     make_broker: MakeBroker, namespace: str
 ) -> None:
     """S5: the same queue names in two vhosts never meet."""
-    user = AmqpBroker.from_url(AMQP_URL).url.split("://", 1)[1].split(":", 1)[0] or "guest"
+    user = urlsplit(AMQP_URL).username or "guest"
     vhost = f"taskloom-test-{namespace}"
     in_default = await make_broker()
     await rabbitmqctl("add_vhost", vhost)
@@ -98,3 +99,27 @@ async def test_the_urls_vhost_is_used_and_isolates_queues(
                 await delivery.ack()
     finally:
         await rabbitmqctl("delete_vhost", vhost)
+
+
+async def test_purge_namespace_deletes_queues_levels_and_exchanges(
+    make_broker: MakeBroker, namespace: str
+) -> None:
+    broker = await make_broker()
+    await broker.publish(env("jobs", "later", delay_s=0.5))  # 5 ticks: levels 0..2
+    await broker.publish(env("other", "now"))
+    names = [f"{namespace}.jobs", f"{namespace}.jobs.dlq", f"{namespace}.other",
+             *(f"{namespace}.jobs.delay.{k:02d}" for k in range(3))]
+    exchanges = [f"{namespace}.taskloom.dlx", f"{namespace}.taskloom.delay",
+                 *(f"{namespace}.taskloom.delay.{k:02d}" for k in range(3))]
+    async with await aio_pika.connect(amqp_url()) as connection:
+        for name in names:
+            await (await connection.channel()).declare_queue(name, passive=True)
+        for name in exchanges:
+            await (await connection.channel()).declare_exchange(name, passive=True)
+        await broker.purge_namespace()
+        for name in names:
+            with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+                await (await connection.channel()).declare_queue(name, passive=True)
+        for name in exchanges:
+            with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+                await (await connection.channel()).declare_exchange(name, passive=True)
