@@ -12,7 +12,8 @@ Rules every store keeps (tested in tests/results_contract):
   counts once. Once all ``size`` members are in, every call returns the
   values in member order (so a worker that completes the join after a crash
   can still continue it); before that it returns None.
-- ``claim`` takes an id for one execution (``SET NX`` with a TTL).
+- ``claim`` takes an id for one execution (``SET NX`` with a TTL); the same
+  holder claiming again renews it.
 """
 
 from __future__ import annotations
@@ -100,8 +101,9 @@ class ResultStore(Protocol):
         """Count member ``index`` of ``size`` into join ``join_id``."""
         ...
 
-    async def claim(self, task_id: str, ttl_s: float) -> bool:
-        """Take ``task_id`` for one execution; False if another holds it."""
+    async def claim(self, task_id: str, ttl_s: float, *, holder: str = "") -> bool:
+        """Take ``task_id`` for one execution for ``ttl_s`` seconds; False if
+        another holder has it. The same holder claiming again renews it."""
         ...
 
 
@@ -118,7 +120,7 @@ class MemoryResultStore:
         self._waiters: dict[str, anyio.Event] = {}
         self._revoked: set[str] = set()
         self._joins: dict[str, tuple[float, dict[int, Any]]] = {}
-        self._claims: dict[str, float] = {}
+        self._claims: dict[str, tuple[float, str]] = {}
 
     @classmethod
     def from_url(cls, url: str = "memory://", *, ttl_s: float = DEFAULT_TTL_S,
@@ -205,10 +207,10 @@ class MemoryResultStore:
             return None
         return [members[i] for i in range(size)]
 
-    async def claim(self, task_id: str, ttl_s: float) -> bool:
+    async def claim(self, task_id: str, ttl_s: float, *, holder: str = "") -> bool:
         now = time.monotonic()
         held = self._claims.get(task_id)
-        if held is not None and held > now:
+        if held is not None and held[0] > now and (held[1] != holder or not holder):
             return False
-        self._claims[task_id] = now + ttl_s
+        self._claims[task_id] = (now + ttl_s, holder)
         return True

@@ -216,6 +216,17 @@ class _Batcher(Generic[_In, _Out]):
         return batch.outcomes[start:start + len(items)]
 
 
+#: Take a free claim, or renew one this holder has.
+_CLAIM_SCRIPT = """
+local held = redis.call('GET', KEYS[1])
+if held == false or held == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return 1
+end
+return 0
+"""
+
+
 def _decode_stored(task_id: str, raw: bytes) -> Result:
     try:
         return _RESULT_DECODER.decode(memoryview(raw)[1:])
@@ -730,11 +741,15 @@ class RedisResultStore:
             return None
         return [_VALUE_DECODER.decode(v) for v in reply]
 
-    async def claim(self, task_id: str, ttl_s: float) -> bool:
+    async def claim(self, task_id: str, ttl_s: float, *, holder: str = "") -> bool:
+        key = f"{self._ns}:claim:{{{task_id}}}"
+        ttl_ms = max(1, int(ttl_s * 1000))
         with self._errors(f"claim task {task_id}"):
-            reply = await _execute(
-                self._client(), "SET", f"{self._ns}:claim:{{{task_id}}}", b"1", "NX", "PX",
-                max(1, int(ttl_s * 1000)))
+            if not holder:
+                reply = await _execute(self._client(), "SET", key, b"1", "NX", "PX", ttl_ms)
+            else:
+                reply = await _execute(self._client(), "EVAL", _CLAIM_SCRIPT, 1, key,
+                                       holder.encode(), ttl_ms)
         return bool(reply)
 
     # -- tests -----------------------------------------------------------------------

@@ -11,13 +11,14 @@ retries), ``delivery_limit`` (set by brokers).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -51,6 +52,14 @@ __all__ = ["Worker"]
 log = structlog.get_logger("taskloom.worker")
 
 _STORE_RETRY_MAX_S = 5.0
+
+
+#: How long a claim on an at-most-once message outlives a dead holder.
+CLAIM_LEASE_S = 6.0
+
+
+def _claim_key(msg: TaskMessage) -> str:
+    return f"{msg.id}#{msg.attempt}"
 
 
 def _now_ms() -> int:
@@ -267,8 +276,11 @@ class Worker:
                 await self._errbacks(msg, msg.errbacks, info)
             await delivery.ack()
             return
-        if msg.once and not await self._claim(msg, task.timeout, delivery):
-            return
+        holder = ""
+        if msg.once:
+            holder = f"{self.name}:{uuid.uuid4().hex}"
+            if not await self._claim(msg, delivery, holder):
+                return
         try:
             args, kwargs = task.bind(msg.args, msg.kwargs)
         except ArgumentsError as e:
@@ -279,13 +291,15 @@ class Worker:
         if timeout is None:
             timeout = self._default_limit
         try:
+            call: Callable[[], Awaitable[Any]]
             if self._chain is None:
-                value = await execute(task, args, kwargs, timeout, threads=self._threads,
-                                      processes=self.processes)
+                call = functools.partial(execute, task, args, kwargs, timeout,
+                                         threads=self._threads, processes=self.processes)
             else:
-                value = await self._chain(TaskContext(
+                call = functools.partial(self._chain, TaskContext(
                     message=msg, task=task, args=args, kwargs=kwargs, timeout=timeout,
                     delivery_count=delivery.delivery_count, worker=self.name))
+            value = await (self._keeping_claim(msg, holder, call) if holder else call())
         except Reject as e:
             await self._fail(msg, delivery, _error_info(e, "rejected"), started)
             return
@@ -328,15 +342,20 @@ class Worker:
         except (PayloadTooLarge, EncodeError) as e:
             await self._fail(msg, delivery, _error_info(e, "bad_result"), started)
             return
+        await self._follow_up(msg, value)
+        await delivery.ack()
+        log.debug("task succeeded", task_id=msg.id, task=msg.task, attempt=msg.attempt,
+                  duration_ms=result.finished_ms - started if result.finished_ms else None)
+
+    async def _follow_up(self, msg: TaskMessage, value: Any) -> None:
+        """What comes after ``msg`` succeeded with ``value``: the next chain
+        step, or its part of a join."""
         if msg.links:
             await self.runtime.publish(canvas.start(
                 msg.links[0], self.runtime.registry, prev=value, links=msg.links[1:],
                 ref=msg.chord, parent_id=msg.id, root_id=msg.root_id))
         elif msg.chord is not None:
             await self._join(msg.chord, value, msg)
-        await delivery.ack()
-        log.debug("task succeeded", task_id=msg.id, task=msg.task, attempt=msg.attempt,
-                  duration_ms=result.finished_ms - started if result.finished_ms else None)
 
     async def _join(self, ref: ChordRef, value: Any, msg: TaskMessage) -> None:
         """Count ``value`` into ``ref``; the call that finds it complete goes on."""
@@ -436,19 +455,52 @@ class Worker:
             + [Result(id=i, state=state, error=upstream, worker=self.name, finished_ms=now)
                for i in msg.downstream])
 
-    async def _claim(self, msg: TaskMessage, timeout: float | None, delivery: Delivery) -> bool:
-        """For at-most-once-per-id messages (chord bodies, errbacks)."""
+    async def _claim(self, msg: TaskMessage, delivery: Delivery, holder: str) -> bool:
+        """At most one execution per id (chord bodies, steps after a join,
+        errbacks): the claim is a short lease, renewed while the task runs, so a
+        holder that dies frees it within ``CLAIM_LEASE_S``."""
         rt = self.runtime
-        if await rt.results.claim(f"{msg.id}#{msg.attempt}", (timeout or 300.0) + 60.0):
+        if await rt.results.claim(_claim_key(msg), CLAIM_LEASE_S, holder=holder):
             return True
         existing = await rt.results.get(msg.id)
         if existing is not None and existing.state.terminal:
             log.info("skipping a duplicate of a task that ran already", task_id=msg.id)
+            if existing.state is State.SUCCESS:
+                # its worker may have died before sending what follows: send it
+                # (what follows is idempotent: joins count ids, next steps claim)
+                await self._follow_up(msg, existing.value)
             await delivery.ack()
         else:
             log.info("a duplicate is running elsewhere; checking again later", task_id=msg.id)
-            await delivery.nack(delay_s=5.0)
+            await delivery.nack(delay_s=CLAIM_LEASE_S / 2)
         return False
+
+    async def _keeping_claim(self, msg: TaskMessage, holder: str,
+                             call: Callable[[], Awaitable[Any]]) -> Any:
+        """``call()`` while renewing the claim of ``msg``; its exception, if
+        any, is raised as it is (not in an exception group)."""
+        outcome: list[Any] = []
+        failure: list[Exception] = []
+
+        async def body() -> None:
+            try:
+                outcome.append(await call())
+            except Exception as e:
+                failure.append(e)
+            finally:
+                tg.cancel_scope.cancel()
+
+        async def renew() -> None:
+            while True:
+                await anyio.sleep(CLAIM_LEASE_S / 3)
+                await self.runtime.results.claim(_claim_key(msg), CLAIM_LEASE_S, holder=holder)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(renew)
+            tg.start_soon(body)
+        if failure:
+            raise failure[0]
+        return outcome[0]
 
     # -- storing, with retries while the store is down ---------------------------------
 
