@@ -120,6 +120,9 @@ from brokers.base import (
     ReceiveIteration,
     first_settlement,
 )
+from brokers.base import (
+    redact_url as _redact,
+)
 
 __all__ = [
     "DELAY_LEVELS",
@@ -235,14 +238,6 @@ def _mapped(what: str, *, publish: bool = False) -> Iterator[None]:
                              "reconnects by itself, the operation may be retried") from e
     except aex.AMQPError as e:
         raise BrokerError(f"{what}: {type(e).__name__}: {e}") from e
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _is_loopback(host: str) -> bool:

@@ -44,6 +44,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import msgspec
@@ -66,6 +67,7 @@ __all__ = [
     "ReceiveIteration",
     "TaskloomError",
     "first_settlement",
+    "redact_url",
 ]
 
 
@@ -171,6 +173,15 @@ class Delivery(Protocol):
     async def extend(self) -> None:
         """Heartbeat: keep the lease of a long-running delivery."""
         ...
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def first_settlement(current: str | None, verb: str, message_id: str) -> bool:

@@ -84,6 +84,9 @@ from brokers.base import (
     ReceiveIteration,
     first_settlement,
 )
+from brokers.base import (
+    redact_url as _redact,
+)
 
 __all__ = ["RedisBroker", "RedisBrokerOptions", "RedisConsumer", "RedisDelivery"]
 
@@ -535,14 +538,6 @@ def _as_broker_error(what: str, error: Exception, *, publish: bool = False) -> B
 async def _cmd(client: aioredis.Redis, *args: Any) -> Any:
     """A raw command (no redis-py argument massaging; typed for mypy)."""
     return await client.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _glob_escape(text: str) -> str:
