@@ -461,12 +461,12 @@ class Worker:
         holder that dies frees it within ``CLAIM_LEASE_S``."""
         rt = self.runtime
         existing = await rt.results.get(msg.id)
-        if existing is None or not existing.state.terminal:
-            if await rt.results.claim(_claim_key(msg), CLAIM_LEASE_S, holder=holder):
-                # it may have finished between the look and the claim
-                existing = await rt.results.get(msg.id)
-                if existing is None or not existing.state.terminal:
-                    return True
+        unfinished = existing is None or not existing.state.terminal
+        if unfinished and await rt.results.claim(_claim_key(msg), CLAIM_LEASE_S, holder=holder):
+            # it may have finished between the look and the claim
+            existing = await rt.results.get(msg.id)
+            if existing is None or not existing.state.terminal:
+                return True
         if existing is not None and existing.state.terminal:
             log.info("skipping a duplicate of a task that ran already", task_id=msg.id)
             if existing.state is State.SUCCESS:
