@@ -1,0 +1,155 @@
+"""What a benchmark run is made of: workloads, brokers, frameworks, sizes, servers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = [
+    "APPS_DIR",
+    "BENCH_DIR",
+    "BROKERS",
+    "FRAMEWORKS",
+    "METRICS",
+    "RESULTS_DIR",
+    "VENVS_DIR",
+    "WORKLOADS",
+    "Metric",
+    "Params",
+    "Run",
+    "Servers",
+    "Status",
+]
+
+BENCH_DIR = Path(__file__).resolve().parent
+APPS_DIR = BENCH_DIR / "apps"
+VENVS_DIR = BENCH_DIR / "venvs"
+RESULTS_DIR = BENCH_DIR / "results"
+
+WORKLOADS = ("throughput", "enqueue", "latency", "io", "cpu", "memory")
+BROKERS = ("memory", "redis", "amqp")
+FRAMEWORKS = ("taskloom", "celery", "taskiq", "dramatiq", "arq")
+
+Status = Literal["ok", "failed", "n/a"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure of the comparison table."""
+
+    workload: str
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    job: str = ""  # only records of this job carry it ("" = any)
+
+
+METRICS = (
+    Metric("throughput", "tasks_per_s", "throughput", "tasks/s", True),
+    Metric("enqueue", "tasks_per_s", "enqueue", "tasks/s", True),
+    Metric("latency", "p50_ms", "latency p50", "ms", False),
+    Metric("latency", "p99_ms", "latency p99", "ms", False),
+    Metric("io", "tasks_per_s", "io (50 ms sleeps)", "tasks/s", True),
+    Metric("io", "efficiency", "io efficiency", "%", True),
+    Metric("cpu", "tasks_per_s", "cpu (2 processes)", "tasks/s", True),
+    Metric("cpu", "efficiency", "cpu efficiency", "%", True),
+    Metric("memory", "worker_rss_mib", "worker peak RSS", "MiB", False, job="drain"),
+    Metric("memory", "producer_rss_mib", "producer peak RSS", "MiB", False, job="producer"),
+)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Workload sizes. The defaults are the ones the comparison is quoted at."""
+
+    throughput_n: int = 20_000
+    latency_n: int = 1_000
+    latency_warmup: int = 50
+    io_n: int = 5_000
+    io_sleep_s: float = 0.05
+    io_concurrency: int = 1_000
+    cpu_n: int = 400
+    cpu_task_ms: float = 20.0
+    cpu_processes: int = 2
+    producer_n: int = 1_000_000
+    #: messages per enqueue_many() call (taskloom) / concurrent calls (async peers)
+    batch: int = 1_000
+    #: how often the harness looks at the result store while a worker drains a queue
+    poll_s: float = 0.005
+    #: a run that has not finished after this long fails (seconds)
+    timeout_s: float = 900.0
+
+    def scaled(self, factor: float) -> Params:
+        """Smaller sizes (for smoke tests): every count times ``factor``."""
+
+        def n(v: int) -> int:
+            return max(1, int(v * factor))
+
+        return dataclasses.replace(
+            self, throughput_n=n(self.throughput_n), latency_n=n(self.latency_n),
+            latency_warmup=max(1, n(self.latency_warmup)), io_n=n(self.io_n),
+            cpu_n=max(self.cpu_processes, n(self.cpu_n)), producer_n=n(self.producer_n))
+
+
+def _with_db(url: str, db: int) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
+
+
+@dataclass(frozen=True)
+class Servers:
+    """Where the brokers are. taskloom isolates itself by namespace on ``redis_url``'s
+    database; the peers (whose key names are fixed) get databases of their own,
+    which the benchmark owns and empties (FLUSHDB) between runs."""
+
+    redis_url: str = field(default_factory=lambda: os.environ.get(
+        "TASKLOOM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    amqp_url: str = field(default_factory=lambda: os.environ.get(
+        "TASKLOOM_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    #: (broker database, result database) for the peers: never the shared one
+    peer_dbs: tuple[int, int] = (5, 6)
+
+    def redis_db(self, db: int) -> str:
+        return _with_db(self.redis_url, db)
+
+    @property
+    def peer_broker_url(self) -> str:
+        return self.redis_db(self.peer_dbs[0])
+
+    @property
+    def peer_result_url(self) -> str:
+        return self.redis_db(self.peer_dbs[1])
+
+    def describe(self) -> dict[str, str]:
+        def redact(url: str) -> str:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            port = f":{parts.port}" if parts.port else ""
+            return urlunsplit((parts.scheme, f"{host}{port}", parts.path, "", ""))
+
+        return {"redis": redact(self.redis_url), "amqp": redact(self.amqp_url),
+                "peer_redis_dbs": ",".join(map(str, self.peer_dbs))}
+
+
+@dataclass
+class Run:
+    """One measurement: one framework, one workload, one broker, one repeat."""
+
+    workload: str
+    broker: str
+    framework: str
+    repeat: int
+    status: Status
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    settings: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    job: str = ""  # drain | latency | producer: the measurement that made the figures
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)

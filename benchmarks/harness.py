@@ -1,0 +1,339 @@
+"""Measuring one run: producer and worker as subprocesses, the clock in here.
+
+Workloads that drain a queue (throughput, io, cpu) all go the same way: the
+framework's own producer puts N tasks in (timed: that is the enqueue figure),
+then its worker command is started and this process polls the framework's
+result store (``Framework.counter``) until every task is done. The rate is
+taken from the first completion seen to the last, so worker start-up (imports,
+connecting) is reported apart (``startup_s``), not mixed into tasks/s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+
+from benchmarks.config import APPS_DIR, Run
+from benchmarks.frameworks import Framework, RunContext, WorkerPlan
+
+__all__ = ["BenchError", "Workers", "measure"]
+
+RESULT_PREFIX = "BENCH-RESULT "
+_MIB = 1024 * 1024
+
+
+class BenchError(RuntimeError):
+    """A run failed: the message says where and why."""
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Timeout|Interrupt)\b.*")
+
+
+def _tail(text: str, lines: int = 4) -> str:
+    """The gist of a log: its last exception line, else its last lines."""
+    kept = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(kept):
+        if _EXCEPTION_LINE.match(line):
+            return line[:600]
+    return " | ".join(kept[-lines:])[-600:]
+
+
+async def run_driver(fw: Framework, ctx: RunContext, role: str, config: dict[str, Any],
+                     plan: WorkerPlan | None = None) -> dict[str, Any]:
+    """Run ``apps/driver.py`` for one role in the framework's environment."""
+    env = {**os.environ, **fw.env(ctx, plan)}
+    cmd = [fw.python, str(APPS_DIR / "driver.py"), fw.name, role, json.dumps(config)]
+    timeout = ctx.params.timeout_s
+    try:
+        with anyio.fail_after(timeout):
+            done = await anyio.run_process(cmd, env=env, cwd=APPS_DIR, check=False)
+    except TimeoutError:
+        raise BenchError(f"{fw.name} {role} did not finish within {timeout:.0f}s") from None
+    out = done.stdout.decode(errors="replace")
+    err = done.stderr.decode(errors="replace")
+    for line in out.splitlines():
+        if line.startswith(RESULT_PREFIX) and done.returncode == 0:
+            result: dict[str, Any] = json.loads(line[len(RESULT_PREFIX):])
+            return result
+    raise BenchError(f"{fw.name} {role} exited with {done.returncode}: {_tail(err or out)}")
+
+
+class Workers:
+    """A framework's worker processes, each in its own session (process group),
+    so that stopping them reaches their pool children and nothing else."""
+
+    def __init__(self, plan: WorkerPlan, env: dict[str, str]) -> None:
+        self.plan = plan
+        self.env = {**os.environ, **env}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
+        self._handles: list[psutil.Process] = []
+
+    def __enter__(self) -> Workers:
+        for cmd in self.plan.commands:
+            log = Path(tempfile.mkstemp(prefix="taskloom-bench-worker-", suffix=".log")[1])
+            self.logs.append(log)
+            with log.open("wb") as sink:
+                proc = subprocess.Popen(cmd, cwd=APPS_DIR, env=self.env, stdout=sink,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs.append(proc)
+            self._handles.append(psutil.Process(proc.pid))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        for log in self.logs:
+            log.unlink(missing_ok=True)
+
+    def exited(self) -> str | None:
+        """Why a worker stopped early, if one did."""
+        for proc, log in zip(self.procs, self.logs, strict=True):
+            code = proc.poll()
+            if code is not None:
+                return f"the worker exited with {code}: {_tail(log.read_text(errors='replace'))}"
+        return None
+
+    def log_tail(self) -> str:
+        return " || ".join(_tail(log.read_text(errors="replace"), 3) for log in self.logs)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the worker processes and all their children."""
+        total = 0
+        for handle in self._handles:
+            try:
+                tree = [handle, *handle.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for p in tree:
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_info().rss
+        return total
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM each worker's process group, then SIGKILL what outlives ``grace_s``."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)  # the group this harness created
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # leftovers of that same group
+            if proc.poll() is None:
+                proc.wait(timeout=10)
+
+
+def _latency_metrics(latencies_ms: Sequence[float]) -> dict[str, float]:
+    xs = sorted(latencies_ms)
+    if not xs:
+        raise BenchError("no round trip was measured")
+
+    def q(p: float) -> float:
+        rank = max(1, min(len(xs), int(-(-p * len(xs) // 1))))
+        return xs[rank - 1]
+
+    return {"p50_ms": q(0.50), "p90_ms": q(0.90), "p99_ms": q(0.99),
+            "mean_ms": sum(xs) / len(xs), "max_ms": xs[-1], "min_ms": xs[0],
+            "round_trips": float(len(xs))}
+
+
+def _task_arg(ctx: RunContext) -> Any:
+    return {"noop": None, "sleep": ctx.params.io_sleep_s, "cpu": ctx.cpu_loops}[ctx.task_kind]
+
+
+def _drain_n(ctx: RunContext) -> int:
+    p = ctx.params
+    return {"io": p.io_n, "cpu": p.cpu_n}.get(ctx.workload, p.throughput_n)
+
+
+async def _drain(fw: Framework, ctx: RunContext, *, drain: bool, cpu_task_s: float
+                 ) -> dict[str, float]:
+    p = ctx.params
+    n = _drain_n(ctx)
+    plan = fw.worker(ctx)
+    config = {"task": ctx.task_kind, "arg": _task_arg(ctx), "n": n, "batch": p.batch}
+    if plan is None:  # in-process (taskloom on the memory broker)
+        processes, concurrency, prefetch = fw.options(ctx)
+        pool = processes if ctx.workload == "cpu" else 0  # kind="process" tasks in a pool
+        if pool:
+            concurrency = prefetch = pool
+        out = await run_driver(fw, ctx, "inproc_drain",
+                               {**config, "concurrency": concurrency, "prefetch": prefetch,
+                                "pool": pool})
+        if out["processed"] != n or out["failed"]:
+            raise BenchError(f"the worker processed {out['processed']} of {n} tasks, "
+                             f"{out['failed']} failed")
+        # from the call that starts the worker: it may run tasks before it returns
+        took = out["startup_seconds"] + out["drain_seconds"]
+        metrics = {"enqueue_per_s": n / out["enqueue_seconds"],
+                   "tasks_per_s": n / took,
+                   "startup_s": out["startup_seconds"],
+                   "worker_rss_mib": out["maxrss_kb"] / 1024,
+                   "drain_s": took, "n": float(n)}
+        return _with_efficiency(ctx, metrics, concurrency, cpu_task_s)
+    produced = await run_driver(fw, ctx, "enqueue", config, plan)
+    metrics = {"enqueue_per_s": n / produced["seconds"], "n": float(n),
+               "producer_rss_mib": produced["maxrss_kb"] / 1024}
+    if not drain:
+        return metrics
+    async with fw.counter(ctx, n) as counting:
+        done = counting.done
+        before = await done()
+        if before != 0:
+            raise BenchError(f"{before} tasks counted as done before the worker started; "
+                             "the result store was not empty")
+        with Workers(plan, fw.env(ctx, plan)) as workers:
+            t_spawn = time.perf_counter()
+            first: tuple[float, int] | None = None
+            peak = 0
+            sampled = 0.0
+            count = 0
+            # CPU tasks take 20 ms and compete with the poller for the cores: look less often
+            poll_s = max(p.poll_s, 0.02) if ctx.workload == "cpu" else p.poll_s
+            while True:
+                await anyio.sleep(poll_s)
+                count = await done()
+                now = time.perf_counter()
+                if first is None and count > 0:
+                    count = await counting.exact()  # the cheap count may run ahead
+                    if count > 0:
+                        first = (now, count)
+                if count >= n:
+                    count = await counting.exact()
+                    if count >= n:
+                        break
+                if now - sampled >= 0.05:
+                    peak = max(peak, workers.rss_bytes())
+                    sampled = now
+                    failure = workers.exited()
+                    if failure:
+                        raise BenchError(f"{count}/{n} tasks done when {failure}")
+                if now - t_spawn > p.timeout_s:
+                    raise BenchError(f"timed out after {p.timeout_s:.0f}s with {count}/{n} "
+                                     f"tasks done; worker log: {workers.log_tail()}")
+            t_done = time.perf_counter()
+            peak = max(peak, workers.rss_bytes())
+    if count > n:
+        raise BenchError(f"{count} results for {n} tasks: some ran twice")
+    assert first is not None
+    t1, d1 = first
+    task_s = {"io": p.io_sleep_s, "cpu": cpu_task_s}.get(ctx.workload, 0.0)
+    if task_s:
+        # tasks that take time: from when the first finished ones started
+        rate = n / (t_done - max(t_spawn, t1 - task_s))
+    elif d1 < n and t_done > t1:
+        rate = (n - d1) / (t_done - t1)  # no-ops: from the first completion seen
+    else:  # everything finished before the first look: from the start
+        rate = n / (t_done - t_spawn)
+    metrics.update({"tasks_per_s": rate, "startup_s": t1 - t_spawn,
+                    "with_startup_per_s": n / (t_done - t_spawn),
+                    "worker_rss_mib": peak / _MIB, "drain_s": t_done - t_spawn})
+    return _with_efficiency(ctx, metrics, plan.concurrency, cpu_task_s)
+
+
+def _with_efficiency(ctx: RunContext, metrics: dict[str, float], concurrency: int,
+                     cpu_task_s: float) -> dict[str, float]:
+    p = ctx.params
+    if ctx.workload == "io":
+        ideal = p.io_concurrency / p.io_sleep_s
+        metrics["ideal_per_s"] = ideal
+        metrics["efficiency"] = 100 * metrics["tasks_per_s"] / ideal
+        metrics["concurrency"] = float(concurrency)
+    elif ctx.workload == "cpu":
+        ideal = p.cpu_processes / cpu_task_s
+        metrics["ideal_per_s"] = ideal
+        metrics["efficiency"] = 100 * metrics["tasks_per_s"] / ideal
+        metrics["task_ms"] = cpu_task_s * 1000
+    return metrics
+
+
+async def _latency(fw: Framework, ctx: RunContext) -> dict[str, float]:
+    p = ctx.params
+    plan = fw.worker(ctx)
+    config: dict[str, Any] = {"n": p.latency_n, "warmup": p.latency_warmup, "timeout": 60.0}
+    if plan is None:
+        out = await run_driver(fw, ctx, "inproc_latency", {**config, "concurrency": 100})
+    else:
+        with Workers(plan, fw.env(ctx, plan)) as workers:
+            try:
+                out = await run_driver(fw, ctx, "latency", config, plan)
+            except BenchError as e:
+                raise BenchError(f"{e}; worker: {workers.exited() or workers.log_tail()}") from None
+    return _latency_metrics(out["latencies_ms"])
+
+
+async def _producer_memory(fw: Framework, ctx: RunContext) -> dict[str, float]:
+    p = ctx.params
+    config = {"task": "noop", "arg": None, "n": p.producer_n, "batch": p.batch}
+    out = await run_driver(fw, ctx, "enqueue", config)
+    return {"producer_rss_mib": out["maxrss_kb"] / 1024,
+            "producer_baseline_mib": out["baseline_rss_kb"] / 1024,
+            "enqueue_per_s": p.producer_n / out["seconds"], "n": float(p.producer_n)}
+
+
+async def _measure(fw: Framework, ctx: RunContext, job: str, drain: bool,
+                   cpu_task_s: float) -> dict[str, float]:
+    if job == "drain":
+        return await _drain(fw, ctx, drain=drain, cpu_task_s=cpu_task_s)
+    if job == "latency":
+        return await _latency(fw, ctx)
+    if job == "producer":
+        return await _producer_memory(fw, ctx)
+    raise ValueError(f"unknown job {job!r}")
+
+
+def measure(fw: Framework, ctx: RunContext, job: str, *, repeat: int, drain: bool = True,
+            cpu_task_s: float = 0.02) -> Run:
+    """Run one job and return its record (failed, with the error, if it failed).
+    The servers are cleaned of the run's queues and keys whatever happens."""
+    plan = fw.worker(ctx) if job != "producer" else None
+    if plan is not None:
+        worker = plan.text()
+    elif ctx.broker == "memory" and job != "producer":
+        processes, concurrency, prefetch = fw.options(ctx)
+        worker = (f"in-process worker (memory broker): rt.worker(concurrency={concurrency}, "
+                  f"prefetch={prefetch})")
+        if ctx.workload == "cpu":
+            worker = (f"in-process worker (memory broker), kind='process' tasks in "
+                      f"ProcessPool(size={processes}): rt.worker(concurrency={processes}, "
+                      f"processes=pool)")
+    else:
+        worker = "no worker"
+    settings = {"worker": worker,
+                "client": fw.client_note(ctx)}
+    started = time.perf_counter()
+    try:
+        fw.prepare(ctx)
+        metrics = anyio.run(_measure, fw, ctx, job, drain, cpu_task_s)
+        status = "ok"
+        error = None
+    except Exception as e:
+        metrics, status = {}, "failed"
+        error = f"{type(e).__name__}: {e}" if not isinstance(e, BenchError) else str(e)
+    finally:
+        cleanup_error = None
+        try:
+            fw.cleanup(ctx)
+        except Exception as e:
+            cleanup_error = f"cleanup failed: {type(e).__name__}: {e}"
+    if cleanup_error:
+        error = f"{error}; {cleanup_error}" if error else cleanup_error
+    return Run(workload=ctx.workload, broker=ctx.broker, framework=fw.name, repeat=repeat,
+               status="ok" if status == "ok" and not cleanup_error else "failed",
+               metrics=metrics, error=error, settings=settings,
+               seconds=time.perf_counter() - started, job=job)
