@@ -25,7 +25,10 @@ The contract (each sentence has a test in ``tests/contract``):
 3. At least once: a delivery not settled before its consumer closes or dies
    is delivered again with ``delivery_count + 1``.
 4. Settling twice with the same verb is a no-op; with another verb it raises
-   ``DeliveryAlreadySettled``.
+   ``DeliveryAlreadySettled``. A broker may batch settlements and return
+   before the server has them (Redis: within ``batch_wait_s``); a crash in
+   that window redelivers the message, as a crash before settling would, and
+   a broker always sees its own settlements (``stats``, ``aclose`` flush first).
 5. ``nack(delay_s=d)`` and ``Envelope.delay_s`` make a message invisible for at
    least ``d`` seconds; it is never delivered early.
 6. ``dead_letter(reason)`` moves the message to the queue's dead-letter store
