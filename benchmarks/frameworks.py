@@ -180,6 +180,8 @@ class Taskloom(Framework):
             "BENCH_NAMESPACE": ctx.namespace,
             "BENCH_SETTINGS": "{}",
             "BENCH_LOG_LEVEL": "WARNING",
+            # kind="process" tasks (a process pool) only where they are used
+            "BENCH_PROCESS_TASKS": "1" if ctx.broker == "memory" and ctx.workload == "cpu" else "",
             "PYTHONPATH": str(APPS_DIR),
         }
 
@@ -243,7 +245,11 @@ class Taskloom(Framework):
 
     def amqp_names(self, ctx: RunContext) -> tuple[list[str], list[str]]:
         found = srv.amqp_leftovers(ctx.namespace)
-        return found if found is not None else ([], [])
+        if found is not None:
+            return found
+        # no rabbitmqctl here: the names brokers/amqp.py documents (no delays are used)
+        q = f"{ctx.namespace}.{self.queue(ctx)}"
+        return [q, f"{q}.dlq"], [f"{ctx.namespace}.taskloom.dlx", f"{ctx.namespace}.taskloom.delay"]
 
     def prepare(self, ctx: RunContext) -> None:
         if ctx.broker == "amqp":

@@ -47,12 +47,16 @@ def cpu(loops: int) -> int:
     return burn(loops)
 
 
-@rt.task(name="bench.cpu_process", kind="process", timeout=_TIMEOUT)
-def cpu_process(loops: int) -> int:
-    return burn(loops)
+TASKS: dict[str, Any] = {"noop": noop, "sleep": sleep, "cpu": cpu}
 
+if os.environ.get("BENCH_PROCESS_TASKS"):
+    # only for the memory broker's cpu run: an app with kind="process" tasks makes
+    # `taskloom worker` start a process pool beside every worker process
+    @rt.task(name="bench.cpu_process", kind="process", timeout=_TIMEOUT)
+    def cpu_process(loops: int) -> int:
+        return burn(loops)
 
-TASKS: dict[str, Any] = {"noop": noop, "sleep": sleep, "cpu": cpu, "cpu_process": cpu_process}
+    TASKS["cpu_process"] = cpu_process
 
 
 def _run(fn: Any, *args: Any) -> Any:
@@ -110,6 +114,8 @@ def inproc_drain(task: str, arg: Any, n: int, batch: int, concurrency: int,
             processes = None
             name = task
             if pool:
+                if "cpu_process" not in TASKS:
+                    raise RuntimeError("set BENCH_PROCESS_TASKS=1 for a process pool")
                 from runtime.pool import ProcessPool
 
                 processes = await stack.enter_async_context(
