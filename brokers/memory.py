@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -91,16 +92,21 @@ class MemoryConsumer(ReceiveIteration):
         self._queues = [broker._queue(name) for name in queues]
         self._prefetch = prefetch
         self._unsettled: set[MemoryDelivery] = set()
-        self._wake = anyio.Event()
+        # one event per waiting receive(): a new message wakes one receiver, not all
+        self._waiters: deque[anyio.Event] = deque()
         self._closed = False
 
     def _notify(self) -> None:
-        self._wake.set()
+        while self._waiters:
+            event = self._waiters.popleft()
+            if not event.is_set():
+                event.set()
+                return
 
     def _settled(self, delivery: MemoryDelivery) -> None:
         self._unsettled.discard(delivery)
         self._broker._queue(delivery.envelope.queue).in_flight -= 1
-        self._wake.set()
+        self._notify()
 
     def _take(self) -> MemoryDelivery | None:
         now = self._broker._clock()
@@ -134,17 +140,30 @@ class MemoryConsumer(ReceiveIteration):
                 wait = self._next_due()
             else:
                 wait = float("inf")
-            if self._wake.is_set():
-                self._wake = anyio.Event()
-            with anyio.move_on_after(max(wait, 0.0)):
-                await self._wake.wait()
+            event = anyio.Event()
+            self._waiters.append(event)
+            try:
+                if wait == float("inf"):
+                    await event.wait()
+                else:
+                    with anyio.move_on_after(max(wait, 0.0)):
+                        await event.wait()
+            except BaseException:
+                if event.is_set():
+                    self._notify()  # pass the wake-up on: this receiver will not use it
+                raise
+            finally:
+                if not event.is_set():
+                    event.set()  # leaves the queue lazily: _notify skips set events
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._broker._consumers.discard(self)
-        self._wake.set()
+        for event in self._waiters:
+            event.set()
+        self._waiters.clear()
         for delivery in list(self._unsettled):
             delivery._settled = "released"
             self._settled(delivery)
