@@ -118,7 +118,8 @@ from brokers.base import (
     QueueNotFound,
     QueueStats,
     ReceiveIteration,
-    first_settlement,
+    SettleOnce,
+    consumed_queues,
 )
 from brokers.base import (
     redact_url as _redact,
@@ -328,7 +329,7 @@ def _user_headers(table: Mapping[str, Any] | None) -> dict[str, str]:
 
 # -- deliveries -----------------------------------------------------------------------
 
-class AmqpDelivery:
+class AmqpDelivery(SettleOnce):
     """One delivery of an :class:`AmqpConsumer`."""
 
     __slots__ = ("_channel", "_consumer", "_settled", "_tag", "delivery_count", "envelope")
@@ -347,10 +348,7 @@ class AmqpDelivery:
         if self._settled is None and self._consumer._closed:
             self._settled = "released"  # handed back when its consumer closed
             return False
-        first = first_settlement(self._settled, verb, self.envelope.id)
-        if first:
-            self._settled = verb
-        return first
+        return super()._settle(verb)
 
     def _stale(self, verb: str, error: BaseException | None = None) -> bool:
         """True (and logged) when the delivery's channel died: RabbitMQ redelivers it."""
@@ -466,12 +464,8 @@ class AmqpConsumer(ReceiveIteration):
     """A consumer on its own channel; see :meth:`AmqpBroker.consume`."""
 
     def __init__(self, broker: AmqpBroker, queues: Sequence[str], prefetch: int) -> None:
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
-        if not queues:
-            raise ValueError("consume() needs at least one queue")
         self._broker = broker
-        self._queues = [broker._queue(name) for name in dict.fromkeys(queues)]
+        self._queues = [broker._queue(name) for name in consumed_queues(queues, prefetch)]
         self._prefetch = prefetch
         token = secrets.token_hex(4)
         self._tags = {f"taskloom.{os.getpid()}.{token}.{i}": q for i, q in

@@ -69,7 +69,8 @@ __all__ = [
     "QueueStats",
     "ReceiveIteration",
     "TaskloomError",
-    "first_settlement",
+    "SettleOnce",
+    "consumed_queues",
     "redact_url",
 ]
 
@@ -187,19 +188,35 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def first_settlement(current: str | None, verb: str, message_id: str) -> bool:
-    """Whether settling with ``verb`` is the first settlement of a delivery now
-    settled with ``current`` (None: not yet). The same verb again (or any verb
-    after the broker released the delivery) is a no-op; another verb raises
-    ``DeliveryAlreadySettled``. Shared by every broker's ``Delivery``."""
-    if current is None:
-        return True
-    if current in (verb, "released"):
-        return False
-    raise DeliveryAlreadySettled(
-        f"message {message_id} was already settled with {current}(); "
-        f"it cannot also be settled with {verb}()"
-    )
+class SettleOnce:
+    """The settle-once rule every broker's ``Delivery`` keeps: the first
+    settlement wins; the same verb again (or any verb after the broker released
+    the delivery) is a no-op; another verb raises ``DeliveryAlreadySettled``."""
+
+    _settled: str | None
+    envelope: Envelope
+
+    def _settle(self, verb: str) -> bool:
+        """Claim the settlement for ``verb``; False when it is a no-op."""
+        current = self._settled
+        if current is None:
+            self._settled = verb
+            return True
+        if current in (verb, "released"):
+            return False
+        raise DeliveryAlreadySettled(
+            f"message {self.envelope.id} was already settled with {current}(); "
+            f"it cannot also be settled with {verb}()"
+        )
+
+
+def consumed_queues(queues: Sequence[str], prefetch: int) -> list[str]:
+    """``queues`` without repeats, after checking a ``consume()`` call's arguments."""
+    if prefetch < 1:
+        raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+    if not queues:
+        raise ValueError("consume() needs at least one queue")
+    return list(dict.fromkeys(queues))
 
 
 class ReceiveIteration:

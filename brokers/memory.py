@@ -25,7 +25,8 @@ from brokers.base import (
     Envelope,
     QueueStats,
     ReceiveIteration,
-    first_settlement,
+    SettleOnce,
+    consumed_queues,
 )
 
 __all__ = ["MemoryBroker"]
@@ -45,7 +46,7 @@ class _Queue:
         self.in_flight = 0
 
 
-class MemoryDelivery:
+class MemoryDelivery(SettleOnce):
     """A delivery of the memory broker."""
 
     __slots__ = ("_consumer", "_settled", "delivery_count", "envelope")
@@ -55,12 +56,6 @@ class MemoryDelivery:
         self.envelope = envelope
         self.delivery_count = delivery_count
         self._settled: str | None = None
-
-    def _settle(self, verb: str) -> bool:
-        first = first_settlement(self._settled, verb, self.envelope.id)
-        if first:
-            self._settled = verb
-        return first
 
     async def ack(self) -> None:
         if self._settle("ack"):
@@ -86,10 +81,8 @@ class MemoryConsumer(ReceiveIteration):
     """A consumer of the memory broker; see :meth:`MemoryBroker.consume`."""
 
     def __init__(self, broker: MemoryBroker, queues: Sequence[str], prefetch: int) -> None:
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
         self._broker = broker
-        self._queues = [broker._queue(name) for name in queues]
+        self._queues = [broker._queue(name) for name in consumed_queues(queues, prefetch)]
         self._prefetch = prefetch
         self._unsettled: set[MemoryDelivery] = set()
         # one event per waiting receive(): a new message wakes one receiver, not all

@@ -82,7 +82,8 @@ from brokers.base import (
     PublishError,
     QueueStats,
     ReceiveIteration,
-    first_settlement,
+    SettleOnce,
+    consumed_queues,
 )
 from brokers.base import (
     redact_url as _redact,
@@ -580,7 +581,7 @@ def _band(priority: int) -> int:
 
 # -- deliveries -----------------------------------------------------------------------
 
-class RedisDelivery:
+class RedisDelivery(SettleOnce):
     """A delivery of the Redis broker: one pending stream entry of its consumer."""
 
     __slots__ = ("_consumer", "_id", "_settled", "_stream", "delivery_count", "envelope")
@@ -593,12 +594,6 @@ class RedisDelivery:
         self._settled: str | None = None
         self.envelope = envelope
         self.delivery_count = delivery_count
-
-    def _settle(self, verb: str) -> bool:
-        first = first_settlement(self._settled, verb, self.envelope.id)
-        if first:
-            self._settled = verb
-        return first
 
     # Settling queues the settlement for the consumer's next batch (sent within
     # ``batch_wait_s``, and always before its next fetch) and returns: a crash in
@@ -650,13 +645,9 @@ class RedisConsumer(ReceiveIteration):
     """A consumer of the Redis broker; see :meth:`RedisBroker.consume`."""
 
     def __init__(self, broker: RedisBroker, queues: Sequence[str], prefetch: int) -> None:
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
-        if not queues:
-            raise ValueError("consume() needs at least one queue")
         self._broker = broker
         self._opts = broker.options
-        self._queues = [broker._queue(name) for name in dict.fromkeys(queues)]
+        self._queues = [broker._queue(name) for name in consumed_queues(queues, prefetch)]
         self._prefetch = prefetch
         self._low_water = max(1, prefetch // 4)
         self.name = broker._consumer_name()
