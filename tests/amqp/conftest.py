@@ -4,7 +4,6 @@ and a TCP proxy the test owns (to cut connections without touching the server)."
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 
 from brokers.amqp import AmqpBroker, AmqpBrokerOptions
 from brokers.base import ConnectionFailed
-from tests.conftest import AMQP_URL, server_missing
+from tests.conftest import AMQP_URL, require_tool, server_missing
 
 pytestmark = pytest.mark.amqp
 
@@ -132,12 +131,19 @@ async def running_proxy() -> AsyncIterator[Proxy]:
             tg.cancel_scope.cancel()
 
 
+class RabbitmqctlFailed(AssertionError):
+    """rabbitmqctl exited non-zero: the test cannot observe or act on the server."""
+
+
 async def rabbitmqctl(*args: str) -> str:
-    """Run rabbitmqctl on the local node (skip the test when it is not there)."""
-    exe = shutil.which("rabbitmqctl")
-    if exe is None:
-        pytest.skip("rabbitmqctl is not installed")
+    """Run rabbitmqctl on the local node and return its output. A missing rabbitmqctl
+    fails in CI (skips elsewhere, see :func:`tests.conftest.require_tool`); a failed
+    call always fails the test: it is never a reason to skip."""
+    exe = require_tool("rabbitmqctl", "apt-get install -y rabbitmq-server")
     done = await anyio.run_process([exe, "-q", *args], check=False)
     if done.returncode != 0:
-        pytest.skip(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.decode().strip()}")
+        raise RabbitmqctlFailed(
+            f"rabbitmqctl {' '.join(args)} exited {done.returncode}: "
+            f"{done.stderr.decode().strip()}; check that the local RabbitMQ node runs and "
+            f"that this user may run rabbitmqctl (the Erlang cookie)")
     return done.stdout.decode()

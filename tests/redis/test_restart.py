@@ -4,7 +4,6 @@ is recreated loudly, and serving goes on without a NOGROUP loop."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from brokers.redis import RedisBroker
+from tests.conftest import require_tool
 from tests.contract.helpers import env
 
 pytestmark = [pytest.mark.redis, pytest.mark.fault, pytest.mark.slow]
@@ -54,8 +54,7 @@ class PrivateRedis:
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+    require_tool("redis-server", "apt-get install -y redis-server")
     server = PrivateRedis(tmp_path)
     try:
         yield server

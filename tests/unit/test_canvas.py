@@ -370,9 +370,7 @@ def test_start_refuses_an_unknown_task() -> None:
 
 
 def test_the_hot_path_message_matches_the_general_one() -> None:
-    message_for = getattr(cv, "message_for", None)
-    if message_for is None:
-        pytest.skip("no message_for fast path")
+    message_for = cv.message_for
     sig = inc.s(1).set(priority=9)
     fast = message_for(sig, task_id="F")
     slow = start(cv.to_node(sig, final="F"), now_ms=0)[0]
