@@ -18,19 +18,23 @@ Rules every store keeps (tested in tests/results_contract):
 
 from __future__ import annotations
 
+import importlib
+import math
 import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self
+from urllib.parse import parse_qsl, urlsplit
 
 import anyio
 import msgspec
 
-from runtime.errors import EncodeError, PayloadTooLarge, ResultTimeout
+from brokers.base import redact_url
+from runtime.errors import ConfigError, EncodeError, PayloadTooLarge, ResultTimeout
 from runtime.messages import ErrorInfo, Result, State
 
 __all__ = ["CANCELLED", "DEFAULT_MAX_RESULT_BYTES", "DEFAULT_TTL_S", "MemoryResultStore",
-           "ResultStore", "encode_result"]
+           "ResultStore", "encode_result", "results_from_url"]
 
 DEFAULT_TTL_S = 24 * 3600.0
 DEFAULT_MAX_RESULT_BYTES = 16 * 1024 * 1024
@@ -53,6 +57,43 @@ def encode_result(result: Result, limit: int) -> bytes:
     if len(data) > limit:
         raise PayloadTooLarge(len(data), limit, f"result of task {result.id}")
     return data
+
+
+def results_from_url(url: str, *, ttl_s: float = DEFAULT_TTL_S,
+                     namespace: str = "") -> ResultStore:
+    """The result store ``url`` names: ``memory://``, or ``redis://``,
+    ``rediss://`` or ``unix://`` (whose query may set ``ttl_s`` and
+    ``max_result_bytes``). A ``ConfigError`` names the URL with its password
+    redacted."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "memory":
+        return MemoryResultStore(ttl_s=ttl_s)
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"no result store handles {redact_url(url)!r}; use memory:// or "
+                          "redis://host:port/db")
+    # checked here, so that no error below can print the URL with its password
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "ttl_s":
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if not 0 < number < math.inf:
+                raise ConfigError(f"bad ttl_s={value!r} in result store URL {redact_url(url)!r}: "
+                                  "use a positive number of seconds, e.g. ?ttl_s=3600") from None
+        elif key == "max_result_bytes":
+            try:
+                size = int(value)
+            except ValueError:
+                size = 0
+            if size <= 0:
+                raise ConfigError(f"bad max_result_bytes={value!r} in result store URL "
+                                  f"{redact_url(url)!r}: use a positive whole number of bytes, "
+                                  "e.g. ?max_result_bytes=16777216") from None
+    module = importlib.import_module("runtime.results_redis")
+    store: ResultStore = module.RedisResultStore.from_url(url, ttl_s=ttl_s, namespace=namespace)
+    return store
 
 
 class ResultStore(Protocol):
