@@ -153,6 +153,8 @@ _SERVER_HEADERS: Final = frozenset({
     "x-last-death-exchange",
 })
 _DEFAULT_DELIVERY_LIMIT: Final = 10
+#: Largest delivery count a header may carry; larger (or not an int) is ignored.
+_MAX_COUNT: Final = 2**31 - 1
 #: Longest time an ack waits to be sent with others (when the prefetch is not used up).
 _ACK_DELAY_S: Final = 0.002
 #: Longest time closing a consumer waits for RabbitMQ (the server may be gone).
@@ -313,18 +315,59 @@ def _str(value: Any) -> str:
     return str(value)
 
 
-def _int(value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 0
+def _count(table: Mapping[str, Any], name: str, message_id: object) -> int | None:
+    """The delivery count header ``name`` of ``table``: an ``int`` in
+    ``0.._MAX_COUNT``, or None when it is absent or cannot be trusted (a string, a
+    float, a bool, a negative or enormous number, a table...). A header that is
+    present but unusable is treated as absent, with one warning that names its
+    type, never its value: a count only guides retries, and what a publisher could
+    say with a hostile count it can say by publishing the message again."""
+    value = table.get(name)
+    if value is None:
+        return None
+    if type(value) is int and 0 <= value <= _MAX_COUNT:
+        return value
+    log.warning("amqp.bad_header", header=name, type=type(value).__name__,
+                message_id=_bounded(message_id),
+                note=f"not an integer in 0..{_MAX_COUNT}: treated as absent (a message "
+                     "published outside taskloom, or tampered with)")
+    return None
+
+
+def _bounded(value: object, limit: int = 200) -> str:
+    text = _str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _header_value(value: Any) -> str | None:
+    """A user header as the runtime sees it (``dict[str, str]``): strings as they
+    are, UTF-8 bytes decoded, numbers as text; anything else (tables, arrays,
+    timestamps, bytes that are not UTF-8, empty values) is dropped."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value) if -_MAX_COUNT <= value <= _MAX_COUNT else None
+    return None
 
 
 def _user_headers(table: Mapping[str, Any] | None) -> dict[str, str]:
     if not table:
         return {}
-    return {k: _str(v) for k, v in table.items()
-            if not k.startswith(_INTERNAL_PREFIX) and k not in _SERVER_HEADERS}
+    headers: dict[str, str] = {}
+    for k, v in table.items():
+        if k.startswith(_INTERNAL_PREFIX) or k in _SERVER_HEADERS:
+            continue
+        text = _header_value(v)
+        if text is not None:
+            headers[k] = text
+    return headers
 
 
 # -- deliveries -----------------------------------------------------------------------
@@ -636,10 +679,10 @@ class AmqpConsumer(ReceiveIteration):
         table = props.headers
         name = self._tags[deliver.consumer_tag or ""].name
         if table:
-            count = _int(table.get(H_DELIVERED)) + 1
-            server = table.get("x-delivery-count")
+            count = (_count(table, H_DELIVERED, props.message_id) or 0) + 1
+            server = _count(table, "x-delivery-count", props.message_id)
             if server is not None:
-                count += _int(server)
+                count += server
             elif deliver.redelivered:
                 count += 1
             headers = _user_headers(table)
@@ -1317,15 +1360,16 @@ class AmqpBroker:
         table: Mapping[str, Any] = props.headers or {}
         envelope = Envelope(id=props.message_id or "", queue=q.name, body=message.body,
                             headers=_user_headers(table), priority=props.priority or 0)
-        delivered = _int(table.get(H_DELIVERED))
+        delivered = _count(table, H_DELIVERED, props.message_id) or 0
         reason = table.get(H_REASON)
         if reason is not None:  # dead-lettered by dead_letter(): the count is exact
-            return DeadLetter(envelope=envelope, reason=_str(reason), delivery_count=delivered)
+            return DeadLetter(envelope=envelope, reason=_bounded(reason),
+                              delivery_count=delivered)
         # Dead-lettered by RabbitMQ: the newest x-death entry of the queue says why.
         deaths = table.get("x-death") or []
         why = next((d.get("reason") for d in deaths
                     if isinstance(d, dict) and d.get("queue") == q.amqp), None)
-        why = _str(why or table.get("x-first-death-reason") or "unknown")
+        why = _bounded(why or table.get("x-first-death-reason") or "unknown")
         if why == "delivery_limit" and self.delivery_limit is not None:
             delivered += self.delivery_limit + 1
         elif why == "rejected":
