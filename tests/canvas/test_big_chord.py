@@ -20,8 +20,11 @@ pytestmark = pytest.mark.slow
 log = structlog.get_logger(__name__)
 
 MEMBERS = 10_000
-#: Bound on the whole test (enqueue, 10,000 members, the body); see the report for timings.
-BIG_LIMIT = 90.0
+#: A liveness bound, not a speed claim: it catches a hang or a lost member, never a
+#: slow run. Alone on this 2-core machine the chord takes well under a minute per
+#: broker, but CI shares the machine with CPU-bound work; 8 minutes leaves a wide
+#: margin. (Throughput is measured by the benchmarks, not asserted here.)
+BIG_LIMIT = 480.0
 
 
 async def _ttls(namespace: str) -> dict[str, list[int]]:
@@ -40,6 +43,7 @@ async def _ttls(namespace: str) -> dict[str, list[int]]:
     return found
 
 
+@pytest.mark.timeout(BIG_LIMIT + 60)  # above BIG_LIMIT, so fail_after reports it first
 async def test_a_10000_member_chord_runs_its_body_once(rt: Runtime, kind: str,
                                                        namespace: str) -> None:
     runs: collections.Counter[str] = collections.Counter()

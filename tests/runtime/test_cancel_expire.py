@@ -57,13 +57,16 @@ async def test_cancel_a_pending_task(rt: Runtime) -> None:
         calls.append(1)
 
     with anyio.fail_after(LIMIT):
-        async with rt, rt.worker() as worker:
-            handle = await rt.enqueue(work.s(), countdown=0.05)
+        async with rt:
+            # No worker runs until the cancel is done: the order (cancel, then delivery)
+            # is what is tested, with no wall-clock window a stall could close.
+            handle = await rt.enqueue(work.s())
             assert await handle.cancel() is True
             assert await handle.status() is State.REVOKED
             with pytest.raises(TaskCancelled) as info:
                 await handle.result(timeout=1)
-            await worker.idle()  # the delayed message is delivered and skipped
+            async with rt.worker() as worker:
+                await worker.idle()  # the message is delivered and skipped
             assert await handle.cancel() is False  # already final
     assert calls == []
     assert info.value.task_id == handle.id
@@ -149,10 +152,12 @@ async def test_cancelling_a_pending_chain_runs_none_of_it(rt: Runtime) -> None:
         return x + 1
 
     with anyio.fail_after(LIMIT):
-        async with rt, rt.worker() as worker:
-            handle = await rt.enqueue(chain(first.s(), second.s()), countdown=0.05)
+        async with rt:
+            # cancel before any worker runs: order, not a 50 ms window
+            handle = await rt.enqueue(chain(first.s(), second.s()))
             assert await handle.cancel() is True
-            await worker.idle()
+            async with rt.worker() as worker:
+                await worker.idle()
             with pytest.raises(TaskCancelled):
                 await handle.result(timeout=1)
     assert calls == []
