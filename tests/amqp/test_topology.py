@@ -47,8 +47,13 @@ async def test_messages_are_persistent_and_queues_durable(
 ) -> None:
     broker = await make_broker()
     await broker.publish(env("jobs", "m1", headers={"k": "v"}, priority=3))
+    # Durability as the server sees it (aio-pika's `queue.durable` after a passive
+    # declare is the client's own default, not the server's answer).
+    listed = await rabbitmqctl("list_queues", "name", "durable", "--no-table-headers")
+    flags = dict(line.split("\t") for line in listed.splitlines() if "\t" in line)
+    assert flags[f"{namespace}.jobs"] == "true", listed
+    assert flags[f"{namespace}.jobs.dlq"] == "true", listed
     queue = await raw.declare_queue(f"{namespace}.jobs", passive=True)
-    assert queue.durable is not None
     message = await queue.get(no_ack=True)
     assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert (message.message_id, message.priority, message.headers) == ("m1", 3, {"k": "v"})

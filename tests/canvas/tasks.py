@@ -56,6 +56,7 @@ class Tasks:
         async def blocked(x: int) -> int:
             runs["blocked"] += 1
             await self.release.wait()
+            runs["blocked_done"] += 1
             return x
 
         @rt.task(name="reverse")

@@ -267,13 +267,15 @@ async def test_a_failing_group_member_raises_its_error_promptly(rt: Runtime, t: 
             # raised while the other members are still running (they wait for release)
             with pytest.raises(TaskError, match="boom") as info:
                 await handle.result(timeout=LIMIT)
-            assert not t.release.is_set()
+            # promptly: the error is out while the other members still run (they
+            # finish only once the test releases them, below)
+            assert t.runs["blocked_done"] == 0
             t.release.set()
             await worker.idle()
     assert info.value.info.type == "ValueError"
     assert info.value.info.reason == f"upstream:{t.errbacks[0][0]}"
     assert t.runs["on_error"] == 1
-    assert t.runs["blocked"] == 2
+    assert t.runs["blocked"] == t.runs["blocked_done"] == 2
 
 
 async def test_a_failing_chord_member_fails_the_chord_promptly_and_the_body_never_runs(
@@ -285,7 +287,7 @@ async def test_a_failing_chord_member_fails_the_chord_promptly_and_the_body_neve
             handle = await rt.enqueue(canvas)
             with pytest.raises(TaskError, match="boom") as info:
                 await handle.result(timeout=LIMIT)
-            assert not t.release.is_set()
+            assert t.runs["blocked_done"] == 0  # promptly: the other members still run
             t.release.set()
             await worker.idle()
             failed_member = t.errbacks[0][0]
@@ -296,7 +298,7 @@ async def test_a_failing_chord_member_fails_the_chord_promptly_and_the_body_neve
     assert member_info.value.info.reason == "failed"
     assert t.runs["tsum"] == 0  # the body never ran
     assert t.runs["on_error"] == 1
-    assert t.runs["blocked"] == 2
+    assert t.runs["blocked"] == t.runs["blocked_done"] == 2
 
 
 async def test_a_chord_errback_runs_once_when_several_members_fail(rt: Runtime, t: Tasks) -> None:

@@ -48,7 +48,7 @@ async def test_unreachable_server_raises_connection_failed() -> None:
 
 async def test_unopened_broker_says_how_to_open_it() -> None:
     broker = RedisBroker.from_url("redis://127.0.0.1:6379/0")
-    with pytest.raises(Exception, match="async with broker"):
+    with pytest.raises(BrokerError, match="async with broker"):
         await broker.publish(env("jobs", "m1"))
 
 

@@ -28,6 +28,20 @@ def encoded(codec: Codec, **fields: Any) -> Envelope:
     return raw(body, headers, id=message.id)
 
 
+async def assert_canvas_failed_at_a_step(rt: Runtime, handle: Any, reason: str, cause: str) -> None:
+    """The canvas of ``handle`` ended FAILURE because a step could not pass its result
+    on: the canvas's error names that step (``upstream:<id>``) and the ``cause``
+    (an error type), and the step is dead-lettered with ``reason``."""
+    with pytest.raises(TaskError) as failed:
+        await handle.result(timeout=LIMIT)
+    assert failed.value.task_id == handle.id
+    assert await handle.status() is State.FAILURE
+    upstream = failed.value.info.reason or ""
+    assert upstream.startswith("upstream:"), upstream
+    assert failed.value.info.type.endswith(cause), failed.value.info.type
+    assert await dead_letters(rt) == [(upstream.removeprefix("upstream:"), reason)]
+
+
 def register(rt: Runtime) -> tuple[Any, list[Any]]:
     calls: list[Any] = []
 
@@ -203,8 +217,8 @@ async def test_a_result_too_large_for_the_next_step_fails_the_chain_not_the_work
     add, _ = register(rt)
     with anyio.fail_after(LIMIT):
         async with rt, rt.worker() as worker:
-            with pytest.raises(TaskError):
-                await run(chain(big.s(), size.s()), timeout=2)
+            handle = await rt.enqueue(chain(big.s(), size.s()))
+            await assert_canvas_failed_at_a_step(rt, handle, "bad_follow_up", "PayloadTooLarge")
             assert await run(add.s(1, 2)) == 3
             await worker.idle()
 
@@ -223,8 +237,9 @@ async def test_chord_results_too_large_for_the_body_fail_the_chord_not_the_worke
     add, _ = register(rt)
     with anyio.fail_after(LIMIT):
         async with rt, rt.worker() as worker:
-            with pytest.raises(TaskError):
-                await run(chord([part.s(i) for i in range(8)], total.s()), timeout=2)
+            handle = await rt.enqueue(chord([part.s(i) for i in range(8)], total.s()))
+            # the member that completes the chord cannot send the body on
+            await assert_canvas_failed_at_a_step(rt, handle, "bad_follow_up", "PayloadTooLarge")
             assert await run(add.s(1, 2)) == 3
             await worker.idle()
 
@@ -244,8 +259,8 @@ async def test_an_unencodable_result_in_a_chain_fails_the_chain_not_the_worker(r
     add, _ = register(rt)
     with anyio.fail_after(LIMIT):
         async with rt, rt.worker() as worker:
-            with pytest.raises(TaskError):
-                await run(chain(make.s(), use.s()), timeout=2)
+            handle = await rt.enqueue(chain(make.s(), use.s()))
+            await assert_canvas_failed_at_a_step(rt, handle, "bad_result", "EncodeError")
             assert await run(add.s(1, 2)) == 3
             await worker.idle()
 
@@ -296,4 +311,17 @@ async def test_a_follow_up_naming_an_unknown_task_fails_the_canvas_not_the_worke
         async with rt, rt.worker() as worker:
             await rt.broker.publish(encoded(rt.codec, id="m1", **fields))
             await worker.idle()
-            assert await run(add.s(1, 2), timeout=2) == 3
+            if where == "links":
+                # m1 itself succeeded (its result stands); the canvas fails at the
+                # follow-up it could not start, and m1 is dead-lettered as bad_follow_up
+                assert await rt.handle("m1").status() is State.SUCCESS
+                with pytest.raises(TaskError) as failed:
+                    await rt.handle("next").result(timeout=LIMIT)
+                assert failed.value.info.type.endswith("UnknownTaskError")
+                assert failed.value.info.reason == "upstream:m1"
+                assert await dead_letters(rt) == [("m1", "bad_follow_up")]
+            else:
+                # the failure stands; the errback that cannot run is only logged
+                assert await rt.handle("m1").status() is State.FAILURE
+                assert await dead_letters(rt) == [("m1", "failed")]
+            assert await run(add.s(1, 2), timeout=LIMIT) == 3
