@@ -55,6 +55,47 @@ R = TypeVar("R")
 DEFAULT_RESULT_TIMEOUT_S = 300.0
 
 
+class _OneError:
+    """At a public boundary, turn an ``ExceptionGroup`` holding exactly one
+    exception (however deeply nested) back into that exception, with its own
+    traceback and cause. Used only around the library's own task groups, never
+    around a user's code; a group of two or more is left as it is."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            leaf = sole_exception(exc)
+            if leaf is not None:
+                context = leaf.__context__
+                try:
+                    raise leaf
+                finally:
+                    leaf.__context__ = context  # not "during handling of the group"
+
+
+def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception inside ``group`` (through nested groups of one), else None."""
+    found: BaseException = group
+    while isinstance(found, BaseExceptionGroup):
+        if len(found.exceptions) != 1:
+            return None
+        found = found.exceptions[0]
+    return found
+
+
+#: ``with one_error: ...`` around library code at every public entry point.
+one_error = _OneError()
+
+
 def _results_for(url: str, *, ttl_s: float, namespace: str) -> ResultStore:
     scheme = urlsplit(url).scheme.lower()
     if scheme == "memory":
@@ -84,8 +125,9 @@ class TaskHandle(Generic[R]):
         failed, ``ResultTimeout`` if none arrives within ``timeout`` seconds
         (default: the runtime's ``result_timeout_s``)."""
         rt = self.runtime
-        waited = await rt.results.wait(
-            self.id, rt.result_timeout_s if timeout is None else timeout)
+        with one_error:
+            waited = await rt.results.wait(
+                self.id, rt.result_timeout_s if timeout is None else timeout)
         return self._outcome(waited)
 
     def _outcome(self, result: Result) -> R:
@@ -107,17 +149,20 @@ class TaskHandle(Generic[R]):
 
     async def status(self) -> State:
         """PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
-        found = await self.runtime.results.get(self.id)
+        with one_error:
+            found = await self.runtime.results.get(self.id)
         return found.state if found is not None else State.PENDING
 
     async def info(self) -> Result | None:
         """The whole stored record (attempt, worker, timings), if any."""
-        return await self.runtime.results.get(self.id)
+        with one_error:
+            return await self.runtime.results.get(self.id)
 
     async def cancel(self) -> bool:
         """Cancel the task if it has not finished: it will never run (or, if it
         runs now, its outcome is discarded). Whether it was cancelled."""
-        return await self.runtime.results.revoke(self.id)
+        with one_error:
+            return await self.runtime.results.revoke(self.id)
 
     def __await__(self) -> Any:
         return self.result().__await__()
@@ -271,6 +316,11 @@ class Runtime:
     # -- lifecycle -----------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        with one_error:
+            await self._open()
+        return self
+
+    async def _open(self) -> None:
         if self._entered == 0:
             for t in self.registry:
                 self._check_time_limit(t)
@@ -281,7 +331,6 @@ class Runtime:
                 await self.broker.__aexit__(None, None, None)
                 raise
         self._entered += 1
-        return self
 
     async def __aexit__(
         self,
@@ -291,10 +340,11 @@ class Runtime:
     ) -> None:
         self._entered -= 1
         if self._entered == 0:
-            try:
-                await self.results.__aexit__(exc_type, exc, tb)
-            finally:
-                await self.broker.__aexit__(exc_type, exc, tb)
+            with one_error:
+                try:
+                    await self.results.__aexit__(exc_type, exc, tb)
+                finally:
+                    await self.broker.__aexit__(exc_type, exc, tb)
 
     def _require_started(self) -> None:
         if not self._entered:
@@ -313,16 +363,25 @@ class Runtime:
         processes: ProcessRunner | None = None,
     ) -> AsyncIterator[Worker]:
         """A worker embedded in this event loop, consuming every queue the
-        runtime's tasks use (or ``queues``). Leaving the block drains it."""
+        runtime's tasks use (or ``queues``). Leaving the block drains it.
+
+        An exception raised in the block leaves it as itself (after the drain),
+        never wrapped in an ``ExceptionGroup``; so does a worker failure."""
         self._require_started()
         w = Worker(self, queues=queues, concurrency=concurrency, prefetch=prefetch,
                    shutdown_grace_s=shutdown_grace_s, processes=processes)
-        async with anyio.create_task_group() as tg:
-            await tg.start(w.serve)
-            try:
-                yield w
-            finally:
-                w.stop()
+        raised: Exception | None = None
+        with one_error:
+            async with anyio.create_task_group() as tg:
+                await tg.start(w.serve)
+                try:
+                    yield w
+                except Exception as e:  # the user's: re-raised below, outside the task group
+                    raised = e
+                finally:
+                    w.stop()
+        if raised is not None:
+            raise raised
 
     # -- enqueue -------------------------------------------------------------------
 
@@ -343,7 +402,8 @@ class Runtime:
         self._require_started()
         messages, handle = self._compile(target, countdown=countdown, eta=eta, priority=priority,
                                          queue=queue, task_id=task_id, expires=expires)
-        await self.publish(messages)
+        with one_error:
+            await self.publish(messages)
         return handle
 
     async def enqueue_many(self, targets: Iterable[canvas.Canvas]) -> list[TaskHandle[Any]]:
@@ -355,7 +415,8 @@ class Runtime:
             msgs, handle = self._compile(target)
             messages.extend(msgs)
             handles.append(handle)
-        await self.publish(messages)
+        with one_error:
+            await self.publish(messages)
         return handles
 
     async def run(self, target: canvas.Canvas, *, timeout: float | None = None) -> Any:
@@ -366,15 +427,26 @@ class Runtime:
         a fast task finishes: one round trip less than enqueue, then wait."""
         self._require_started()
         messages, handle = self._compile(target)
-        outcome: list[Any] = []
+        outcome: list[Result] = []
+        failed: list[Exception] = []
 
         async def wait() -> None:
-            outcome.append(await self.results.wait(
-                handle.id, self.result_timeout_s if timeout is None else timeout))
+            try:
+                outcome.append(await self.results.wait(
+                    handle.id, self.result_timeout_s if timeout is None else timeout))
+            except Exception as e:  # raised below, outside the task group
+                failed.append(e)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wait)
-            await self.publish(messages)
+        with one_error:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                try:
+                    await self.publish(messages)
+                except Exception as e:
+                    failed.append(e)
+                    tg.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
         return handle._outcome(outcome[0])
 
     def handle(self, task_id: str) -> TaskHandle[Any]:
