@@ -17,9 +17,8 @@ CLI passes) refuses it with a ``ConfigError`` rather than run duplicates.
 
 from __future__ import annotations
 
-import time
 import weakref
-from datetime import UTC, datetime
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
@@ -30,8 +29,8 @@ import msgspec
 
 from runtime.canvas import Signature
 from runtime.errors import ConfigError, TaskloomError
-from runtime.ops.scheduler.rules import Rule, _from_ms
-from runtime.ops.scheduler.scheduler import Clock, Scheduler, check_name
+from runtime.ops.scheduler.rules import Rule, _from_ms, _ms
+from runtime.ops.scheduler.scheduler import Clock, Scheduler, SystemClock, check_name
 from runtime.ops.scheduler.store import (
     MemoryScheduleStore,
     Misfire,
@@ -98,9 +97,12 @@ def store_for(rt: Runtime, *, multiprocess: bool = False) -> ScheduleStore:
 class Schedules:
     """The schedules of one runtime: declare from code, change at run time, list."""
 
-    def __init__(self, rt: Runtime, store: ScheduleStore | None = None) -> None:
+    def __init__(self, rt: Runtime, store: ScheduleStore | None = None, *,
+                 clock: Clock | None = None) -> None:
         self.rt = rt
         self.store: ScheduleStore = store if store is not None else store_for(rt)
+        #: Stamps new schedules (no tick before a schedule's creation is "missed").
+        self.clock: Clock = clock or SystemClock()
         self.declared: dict[str, ScheduleDef] = {}
 
     async def __aenter__(self) -> Self:
@@ -134,7 +136,7 @@ class Schedules:
                            kwargs=kwargs, options=msgspec.structs.asdict(signature.options)
                            if signature.options != type(signature.options)() else {},
                            misfire=misfire, max_catchup=max_catchup, source=source,
-                           created_ms=int(time.time() * 1000))
+                           created_ms=_ms(self.clock.now()))
 
     def declare(self, name: str, signature: Signature, rule: Rule, *, misfire: Misfire = "skip",
                 max_catchup: int = 100) -> None:
@@ -171,7 +173,7 @@ class Schedules:
 
     async def list(self, *, now: datetime | None = None) -> list[ScheduleInfo]:
         """Every stored schedule with its next run, last run and that run's outcome."""
-        now = now or datetime.now(UTC)
+        now = now or self.clock.now()
         async with self.store:
             _, defs, paused = await self.store.load()
             states = await self.store.states()
