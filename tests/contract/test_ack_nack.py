@@ -81,10 +81,24 @@ async def test_settling_with_another_verb_raises(
 
 
 async def test_extend_keeps_the_delivery(broker: Any, queue: str) -> None:
+    """extend() neither settles nor redelivers: the message stays held by its
+    consumer (in flight, offered to no one else), and a heartbeat is not a delivery
+    (after a nack it comes back with delivery_count 2, not more)."""
     await broker.publish(env(queue, "m1"))
     async with broker.consume([queue], prefetch=1) as consumer:
         delivery = await recv(consumer)
+        for _ in range(3):
+            await delivery.extend()
+        stats = await broker.stats(queue)
+        assert (stats.ready, stats.in_flight) == (0, 1)
+        async with broker.consume([queue], prefetch=1) as other:
+            await assert_nothing_arrives(other)
+        await delivery.nack()
+        again = await recv(consumer)
+        assert (again.envelope.id, again.delivery_count) == ("m1", 2)
+        await again.extend()
+        await again.ack()
+        await again.extend()  # settled: nothing to keep, not an error
         await delivery.extend()
-        await delivery.ack()
-        await delivery.extend()  # settled: nothing to keep, not an error
-    assert (await broker.stats(queue)).in_flight == 0
+    stats = await broker.stats(queue)
+    assert (stats.ready, stats.in_flight) == (0, 0)

@@ -97,8 +97,11 @@ async def test_memory_heartbeats_expire() -> None:
     store = MemoryLivenessStore()
     rt = Runtime()
     async with rt, rt.worker() as worker:
-        await store.put(heartbeat_of(worker, started_ms=1), ttl_s=0.0)
-    assert await store.list() == []
+        beat = heartbeat_of(worker, started_ms=1)
+        await store.put(beat, ttl_s=60.0)
+        assert [b.id for b in await store.list()] == [worker.name]  # alive within its TTL
+        await store.put(beat, ttl_s=0.0)  # the same worker, whose TTL is now over
+    assert await store.list() == []  # expired, although nobody removed it
 
 
 @pytest.mark.parametrize(("text", "size"), [

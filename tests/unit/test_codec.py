@@ -277,12 +277,21 @@ def test_compression_is_applied_before_the_size_check() -> None:
 
 
 def test_what_encode_accepts_decode_accepts() -> None:
+    """Across the size limit (compressible payloads, raw sizes 500 B to 20 kB): every
+    message encode() accepts, decode() accepts; past some size encode() refuses. Both
+    outcomes must occur, so the sweep really crosses the boundary."""
     codec = Codec(max_message_bytes=1000, compress_over=500)
-    try:
-        body, headers = codec.encode(_msg(args=["x" * 5000]))
-    except PayloadTooLarge:
-        return  # refusing at enqueue is the right outcome too
-    assert codec.decode(body, headers).args == ["x" * 5000]
+    accepted, refused = [], []
+    for size in range(500, 20_000, 250):
+        try:
+            body, headers = codec.encode(_msg(args=["x" * size]))
+        except PayloadTooLarge:
+            refused.append(size)
+            continue
+        assert codec.decode(body, headers).args == ["x" * size], size
+        accepted.append(size)
+    assert accepted and refused, (accepted, refused)
+    assert max(accepted) < min(refused)  # one boundary, not a patchwork
 
 
 # -- bad input --------------------------------------------------------------------------
