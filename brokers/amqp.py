@@ -41,6 +41,23 @@ How the promises are kept:
   deleted queue, which it declares again); deliveries of the dead channel are
   dropped from the buffer, and settling one of them (a stale delivery tag) is
   logged, not raised: RabbitMQ redelivers the message.
+* **Noticing a dead link**: the heartbeat defaults to 10 s (RabbitMQ drops a
+  silent client after ~20 s, aiormq a silent server after ~33 s). Frames can also
+  be lost while the link looks alive (a partition that drops bytes, then heals):
+  lost acks leave RabbitMQ believing the consumer is full, lost deliveries leave
+  the consumer waiting, and heartbeats then flow again. Each consumer runs a
+  watchdog (``watchdog_s``, default 5 s): when it had room for more and received
+  nothing for a period, it asks RabbitMQ how many messages are ready (a passive
+  declare on a channel of its own). No answer within a period, or ready messages
+  at two checks in a row with still nothing received, and it logs
+  ``amqp.consumer_stalled`` (one line per detection) and closes the connection;
+  aio-pika reconnects and the consumers subscribe again.
+* **Headers are not trusted**: the delivery count headers (``x-taskloom-delivered``,
+  ``x-delivery-count``) count only as an ``int`` in ``0..2**31-1``; anything else
+  (a string, float, bool, negative or enormous number, table) is treated as
+  absent, with an ``amqp.bad_header`` warning naming its type. User headers are
+  handed over as ``str`` (UTF-8 bytes decoded, integers and booleans as text);
+  tables, arrays, floats, decimals, timestamps and other bytes are dropped.
 * **Nack and delivery count**: ``nack()`` publishes a copy (confirmed) carrying
   the delivery count in a header, to the back of the queue or through the delay
   cascade, then acks. Quorum queues count the deliveries of a message
@@ -178,8 +195,18 @@ class AmqpBrokerOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     #: The server's ``consumer_timeout`` (rabbitmq.conf; default 30 min): a delivery
     #: held unacked longer is taken back. Task time limits must stay below it.
     consumer_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1800.0
-    #: AMQP heartbeat in seconds (0 = off): a dead peer is noticed within ~2x this.
-    heartbeat: Annotated[int, msgspec.Meta(ge=0)] = 60
+    #: AMQP heartbeat in seconds (0 = off): RabbitMQ drops a silent client after
+    #: ~2x this, the client a silent server after ~3x (aiormq). Default 10 s
+    #: (RabbitMQ's own default of 60 s leaves a dead link unnoticed for minutes).
+    heartbeat: Annotated[int, msgspec.Meta(ge=0)] = 10
+    #: Consumer watchdog period in seconds (0 = off). A consumer that could take
+    #: more deliveries but received none for a period asks RabbitMQ (a passive
+    #: queue declare on a channel of its own) how many messages are ready. No
+    #: answer within a period, or ready messages at two checks in a row with no
+    #: delivery in between (acks or deliveries lost on the way: the server
+    #: believes the consumer is full), and it logs ``amqp.consumer_stalled`` once
+    #: and reconnects; unsettled deliveries are then redelivered.
+    watchdog_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     #: Seconds to wait for the connection at ``async with``.
     connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     #: Seconds a publish waits for its confirm (or for a lost connection to come
@@ -531,6 +558,9 @@ class AmqpConsumer(ReceiveIteration):
         #: Deliveries received and not settled yet; unacked deliveries RabbitMQ allows.
         self._unsettled = 0
         self._credit = prefetch
+        #: Deliveries received so far (the watchdog compares it between checks).
+        self._received = 0
+        self._probe_channel: aiormq.abc.AbstractChannel | None = None
 
     # -- the broker side ---------------------------------------------------------------
 
@@ -592,7 +622,77 @@ class AmqpConsumer(ReceiveIteration):
                 self._resubscribe.set()
 
     async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
+        self._received += 1
         self._handoff(message)
+
+    # -- the watchdog ------------------------------------------------------------------
+
+    def _has_credit(self) -> bool:
+        """RabbitMQ may send more: fewer deliveries held, buffered or awaiting their
+        ack than the prefetch allows."""
+        return self._unsettled + len(self._buffer) + self._pending_acks < self._credit
+
+    async def _watchdog(self) -> None:
+        """Notice a consumer that stopped receiving (see ``watchdog_s``) and
+        re-establish it by reconnecting. Costs nothing while deliveries flow or
+        the prefetch is used up; one passive declare per queue and period while
+        idle."""
+        period = self._broker.options.watchdog_s
+        if not period:
+            return
+        seen, strikes = self._received, 0
+        while True:
+            await anyio.sleep(period)
+            if self._closed:
+                return
+            if self._received != seen or not self._has_credit():
+                seen, strikes = self._received, 0
+                continue
+            transport = self._broker._conn.transport if self._broker._conn else None
+            if transport is None or transport.connection.is_closed:
+                strikes = 0  # reconnecting already
+                continue
+            connection = transport.connection
+            try:
+                ready = await self._probe(connection, timeout=period)
+            except TimeoutError:
+                await self._broker._reconnect(
+                    connection, f"RabbitMQ did not answer the consumer's watchdog within "
+                    f"{period:g} s (a network partition or a dead link the heartbeat has "
+                    "not noticed yet)", queues=[q.amqp for q in self._queues])
+                seen, strikes = self._received, 0
+                continue
+            except Exception as e:  # the probe's own failure is not a stall
+                log.debug("amqp.watchdog_probe_failed", error=repr(e))
+                strikes = 0
+                continue
+            if self._received != seen or not ready:
+                seen, strikes = self._received, 0
+                continue
+            strikes += 1
+            if strikes >= 2:
+                await self._broker._reconnect(
+                    connection, f"no delivery for {2 * period:g} s while {ready} messages are "
+                    "ready and the consumer has room (deliveries or acks lost on the way)",
+                    queues=[q.amqp for q in self._queues])
+                seen, strikes = self._received, 0
+
+    async def _probe(self, connection: aiormq.abc.AbstractConnection, *, timeout: float) -> int:
+        """Messages ready in this consumer's queues, asked on a channel of its own;
+        TimeoutError when RabbitMQ does not answer within ``timeout``."""
+        ready = 0
+        with anyio.fail_after(timeout):
+            for q in self._queues:
+                channel = self._probe_channel
+                if channel is None or channel.is_closed or channel.connection is not connection:
+                    channel = self._probe_channel = await connection.channel(
+                        publisher_confirms=False)
+                try:
+                    ok = await channel.queue_declare(q.amqp, passive=True)
+                except aex.ChannelNotFoundEntity:
+                    continue  # deleted: the server cancels the consumer, _watch redeclares
+                ready += ok.message_count or 0
+        return ready
 
     def _handoff(self, message: aiormq.abc.DeliveredMessage, *, first: bool = False) -> None:
         """Wake one waiting receiver with ``message``, or buffer it."""
@@ -769,6 +869,12 @@ class AmqpConsumer(ReceiveIteration):
                 await channel.close()
             except Exception as e:
                 log.debug("amqp.channel_close_failed", error=repr(e))
+            probe, self._probe_channel = self._probe_channel, None
+            if probe is not None and not probe.is_closed:
+                try:
+                    await probe.close()
+                except Exception as e:
+                    log.debug("amqp.channel_close_failed", error=repr(e))
 
     def __repr__(self) -> str:
         return (f"AmqpConsumer(queues={[q.amqp for q in self._queues]}, "
@@ -907,6 +1013,7 @@ class _Consuming:
             await consumer._open()
             tg.start_soon(consumer._watch)
             tg.start_soon(consumer._ack_loop)
+            tg.start_soon(consumer._watchdog)
         except BaseException:
             await self._close()
             raise
@@ -1063,6 +1170,26 @@ class AmqpBroker:
             self._conn = self._pub = self._topology = None
             try:
                 await conn.close()
+            except Exception as e:
+                log.debug("amqp.close_failed", error=repr(e))
+
+    async def _reconnect(self, connection: aiormq.abc.AbstractConnection, why: str, *,
+                         queues: list[str]) -> None:
+        """Close ``connection`` (if it is still the current one) so that the robust
+        connection reconnects and every consumer subscribes again. One log line."""
+        conn = self._conn
+        transport = conn.transport if conn is not None else None
+        if transport is None or transport.connection is not connection or connection.is_closed:
+            return  # another consumer's watchdog (or aio-pika) did it already
+        log.warning("amqp.consumer_stalled", queues=queues, why=why,
+                    action="reconnecting; unsettled deliveries are redelivered (duplicates "
+                           "possible)")
+        lost = ConnectionLost(f"taskloom's consumer watchdog closed the connection: {why}")
+        with anyio.move_on_after(_CLOSE_TIMEOUT_S):
+            try:
+                # aiormq sends Connection.Close and waits at most a few seconds for
+                # the answer, then drops the socket; aio-pika then reconnects.
+                await connection.close(lost)
             except Exception as e:
                 log.debug("amqp.close_failed", error=repr(e))
 
