@@ -9,6 +9,9 @@
 
     async with rt, rt.worker():
         assert await run(add.s(1, 2)) == 3
+
+Settings left out are read from ``TASKLOOM_*`` environment variables
+(``runtime.config``); explicit arguments win.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import msgspec
 
 import brokers
 from brokers.base import Broker, Envelope
+from brokers.memory import MemoryBroker
 from runtime import canvas
 from runtime.codec import DEFAULT_MAX_BYTES, Codec, Format
+from runtime.config import Environment
 from runtime.errors import (
     ConfigError,
     EnqueueError,
@@ -94,6 +99,24 @@ def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | 
 
 #: ``with one_error: ...`` around library code at every public entry point.
 one_error = _OneError()
+
+
+def _default_results(broker: Broker) -> str:
+    """Where results go when no store is named: the broker's own Redis, or
+    memory beside the memory broker; any other broker is refused."""
+    if isinstance(broker, MemoryBroker):
+        return "memory://"
+    url = getattr(broker, "url", None)
+    scheme = urlsplit(url).scheme.lower() if isinstance(url, str) else ""
+    if isinstance(url, str) and scheme in ("redis", "rediss", "unix"):
+        return url  # the broker's Redis, without its query options
+    kind = f"the {scheme}:// broker" if scheme else f"a {type(broker).__name__}"
+    raise ConfigError(
+        f"{kind} cannot carry results back to a caller, and no result store was given, so "
+        "a caller in another process would wait its whole timeout for a result it can never "
+        'see; pass results="redis://host:6379/0" (or set TASKLOOM_RESULTS_URL), or '
+        'results="memory://" if every caller runs in the worker\'s process'
+    )
 
 
 def _results_for(url: str, *, ttl_s: float, namespace: str) -> ResultStore:
@@ -177,20 +200,51 @@ class Runtime:
 
     def __init__(
         self,
-        broker: str | Broker = "memory://",
+        broker: str | Broker | None = None,
         results: str | ResultStore | None = None,
         *,
-        namespace: str = "",
-        codec: Format = "json",
+        namespace: str | None = None,
+        codec: Format | None = None,
         compress_over: int | None = None,
         signing_keys: dict[str, bytes] | None = None,
         signing_key_id: str | None = None,
-        max_message_bytes: int = DEFAULT_MAX_BYTES,
-        result_ttl_s: float = DEFAULT_TTL_S,
-        result_timeout_s: float = DEFAULT_RESULT_TIMEOUT_S,
-        default_queue: str = "default",
+        max_message_bytes: int | None = None,
+        result_ttl_s: float | None = None,
+        result_timeout_s: float | None = None,
+        default_queue: str | None = None,
         middleware: Sequence[Middleware] = (),
     ) -> None:
+        """Every argument left out (``None``) is read from its ``TASKLOOM_*``
+        environment variable, else takes its default (see ``runtime.config``):
+        ``TASKLOOM_BROKER_URL``, ``TASKLOOM_RESULTS_URL``, ``TASKLOOM_NAMESPACE``,
+        ``TASKLOOM_DEFAULT_QUEUE``, ``TASKLOOM_CODEC``, ``TASKLOOM_MAX_MESSAGE_BYTES``,
+        ``TASKLOOM_RESULT_TTL_S``, ``TASKLOOM_RESULT_TIMEOUT_S``. Explicit arguments win.
+
+        Results: without ``results`` (argument or variable), a Redis broker keeps
+        them in its own Redis and the memory broker in memory. A broker that
+        cannot carry results (RabbitMQ) needs ``results="redis://…"``: building a
+        runtime without it raises ``ConfigError`` at once, rather than keeping
+        results in this process where a caller in another process never sees
+        them. ``results="memory://"`` says explicitly that every caller runs in
+        the worker's process.
+        """
+        env = Environment()
+        if broker is None:
+            broker = env.url("TASKLOOM_BROKER_URL") or "memory://"
+        if results is None:
+            results = env.url("TASKLOOM_RESULTS_URL")
+        if namespace is None:
+            namespace = env.text("TASKLOOM_NAMESPACE") or ""
+        if codec is None:
+            codec = env.codec("TASKLOOM_CODEC") or "json"
+        if max_message_bytes is None:
+            max_message_bytes = env.positive_int("TASKLOOM_MAX_MESSAGE_BYTES") or DEFAULT_MAX_BYTES
+        if result_ttl_s is None:
+            result_ttl_s = env.seconds("TASKLOOM_RESULT_TTL_S") or DEFAULT_TTL_S
+        if result_timeout_s is None:
+            result_timeout_s = env.seconds("TASKLOOM_RESULT_TIMEOUT_S") or DEFAULT_RESULT_TIMEOUT_S
+        if default_queue is None:
+            default_queue = env.text("TASKLOOM_DEFAULT_QUEUE") or "default"
         self.namespace = namespace
         self.middleware = list(middleware)
         self._publish_hooks = [m for m in self.middleware
@@ -199,9 +253,7 @@ class Runtime:
             brokers.from_url(broker, namespace=namespace) if isinstance(broker, str) else broker
         )
         if results is None:
-            # the broker's own Redis (its URL without the broker's query options)
-            results = getattr(self.broker, "url", broker) if isinstance(broker, str) and urlsplit(
-                broker).scheme in ("redis", "rediss", "unix") else "memory://"
+            results = _default_results(self.broker)
         self.results: ResultStore = (
             _results_for(results, ttl_s=result_ttl_s, namespace=namespace)
             if isinstance(results, str) else results

@@ -1,0 +1,106 @@
+"""Per-deployment settings read from the environment.
+
+``Runtime()`` takes each of these from its argument when one is given in code,
+else from the environment variable, else from the default. An empty variable
+counts as unset. A value that cannot be used is a ``ConfigError`` naming the
+variable, raised when the runtime is built.
+
+Variable (``Runtime`` argument): value, default.
+
+- ``TASKLOOM_BROKER_URL`` (``broker``): ``memory://``, ``redis://…``, ``amqp://…``;
+  ``memory://``.
+- ``TASKLOOM_RESULTS_URL`` (``results``): ``memory://`` or ``redis://…``; the broker's
+  Redis, ``memory://`` beside the memory broker, required with RabbitMQ.
+- ``TASKLOOM_NAMESPACE`` (``namespace``): a prefix for every queue and key; none.
+- ``TASKLOOM_DEFAULT_QUEUE`` (``default_queue``): a queue name; ``default``.
+- ``TASKLOOM_CODEC`` (``codec``): ``json`` or ``msgpack``; ``json``.
+- ``TASKLOOM_MAX_MESSAGE_BYTES`` (``max_message_bytes``): a positive integer; 1048576.
+- ``TASKLOOM_RESULT_TTL_S`` (``result_ttl_s``): positive seconds; 86400.
+- ``TASKLOOM_RESULT_TIMEOUT_S`` (``result_timeout_s``): positive seconds; 300.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import get_args
+
+from runtime.codec import Format
+from runtime.errors import ConfigError
+
+__all__ = ["VARIABLES", "Environment"]
+
+#: variable -> the Runtime argument it stands for
+VARIABLES: dict[str, str] = {
+    "TASKLOOM_BROKER_URL": "broker",
+    "TASKLOOM_RESULTS_URL": "results",
+    "TASKLOOM_NAMESPACE": "namespace",
+    "TASKLOOM_DEFAULT_QUEUE": "default_queue",
+    "TASKLOOM_CODEC": "codec",
+    "TASKLOOM_MAX_MESSAGE_BYTES": "max_message_bytes",
+    "TASKLOOM_RESULT_TTL_S": "result_ttl_s",
+    "TASKLOOM_RESULT_TIMEOUT_S": "result_timeout_s",
+}
+
+
+class Environment:
+    """Typed reads of the ``TASKLOOM_*`` variables (``os.environ`` unless given)."""
+
+    __slots__ = ("_env",)
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._env = os.environ if environ is None else environ
+
+    def _raw(self, name: str) -> str | None:
+        value = self._env.get(name, "").strip()
+        return value or None
+
+    def _bad(self, name: str, value: str, expected: str) -> ConfigError:
+        return ConfigError(
+            f"environment variable {name}={value!r} is not valid: expected {expected}; "
+            f"fix or unset it, or pass {VARIABLES[name]}=... to Runtime()"
+        )
+
+    def text(self, name: str) -> str | None:
+        return self._raw(name)
+
+    def url(self, name: str) -> str | None:
+        value = self._raw(name)
+        if value is not None and "://" not in value:
+            raise self._bad(name, value, "a URL such as redis://127.0.0.1:6379/0")
+        return value
+
+    def codec(self, name: str) -> Format | None:
+        value = self._raw(name)
+        if value is None:
+            return None
+        formats: tuple[Format, ...] = get_args(Format)
+        for known in formats:
+            if value.lower() == known:
+                return known
+        raise self._bad(name, value, " or ".join(formats))
+
+    def seconds(self, name: str) -> float | None:
+        value = self._raw(name)
+        if value is None:
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number) or number <= 0:
+            raise self._bad(name, value, "a positive number of seconds, e.g. 30 or 0.5")
+        return number
+
+    def positive_int(self, name: str) -> int | None:
+        value = self._raw(name)
+        if value is None:
+            return None
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number <= 0:
+            raise self._bad(name, value, "a positive whole number, e.g. 1048576")
+        return number
