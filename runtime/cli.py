@@ -15,20 +15,22 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import click
 import structlog
 
-from brokers.base import BrokerError
+from brokers.base import TaskloomError
 from runtime.app import Runtime
 from runtime.errors import ConfigError
-from runtime.observability import configure_logging
+from runtime.observability import LOG_LOCALS_ENV, configure_logging
 from runtime.serve import EXIT_CONFIG, ParentLink, WorkerOptions, parse_size
 from runtime.serve import load_runtime as _load
 
@@ -36,13 +38,95 @@ __all__ = ["main"]
 
 log = structlog.get_logger("taskloom.cli")
 
+T = TypeVar("T")
+
+#: Client libraries that log a connection failure on their own (stdlib logging)
+#: before raising it; one-shot commands report the error once, themselves.
+_CHATTY_CLIENTS = ("aiormq", "aio_pika")
+
+
+class _DropTransportErrors(logging.Filter):
+    """aiormq logs "error when creating transport" and then raises the same
+    error, which taskloom maps and reports (or retries) itself: drop the echo."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")
+
+
+def _command() -> str:
+    ctx = click.get_current_context(silent=True)
+    return f"taskloom {ctx.info_name}" if ctx is not None and ctx.info_name else "taskloom"
+
+
+def _operational(error: BaseException) -> BaseException | None:
+    """The error to report if ``error`` is operational (a server down or
+    unreachable, a bad URL or setting): a taskloom error or an OSError, alone or
+    as every leaf of an exception group; None for anything else (a bug)."""
+    if isinstance(error, BaseExceptionGroup):
+        leaves = [_operational(e) for e in error.exceptions]
+        if leaves and all(leaf is not None for leaf in leaves):
+            return leaves[0]
+        return None
+    if isinstance(error, (TaskloomError, OSError)):
+        return error
+    # a client's own error that escaped the mapping to taskloom's (a server down)
+    for module, name in (("redis.exceptions", "RedisError"), ("aiormq.exceptions", "AMQPError")):
+        loaded = sys.modules.get(module)
+        cls: type[BaseException] | None = getattr(loaded, name, None)
+        if cls is not None and isinstance(error, cls):
+            return error
+    return None
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    if isinstance(error, TaskloomError):
+        return text  # taskloom's errors say what to do
+    return (f"{type(error).__name__}: {text}; check that the servers named in the "
+            "application's URLs run and are reachable")
+
+
+def _fail(what: str, error: BaseException, **fields: Any) -> NoReturn:
+    """One error line (what failed, what to do), exit code 1; the traceback
+    only at --log-level DEBUG."""
+    log.debug("traceback of the error below", exc_info=error)
+    log.error(f"{_command()}: {what}", **fields, error=_describe(error))
+    sys.exit(EXIT_CONFIG)
+
 
 def load_runtime(spec: str) -> Runtime:
-    """``package.module:attr`` -> the Runtime it names (a usage error if not)."""
+    """``package.module:attr`` -> the Runtime it names; one error line and
+    exit code 1 if it cannot be loaded."""
     try:
         return _load(spec)
-    except ConfigError as e:
-        raise click.BadParameter(str(e), param_hint="APP") from None
+    except TaskloomError as e:  # not importable, not a Runtime, a bad URL or setting
+        _fail("cannot load the application", e, app=spec)
+    except Exception as e:  # the application's module raised while being imported
+        where = ""
+        if isinstance(e, SyntaxError) and e.filename:
+            where = f"{e.filename}:{e.lineno}"
+        elif e.__traceback__ is not None:
+            last = traceback.extract_tb(e.__traceback__)[-1]
+            where = f"{last.filename}:{last.lineno}"
+        log.debug("traceback of the error below", exc_info=e)
+        log.error(f"{_command()}: cannot load the application: importing it raised "
+                  f"{type(e).__name__}", app=spec, error=str(e), at=where,
+                  hint="fix the module; --log-level DEBUG shows the traceback")
+        sys.exit(EXIT_CONFIG)
+
+
+def _run(what: str, fn: Callable[[], Awaitable[T]]) -> T:
+    """``anyio.run(fn)`` for a one-shot command: an operational error is one
+    line and exit code 1, never a traceback."""
+    for name in _CHATTY_CLIENTS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        return anyio.run(fn, backend_options=_event_loop_backend())
+    except Exception as e:
+        reported = _operational(e)
+        if reported is None:
+            raise
+        _fail(what, reported)
 
 
 def _event_loop_backend() -> dict[str, Any]:
@@ -79,11 +163,15 @@ def _queues(text: str | None) -> tuple[str, ...] | None:
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--log-json", is_flag=True, help="Log JSON lines instead of console text.")
+@click.option("--log-locals", is_flag=True, envvar=LOG_LOCALS_ENV,
+              help="Show local variables in logged tracebacks (debugging only: they hold "
+                   f"message bodies, arguments, results and keys). Env: {LOG_LOCALS_ENV}=1.")
 @click.pass_context
-def main(ctx: click.Context, log_level: str, log_json: bool) -> None:
+def main(ctx: click.Context, log_level: str, log_json: bool, log_locals: bool) -> None:
     """taskloom: an asyncio-native task runtime."""
-    ctx.obj = {"log_level": log_level, "log_json": log_json}
-    configure_logging(log_level, json=log_json)
+    ctx.obj = {"log_level": log_level, "log_json": log_json, "log_locals": log_locals}
+    configure_logging(log_level, json=log_json, show_locals=log_locals)
+    logging.getLogger("aiormq.connection").addFilter(_DropTransportErrors())
 
 
 @main.command()
@@ -136,17 +224,12 @@ def worker(ctx: click.Context, app: str, processes: int, queues: str | None, con
         link = ParentLink.attach()
         try:
             rt = _load(app)
-        except ConfigError as e:
+        except TaskloomError as e:  # a configuration error: the supervisor does not retry it
             link.send("fatal", error=str(e))
-            log.error("cannot load the application", app=app, error=str(e))
-            sys.exit(EXIT_CONFIG)
+            _fail("cannot load the application", e, app=app)
         sys.exit(_serve(functools.partial(serve_worker, rt, opts, link=link), link))
     if processes == 1 and max_tasks_per_child is None and max_memory_per_child is None:
-        try:
-            rt = _load(app)
-        except ConfigError as e:
-            log.error("cannot load the application", app=app, error=str(e))
-            sys.exit(EXIT_CONFIG)
+        rt = load_runtime(app)
         sys.exit(_serve(functools.partial(serve_worker, rt, opts), None))
     module_name, _, attr = app.partition(":")
     if not module_name or not attr:
@@ -168,10 +251,15 @@ def _serve(run: Callable[[], Awaitable[int]], link: ParentLink | None) -> int:
     """Run one worker process; startup errors become a log line and exit code 1."""
     try:
         return anyio.run(run, backend_options=_event_loop_backend())
-    except (ConfigError, BrokerError) as e:
-        if link is not None and isinstance(e, ConfigError):
-            link.send("fatal", error=str(e))
-        log.error("the worker could not start", error=str(e), error_type=type(e).__name__)
+    except Exception as e:
+        reported = _operational(e)
+        if reported is None:
+            raise
+        if link is not None and isinstance(reported, ConfigError):
+            link.send("fatal", error=str(reported))
+        log.debug("traceback of the error below", exc_info=e)
+        log.error(f"{_command()}: the worker could not start", error=_describe(reported),
+                  error_type=type(reported).__name__)
         return EXIT_CONFIG
 
 
@@ -183,6 +271,8 @@ def _child_command(ctx: click.Context, app: str, *, queues: str | None, concurre
     cmd = [sys.executable, "-m", "runtime.cli", "--log-level", str(root.get("log_level", "INFO"))]
     if root.get("log_json"):
         cmd.append("--log-json")
+    if root.get("log_locals"):
+        cmd.append("--log-locals")
     cmd += ["worker", app, "--child", "--concurrency", str(concurrency),
             "--shutdown-grace", repr(shutdown_grace), "--lag-threshold", repr(lag_threshold),
             "--heartbeat", repr(heartbeat)]
@@ -232,7 +322,7 @@ def status(app: str, queues: str | None) -> None:
             await store.aclose()
         return beats, stats
 
-    beats, stats = anyio.run(gather, backend_options=_event_loop_backend())
+    beats, stats = _run("could not read the workers and queues", gather)
     console = Console()
     workers = Table(title=f"workers ({len(beats)} live)")
     for column in ("worker", "host", "pid", "queues", "in flight", "processed", "failed",
@@ -269,7 +359,7 @@ def purge(app: str, queue: str, yes: bool) -> None:
         async with rt.broker:
             return await rt.broker.purge(queue)
 
-    dropped = anyio.run(run, backend_options=_event_loop_backend())
+    dropped = _run(f"could not purge queue {queue!r}", run)
     click.echo(f"purged {dropped} message(s) from {queue}")
 
 
@@ -288,7 +378,7 @@ def dlq(app: str, queue: str, limit: int) -> None:
         async with rt.broker:
             return await rt.broker.dead_letters(queue, limit=limit)
 
-    letters = anyio.run(run, backend_options=_event_loop_backend())
+    letters = _run(f"could not read the dead letters of queue {queue!r}", run)
     table = Table(title=f"dead letters of {queue} ({len(letters)} shown)")
     for column in ("message id", "task", "reason", "deliveries", "args"):
         table.add_column(column)
@@ -305,12 +395,15 @@ def dlq(app: str, queue: str, limit: int) -> None:
 
 
 @main.command()
-def demo() -> None:
+@click.option("--broker", default="memory://", show_default=True,
+              help="Run the pipeline through this broker (e.g. redis://localhost:6379/0); "
+                   "the worker stays in this process.")
+def demo(broker: str) -> None:
     """Run a small pipeline on the embedded default and show what happened."""
     from runtime.demo import run_demo
 
     configure_logging("ERROR")
-    anyio.run(run_demo, click.echo, backend_options=_event_loop_backend())
+    _run("the demo failed", functools.partial(run_demo, click.echo, broker))
 
 
 # bench command: registered here when the lead's runtime/cli_bench.py exists
