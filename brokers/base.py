@@ -71,6 +71,7 @@ __all__ = [
     "TaskloomError",
     "SettleOnce",
     "consumed_queues",
+    "is_connection_failure",
     "redact_url",
 ]
 
@@ -93,6 +94,34 @@ class ConnectionFailed(BrokerConnectionError):
 
 class ConnectionLost(BrokerConnectionError):
     """The connection dropped mid-operation; the operation may be retried."""
+
+
+#: What event loops say when a write reaches a transport that a reset closed
+#: (uvloop: "unable to perform operation on <TCPTransport closed=True ...>; the
+#: handler is closed"; asyncio's SSL transport says much the same).
+_CLOSED_TRANSPORT_HINTS = ("unable to perform operation on", "handler is closed",
+                           "transport is closed", "closed=true")
+
+
+def is_connection_failure(error: BaseException,
+                          client_errors: tuple[type[BaseException], ...] = ()) -> bool:
+    """Whether ``error`` means "the connection is not usable", whatever layer
+    raised it: ``client_errors`` (the client library's own connection and timeout
+    types), any ``OSError`` (resets, broken pipes, refused connections, socket
+    timeouts, SSL errors), an end of stream mid-reply (``EOFError``, which covers
+    ``asyncio.IncompleteReadError``), anyio's broken or closed stream errors, and
+    the ``RuntimeError`` an event loop raises on a write to a transport a reset
+    already closed. The one classification every store and broker maps from, so
+    that a new kind of reset cannot crash a worker in one place and not another."""
+    if client_errors and isinstance(error, client_errors):
+        return True
+    if isinstance(error, (OSError, EOFError, anyio.BrokenResourceError,
+                          anyio.ClosedResourceError)):
+        return True
+    if type(error) is RuntimeError:
+        text = str(error).lower()
+        return any(hint in text for hint in _CLOSED_TRANSPORT_HINTS)
+    return False
 
 
 class PublishError(BrokerError):

@@ -53,6 +53,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import random
 import secrets
 import socket
 from collections import deque
@@ -73,6 +74,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from brokers.base import (
+    BrokerConnectionError,
     BrokerError,
     Capabilities,
     ConnectionFailed,
@@ -84,6 +86,7 @@ from brokers.base import (
     ReceiveIteration,
     SettleOnce,
     consumed_queues,
+    is_connection_failure,
 )
 from brokers.base import (
     redact_url as _redact,
@@ -95,6 +98,9 @@ log = structlog.get_logger(__name__)
 
 #: Priority levels 0..BANDS-1, one stream each.
 BANDS: Final = 10
+#: An entry may exceed ``max_message_bytes`` by this much: the envelope's id,
+#: queue and headers around the body.
+_ENVELOPE_HEADROOM: Final = 64 * 1024
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Envelope).decode
 
@@ -125,6 +131,13 @@ class RedisBrokerOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     #: of the prefetch has accumulated) to share a round trip. A consumer that was
     #: idle for longer sends at once, so this adds no latency at low rates. 0 = never wait.
     batch_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 0.002
+    #: Largest message body accepted (the runtime's ``max_message_bytes`` may not
+    #: exceed it). A stream entry longer than this (plus 64 KiB for the envelope)
+    #: is dead-lettered inside Redis as ``too_large``: its bytes never reach a worker.
+    max_message_bytes: Annotated[int, msgspec.Meta(ge=1)] = 16 * 1024 * 1024
+    #: Bytes of message bodies one consumer fetches and holds at most (at least one
+    #: message at a time): bounds a worker's memory whatever the entry sizes.
+    fetch_bytes: Annotated[int, msgspec.Meta(ge=1)] = 8 * 1024 * 1024
 
 
 # -- Lua ------------------------------------------------------------------------------
@@ -170,13 +183,17 @@ end
 """
 
 # KEYS: per queue, in the order to serve them: its 10 priority streams, then its dead stream.
-# ARGV: group, consumer, want, max deliveries.
+# ARGV: group, consumer, want, max deliveries, max entry bytes, byte budget.
+# Entries longer than the max are dead-lettered here as 'too_large' (their bytes never
+# leave Redis); the fetch stops once the entries found reach the byte budget.
 # Returns {entries (flat: key index, id, envelope, delivery count), key indexes of band-0
 # streams whose group was missing, ids dead-lettered at the limit, last id of every
 # priority stream (only when fewer than `want` were found)}.
 _FETCH = _PRELUDE + """
 local group, consumer = ARGV[1], ARGV[2]
 local want, maxd = tonumber(ARGV[3]), tonumber(ARGV[4])
+local maxb, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
+local bytes = 0
 local per = 11
 local nq = #KEYS / per
 local out, lost, dead = {}, {}, {}
@@ -184,9 +201,9 @@ for band = 9, 0, -1 do
   for q = 0, nq - 1 do
     local ki = q * per + band + 1
     local key = KEYS[ki]
-    if want > 0 and (band == 0 or redis.call('EXISTS', key) == 1) then
-      while want > 0 do
-        local asked = want
+    if want > 0 and bytes < budget and (band == 0 or redis.call('EXISTS', key) == 1) then
+      while want > 0 and bytes < budget do
+        local asked = math.min(want, 64)
         local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', asked,
                               'STREAMS', key, '>')
         if failed(r) then
@@ -201,8 +218,16 @@ for band = 9, 0, -1 do
           local id, f = entry[1], entry[2]
           local e, n = fields_of(f)
           local count = n + 1
-          if not e or (maxd > 0 and count > maxd) then
-            bury(KEYS[q * per + per], f, e and 'delivery_limit' or 'malformed_entry', count)
+          local reason = false
+          if not e then
+            reason = 'malformed_entry'
+          elseif string.len(e) > maxb then
+            reason = 'too_large'
+          elseif maxd > 0 and count > maxd then
+            reason = 'delivery_limit'
+          end
+          if reason then
+            bury(KEYS[q * per + per], f, reason, count)
             redis.call('XACK', key, group, id)
             redis.call('XDEL', key, id)
             dead[#dead + 1] = id
@@ -212,6 +237,7 @@ for band = 9, 0, -1 do
             out[#out + 1] = e
             out[#out + 1] = count
             want = want - 1
+            bytes = bytes + string.len(e)
           end
         end
         if #entries < asked then break end
@@ -220,7 +246,7 @@ for band = 9, 0, -1 do
   end
 end
 local last = {}
-if want > 0 then
+if want > 0 and bytes < budget then
   for q = 0, nq - 1 do
     for band = 0, 9 do
       local r = redis.call('XREVRANGE', KEYS[q * per + band + 1], '+', '-', 'COUNT', 1)
@@ -400,6 +426,34 @@ end
 return {out, deleted, dead}
 """
 
+# KEYS: 10 priority streams. ARGV: group, consumer, limit.
+# The entries pending for the consumer (its own PEL), without touching them.
+# Returns entries (flat: key index, id, envelope, delivery count).
+_PENDING = _PRELUDE + """
+local group, consumer, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local out = {}
+for band = 9, 0, -1 do
+  local key = KEYS[band + 1]
+  if limit > 0 and redis.call('EXISTS', key) == 1 then
+    local p = redis.pcall('XPENDING', key, group, '-', '+', limit, consumer)
+    if not failed(p) then
+      for _, item in ipairs(p) do
+        local entry = redis.call('XRANGE', key, item[1], item[1])[1]
+        local e, n = fields_of(entry and entry[2])
+        if e then
+          out[#out + 1] = band + 1
+          out[#out + 1] = item[1]
+          out[#out + 1] = e
+          out[#out + 1] = n + item[4]
+          limit = limit - 1
+        end
+      end
+    end
+  end
+end
+return out
+"""
+
 # KEYS: 10 priority streams, dead stream. ARGV: group, consumer.
 # Puts every entry pending for the consumer back at the end of its stream, counting
 # the delivery, then deletes the consumer. Returns how many were put back.
@@ -496,25 +550,30 @@ class _Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
-FETCH, SETTLE, PUBLISH, PROMOTE, RECLAIM, RELEASE, STATS, PURGE = (
-    _Script(s) for s in (_FETCH, _SETTLE, _PUBLISH, _PROMOTE, _RECLAIM, _RELEASE, _STATS, _PURGE)
+FETCH, SETTLE, PUBLISH, PROMOTE, RECLAIM, RELEASE, STATS, PURGE, PENDING = (
+    _Script(s) for s in (_FETCH, _SETTLE, _PUBLISH, _PROMOTE, _RECLAIM, _RELEASE, _STATS, _PURGE,
+                         _PENDING)
 )
-_SCRIPTS = (FETCH, SETTLE, PUBLISH, PROMOTE, RECLAIM, RELEASE, STATS, PURGE)
+_SCRIPTS = (FETCH, SETTLE, PUBLISH, PROMOTE, RECLAIM, RELEASE, STATS, PURGE, PENDING)
 
 
 # -- errors ---------------------------------------------------------------------------
 
+#: redis-py's own "the connection is not usable" types (see ``is_connection_failure``).
+_CONNECTION_ERRORS: Final = (rex.ConnectionError, rex.TimeoutError)
+
+
 @contextmanager
 def _mapped(what: str, *, publish: bool = False) -> Iterator[None]:
-    """Let errors leave only as ``brokers.base`` types."""
+    """Let errors leave only as ``brokers.base`` types. The one place that decides
+    what a connection failure is: :func:`brokers.base.is_connection_failure`."""
     try:
         yield
+    except BrokerError:
+        raise
     except (rex.AuthenticationError, rex.AuthorizationError) as e:
         raise ConnectionFailed(f"{what}: Redis refused the credentials: {e}; "
                                "check the user and password in the broker URL") from e
-    except (rex.ConnectionError, rex.TimeoutError, OSError) as e:
-        raise ConnectionLost(f"{what}: lost the connection to Redis ({e}); "
-                             "the operation may be retried once Redis is reachable") from e
     except rex.ResponseError as e:
         text = str(e)
         if text.startswith("OOM") or isinstance(e, rex.OutOfMemoryError):
@@ -522,8 +581,62 @@ def _mapped(what: str, *, publish: bool = False) -> Iterator[None]:
                      "dead letters")
         cls = PublishError if publish else BrokerError
         raise cls(f"{what}: Redis replied with an error: {text}") from e
-    except rex.RedisError as e:
-        raise BrokerError(f"{what}: {type(e).__name__}: {e}") from e
+    except Exception as e:
+        if is_connection_failure(e, _CONNECTION_ERRORS):
+            raise ConnectionLost(f"{what}: lost the connection to Redis "
+                                 f"({type(e).__name__}: {e}); the operation may be retried "
+                                 "once Redis is reachable") from e
+        if isinstance(e, rex.RedisError):
+            raise BrokerError(f"{what}: {type(e).__name__}: {e}") from e
+        raise
+
+
+#: Reconnection backoff of a consumer: first and longest pause (seconds).
+_BACKOFF_FIRST_S: Final = 0.05
+_BACKOFF_MAX_S: Final = 2.0
+
+
+def _backoff(failures: int) -> float:
+    """The pause after ``failures`` failures in a row: doubling, capped, with
+    jitter (so that the consumers of a fleet do not reconnect in lockstep)."""
+    cap: float = min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * 2.0 ** min(max(failures - 1, 0), 16))
+    return cap * random.uniform(0.5, 1.0)
+
+
+class _Outage:
+    """One log line when a consumer loses Redis, one when it is back; the attempts
+    in between go to the debug log."""
+
+    __slots__ = ("consumer", "failures", "since")
+
+    def __init__(self, consumer: str) -> None:
+        self.consumer = consumer
+        self.since: float | None = None
+        self.failures = 0
+
+    def down(self, error: BrokerError) -> float:
+        """Note a failure; how long to pause before the next attempt."""
+        self.failures += 1
+        if self.since is None:
+            self.since = anyio.current_time()
+            log.warning("lost the connection to Redis; reconnecting with backoff until it "
+                        "is back (held deliveries keep running; their settlements are sent "
+                        "once it is)", consumer=self.consumer, error=str(error))
+        else:
+            log.debug("Redis still unreachable", consumer=self.consumer, error=str(error),
+                      failures=self.failures)
+        return _backoff(self.failures)
+
+    def up(self) -> bool:
+        """Note a success; whether it ended an outage."""
+        if self.since is None:
+            return False
+        log.warning("Redis is reachable again; resuming", consumer=self.consumer,
+                    down_s=round(anyio.current_time() - self.since, 2),
+                    failed_attempts=self.failures)
+        self.since = None
+        self.failures = 0
+        return True
 
 
 def _as_broker_error(what: str, error: Exception, *, publish: bool = False) -> BrokerError:
@@ -584,13 +697,15 @@ def _band(priority: int) -> int:
 class RedisDelivery(SettleOnce):
     """A delivery of the Redis broker: one pending stream entry of its consumer."""
 
-    __slots__ = ("_consumer", "_id", "_settled", "_stream", "delivery_count", "envelope")
+    __slots__ = ("_consumer", "_id", "_settled", "_size", "_stream", "delivery_count",
+                 "envelope")
 
     def __init__(self, consumer: RedisConsumer, stream: _Stream, entry_id: bytes,
-                 envelope: Envelope, delivery_count: int) -> None:
+                 envelope: Envelope, delivery_count: int, size: int = 0) -> None:
         self._consumer = consumer
         self._stream = stream
         self._id = entry_id
+        self._size = size
         self._settled: str | None = None
         self.envelope = envelope
         self.delivery_count = delivery_count
@@ -626,13 +741,34 @@ class _Batch:
     """Settlements waiting for one flush: per queue, acked ids (prefixed with
     their band digit) and other settlements (5 script arguments each)."""
 
-    __slots__ = ("delays", "full", "ops", "size")
+    __slots__ = ("delays", "full", "ops", "retried", "size")
 
     def __init__(self) -> None:
         self.size = 0
         self.full = anyio.Event()
         self.ops: dict[_Queue, tuple[list[bytes], list[str | bytes | int]]] = {}
         self.delays = False
+        self.retried = False  # holds settlements whose first send may have been applied
+
+    def merge(self, other: _Batch) -> None:
+        """Take ``other``'s settlements (a batch that could not be sent)."""
+        for q, (acks, rest) in other.ops.items():
+            ops = self.ops.get(q)
+            if ops is None:
+                ops = self.ops[q] = ([], [])
+            ops[0].extend(acks)
+            ops[1].extend(rest)
+        self.size += other.size
+        self.delays = self.delays or other.delays
+        self.retried = True
+
+    def ids(self) -> set[bytes]:
+        """The entry ids this batch settles."""
+        out: set[bytes] = set()
+        for acks, rest in self.ops.values():
+            out.update(a[1:] for a in acks)
+            out.update(i for i in rest[2::5] if isinstance(i, bytes))
+        return out
 
     def calls(self, group: str) -> list[_Call]:
         return [(SETTLE, [*q.streams, q.delayed, q.dead], [group, b",".join(acks), *other])
@@ -678,6 +814,9 @@ class RedisConsumer(ReceiveIteration):
                 slots += [*q.bands, None]
             self._layouts.append((keys, slots))
         self._blocking: aioredis.Redis | None = None
+        self._outage = _Outage(self.name)
+        self._held_bytes = 0  # message bytes of unsettled deliveries (see fetch_bytes)
+        self._reread_pel = False  # after an outage: look for entries we never heard of
 
     # -- the receive stream ------------------------------------------------------------
 
@@ -712,6 +851,7 @@ class RedisConsumer(ReceiveIteration):
             for delivery in self._unsettled:
                 delivery._settled = "released"
             self._unsettled.clear()
+            self._held_bytes = 0
             self._ready.clear()
             await self.flush()
             try:
@@ -758,6 +898,8 @@ class RedisConsumer(ReceiveIteration):
     def _want(self) -> tuple[int, float]:
         """How many to fetch now (0: not now), and until when to wait otherwise."""
         free = self._prefetch - len(self._unsettled) - self._reserved
+        if self._held_bytes >= self._opts.fetch_bytes and self._unsettled:
+            return 0, math.inf  # holding its byte budget: wait for settlements
         if free >= self._low_water:
             return free, math.inf
         if free <= 0 or self._ready:
@@ -768,7 +910,6 @@ class RedisConsumer(ReceiveIteration):
         return 0, due  # busy: let credits accumulate for a moment
 
     async def _fetch_loop(self) -> None:
-        backoff = 0.05
         while True:
             want, until = self._want()
             if want == 0:
@@ -781,20 +922,57 @@ class RedisConsumer(ReceiveIteration):
                 try:
                     with anyio.CancelScope(shield=True):
                         async with self._flush_lock:
+                            if self._reread_pel:
+                                await self._recover_pending()
                             streams = await self._fetch(want)
                 finally:
                     self._reserved -= want
+                if self._outage.up():
+                    await self._drop_stale_connections()
                 if streams:
                     with _mapped("waiting for messages"):
                         assert self._blocking is not None
                         await self._blocking.xread(streams, count=1,
                                                    block=int(self._opts.block_s * 1000))
-                backoff = 0.05
+            except BrokerConnectionError as e:
+                self._reread_pel = True
+                await anyio.sleep(self._outage.down(e))
             except BrokerError as e:
                 log.warning("fetching from Redis failed; retrying", consumer=self.name,
-                            error=str(e), retry_in_s=backoff)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                            error=str(e))
+                await anyio.sleep(_backoff(4))
+
+    async def _drop_stale_connections(self) -> None:
+        """After an outage: close the idle pooled connections. The outage broke
+        them, and a client finds out only by failing on one (uvloop: a write on
+        a closed transport), which would look like a new outage."""
+        with anyio.CancelScope(shield=True):
+            await self._broker._redis_client.connection_pool.disconnect(
+                inuse_connections=False)
+            if self._blocking is not None:
+                await self._blocking.connection_pool.disconnect()
+
+    async def _recover_pending(self) -> None:
+        """After an outage: take up the entries pending for this consumer that it
+        does not know of (a fetch whose reply the outage swallowed), instead of
+        leaving them to a reclaim after ``lease_s``. Call with the flush lock held."""
+        known = {d._id for d in self._unsettled} | self._batch.ids()
+        found = 0
+        for q in self._queues:
+            with _mapped("re-reading this consumer's pending entries"):
+                out = await self._broker._eval(
+                    PENDING, q.streams, [self._opts.group, self.name, self._prefetch])
+            mine = []
+            for i in range(0, len(out), 4):
+                if out[i + 1] not in known:
+                    mine += out[i:i + 4]
+            if mine:
+                found += len(mine) // 4
+                self._accept(mine, q.bands)
+        self._reread_pel = False
+        if found:
+            log.info("took up deliveries whose fetch reply was lost in the outage",
+                     consumer=self.name, count=found)
 
     async def _fetch(self, want: int) -> dict[Any, Any]:
         """Flush pending settlements and fetch up to ``want`` deliveries, in one
@@ -807,7 +985,9 @@ class RedisConsumer(ReceiveIteration):
         self._last_fetch = anyio.current_time()
         batch = self._take_batch()
         calls = batch.calls(opts.group) if batch is not None else []
-        calls.append((FETCH, keys, [opts.group, self.name, want, opts.max_deliveries]))
+        budget = max(1, opts.fetch_bytes - self._held_bytes)
+        calls.append((FETCH, keys, [opts.group, self.name, want, opts.max_deliveries,
+                                    opts.max_message_bytes + _ENVELOPE_HEADROOM, budget]))
         try:
             with _mapped("fetching messages"):
                 results = await self._broker._eval_many(calls)
@@ -831,8 +1011,9 @@ class RedisConsumer(ReceiveIteration):
                       "Messages published before the loss are gone.",
                       queue=stream.queue.name, stream=stream.key, group=opts.group)
         if dead:
-            log.warning("dead-lettered messages past max_deliveries (or malformed)",
-                        count=len(dead), max_deliveries=opts.max_deliveries)
+            log.warning("dead-lettered messages past max_deliveries, too large or malformed",
+                        count=len(dead), max_deliveries=opts.max_deliveries,
+                        max_message_bytes=opts.max_message_bytes)
         if not last:
             return {}
         per = BANDS + 1
@@ -855,7 +1036,8 @@ class RedisConsumer(ReceiveIteration):
                 bad._settled = "dead_letter"
                 self._submit(bad, "d", "malformed_entry")
                 continue
-            delivery = RedisDelivery(self, stream, entry_id, envelope, count)
+            delivery = RedisDelivery(self, stream, entry_id, envelope, count, len(data))
+            self._held_bytes += len(data)
             unsettled.add(delivery)
             ready.append(delivery)
         self._has_ready.set()
@@ -867,6 +1049,10 @@ class RedisConsumer(ReceiveIteration):
                 await self._heartbeat()
                 with anyio.CancelScope(shield=True):
                     await self._reclaim()
+            except BrokerConnectionError as e:
+                self._reread_pel = True
+                await anyio.sleep(min(period, self._outage.down(e)))
+                continue
             except BrokerError as e:
                 log.warning("lease upkeep failed; retrying", consumer=self.name, error=str(e))
             await anyio.sleep(period)
@@ -935,6 +1121,8 @@ class RedisConsumer(ReceiveIteration):
                             break
                     if due_ms >= 0:
                         wait = min(wait, due_ms / 1000 + 0.001)
+            except BrokerConnectionError as e:
+                wait = max(wait, self._outage.down(e))
             except BrokerError as e:
                 log.warning("moving delayed messages failed; retrying", error=str(e))
             with anyio.move_on_after(max(wait, 0.001)):
@@ -953,12 +1141,18 @@ class RedisConsumer(ReceiveIteration):
             else:
                 await anyio.lowlevel.checkpoint()  # let tasks ready to settle join
             async with self._flush_lock:
-                await self._flush()
+                lost = await self._flush()
+            if lost is not None:
+                # Redis is unreachable: the settlements were put back; try again later
+                await anyio.sleep(self._outage.down(lost))
+                self._flush_wake.set()
 
     # -- settling ----------------------------------------------------------------------
 
     def _submit(self, delivery: RedisDelivery, verb: str, arg: str) -> None:
-        self._unsettled.discard(delivery)
+        if delivery in self._unsettled:
+            self._unsettled.remove(delivery)
+            self._held_bytes -= delivery._size
         self._credit.set()
         batch = self._batch
         batch.size += 1
@@ -990,20 +1184,29 @@ class RedisConsumer(ReceiveIteration):
         async with self._flush_lock:
             await self._flush()
 
-    async def _flush(self) -> None:
-        """Send pending settlements (call with the flush lock held)."""
+    async def _flush(self) -> BrokerConnectionError | None:
+        """Send pending settlements (call with the flush lock held); the error when
+        Redis was unreachable (they were put back for the next try)."""
         batch = self._take_batch()
         if batch is None:
-            return
+            return None
         try:
             with anyio.CancelScope(shield=True), _mapped("settling deliveries"):
                 results = await self._broker._eval_many(batch.calls(self._opts.group))
         except BrokerError as e:
             self._settled(batch, e, [])
-        else:
-            self._settled(batch, None, results)
+            if isinstance(e, BrokerConnectionError) and not self._closed:
+                return e
+            return None
+        self._settled(batch, None, results)
+        return None
 
     def _settled(self, batch: _Batch, error: BrokerError | None, results: list[Any]) -> None:
+        if isinstance(error, BrokerConnectionError) and not self._closed:
+            # The settle script is idempotent (each settlement is gated by its XACK):
+            # send these again with the next batch once Redis is back.
+            self._batch.merge(batch)
+            return
         for result in results:
             if isinstance(result, Exception):
                 error = _as_broker_error("settling deliveries", result)
@@ -1013,7 +1216,10 @@ class RedisConsumer(ReceiveIteration):
         else:
             missing = sum(r[1] for r in results)
             lost = sum(r[2] for r in results)
-            if missing:
+            if missing and batch.retried:
+                log.info("settlements sent again after a lost connection had been applied "
+                         "already", consumer=self.name, count=missing)
+            elif missing:
                 log.warning("settled deliveries that were no longer pending: settled by "
                             "another consumer after a reclaim (they ran twice), or lost by "
                             "Redis", consumer=self.name, count=missing)
@@ -1047,7 +1253,7 @@ class RedisBroker:
         self.namespace = namespace
         self.options = options or RedisBrokerOptions()
         self.capabilities = Capabilities(max_priority=BANDS - 1, native_delay=True,
-                                         max_message_bytes=512 * 1024 * 1024,
+                                         max_message_bytes=self.options.max_message_bytes,
                                          lease_s=self.options.lease_s)
         self._prefix = f"{namespace}:" if namespace else "taskloom:"
         self._queues: dict[str, _Queue] = {}
@@ -1080,7 +1286,10 @@ class RedisBroker:
 
     def _client(self, **overrides: Any) -> aioredis.Redis:
         kwargs: dict[str, Any] = {
-            "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1),
+            # No silent retry inside redis-py: a script whose reply timed out may
+            # have run (a fetch that filled the pending list, a settlement); the
+            # consumer's own recovery knows how to check, a blind resend does not.
+            "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=0),
             "socket_connect_timeout": 5.0,
             "socket_timeout": 10.0,
             **overrides,
@@ -1106,7 +1315,9 @@ class RedisBroker:
             for script in _SCRIPTS:
                 pipe.execute_command("SCRIPT", "LOAD", script.source)
             await pipe.execute()
-        except (rex.RedisError, OSError) as e:
+        except Exception as e:
+            if not (isinstance(e, rex.RedisError) or is_connection_failure(e)):
+                raise
             await client.aclose()
             raise ConnectionFailed(
                 f"could not connect to Redis at {_redact(self.url)}: {e}; check the URL "

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -52,6 +53,7 @@ import redis.exceptions as rex
 import structlog
 from redis.asyncio.connection import AbstractConnection
 
+from brokers.base import is_connection_failure
 from runtime.errors import (
     ConfigError,
     ConnectionFailed,
@@ -72,6 +74,10 @@ log = structlog.get_logger(__name__)
 #: A terminal result up to this size rides in its completion message, so the
 #: waiter needs no GET; a bigger one is fetched.
 _INLINE_NOTIFY_BYTES = 64 * 1024
+#: redis-py's own "the connection is not usable" types (see ``_errors``).
+_CONNECTION_ERRORS = (rex.ConnectionError, rex.TimeoutError)
+#: Longest pause (before jitter) of the revocation watch between reconnections.
+_WAIT_RETRY_MAX_S = 2.0
 _CONNECT_TIMEOUT_S = 5.0
 _SOCKET_TIMEOUT_S = 10.0
 _MAX_CONNECTIONS = 32
@@ -343,7 +349,9 @@ class RedisResultStore:
         try:
             await _execute(client, "PING")
             await self._load_scripts(client)
-        except (rex.RedisError, OSError) as e:
+        except Exception as e:
+            if not (isinstance(e, rex.RedisError) or is_connection_failure(e)):
+                raise
             await client.aclose()
             raise ConnectionFailed(
                 f"cannot open the result store at {self._where}: {type(e).__name__}: {e}; "
@@ -384,23 +392,29 @@ class RedisResultStore:
 
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
-        """Map redis-py errors to taskloom errors at the boundary."""
+        """Map redis-py errors to taskloom errors at the boundary: every connection
+        failure (as :func:`brokers.base.is_connection_failure` sees it: resets,
+        timeouts, a write on a transport a reset closed) is ``ResultStoreUnavailable``."""
         try:
             yield
-        except (rex.ConnectionError, rex.TimeoutError, OSError) as e:
-            raise ResultStoreUnavailable(
-                f"could not {doing}: the result store at {self._where} is unreachable "
-                f"({type(e).__name__}: {e}); check that Redis is running; "
-                "the call can be retried") from e
+        except (ResultError, DecodeError, EncodeError):
+            raise
         except rex.ResponseError as e:
             if str(e).startswith(_TRANSIENT):
                 raise ResultStoreUnavailable(
                     f"could not {doing}: the result store at {self._where} refused for now "
                     f"({e}); the call can be retried once Redis recovers") from e
             raise ResultError(f"could not {doing}: Redis at {self._where} refused: {e}") from e
-        except rex.RedisError as e:
-            raise ResultError(f"could not {doing} in the result store at {self._where}: "
-                              f"{type(e).__name__}: {e}") from e
+        except Exception as e:
+            if is_connection_failure(e, _CONNECTION_ERRORS):
+                raise ResultStoreUnavailable(
+                    f"could not {doing}: the result store at {self._where} is unreachable "
+                    f"({type(e).__name__}: {e}); check that Redis is running; "
+                    "the call can be retried") from e
+            if isinstance(e, rex.RedisError):
+                raise ResultError(f"could not {doing} in the result store at {self._where}: "
+                                  f"{type(e).__name__}: {e}") from e
+            raise
 
     # -- keys ------------------------------------------------------------------------
 
@@ -580,7 +594,14 @@ class RedisResultStore:
                     nonlocal failure
                     try:
                         await loop(conn)
-                    except (rex.RedisError, OSError) as e:
+                    except Exception as e:
+                        # whatever broke (a reset, a write on a closed transport, a
+                        # reply it could not parse), the waiters are woken with
+                        # ResultStoreUnavailable and the next wait reconnects: the
+                        # listener never takes the store's task group down
+                        if not is_connection_failure(e, _CONNECTION_ERRORS):
+                            log.error("result notifications failed", where=self._where,
+                                      error_type=type(e).__name__, error=str(e))
                         failure = failure or e
                     tg.cancel_scope.cancel()
 
@@ -682,6 +703,7 @@ class RedisResultStore:
         drops; raises ``ResultStoreUnavailable`` if the first connection fails."""
         started = False
         backoff = 0.1
+        down_since: float | None = None
         while True:
             client = self._client()
             pool = client.connection_pool
@@ -704,6 +726,10 @@ class RedisResultStore:
                 if not started:
                     started = True
                     task_status.started()
+                if down_since is not None:
+                    log.warning("revocation watch reconnected", where=self._where,
+                                down_s=round(time.monotonic() - down_since, 2))
+                    down_since = None
                 backoff = 0.1
                 with self._errors("watch revocations"):
                     while True:
@@ -714,13 +740,15 @@ class RedisResultStore:
             except ResultStoreUnavailable as e:
                 if not started:
                     raise
-                log.warning("revocation watch lost its connection; reconnecting",
-                            where=self._where, error=str(e), retry_in_s=backoff)
+                if down_since is None:  # one line per outage, not one per attempt
+                    down_since = time.monotonic()
+                    log.warning("revocation watch lost its connection; reconnecting with "
+                                "backoff", where=self._where, error=str(e))
             finally:
                 with anyio.CancelScope(shield=True):
                     await conn.disconnect(nowait=True)
-            await anyio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            await anyio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, _WAIT_RETRY_MAX_S)
 
     # -- joins and claims ------------------------------------------------------------
 
