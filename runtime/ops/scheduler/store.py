@@ -200,7 +200,9 @@ class MemoryScheduleStore:
             self._lease = None
 
     async def lease_ttl_ms(self) -> int:
-        return 0 if self._lease is None else 2**31
+        # a second scheduler in one process exists only while the first stops
+        # (its release is a moment away): look again shortly
+        return 0 if self._lease is None else 100
 
     async def claim_tick(self, token: str, name: str, tick_ms: int, state: ScheduleState,
                          ttl_ms: int) -> Claim:
