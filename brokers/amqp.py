@@ -561,6 +561,8 @@ class AmqpConsumer(ReceiveIteration):
         #: Deliveries received so far (the watchdog compares it between checks).
         self._received = 0
         self._probe_channel: aiormq.abc.AbstractChannel | None = None
+        #: The prefetch of each queue when it is split between queues (0: shared).
+        self._per_queue = 0
 
     # -- the broker side ---------------------------------------------------------------
 
@@ -578,6 +580,8 @@ class AmqpConsumer(ReceiveIteration):
                 # Quorum queues have no global qos: the prefetch is split between queues.
                 per = max(1, self._prefetch // len(self._queues))
                 self._credit = per * len(self._queues)
+                if len(self._queues) > 1:
+                    self._per_queue = per
                 await channel.set_qos(prefetch_count=per)
             channel.reopen_callbacks.add(self._on_reopen)
             await self._subscribe()
@@ -681,8 +685,19 @@ class AmqpConsumer(ReceiveIteration):
         """Messages ready in this consumer's queues, asked on a channel of its own;
         TimeoutError when RabbitMQ does not answer within ``timeout``."""
         ready = 0
+        full: set[str] = set()
+        if self._per_queue:  # a queue at its own prefetch gets nothing more: skip it
+            tags = self._tags
+            names = [tags[tag].name for m in self._buffer
+                     if isinstance(m.delivery, Basic.Deliver)
+                     and (tag := m.delivery.consumer_tag or "") in tags]
+            full = {q.name for q in self._queues
+                    if self._held.get(q.name, 0) + names.count(q.name) + self._pending_acks
+                    >= self._per_queue}
         with anyio.fail_after(timeout):
             for q in self._queues:
+                if q.name in full:
+                    continue
                 channel = self._probe_channel
                 if channel is None or channel.is_closed or channel.connection is not connection:
                     channel = self._probe_channel = await connection.channel(
