@@ -1,6 +1,6 @@
 """The broker fixture: one contract suite, parametrised over every broker.
 
-A broker joins the suite by appearing in ``_URLS``/``BROKERS`` (the AMQP broker
+A broker joins the suite by appearing in ``URLS``/``BROKERS`` (the AMQP broker
 joins automatically once ``brokers/amqp.py`` exists). Every test gets a fresh
 broker in a unique namespace, cleaned up with ``purge_namespace()`` where the
 broker has it.
@@ -17,7 +17,7 @@ import pytest
 import brokers
 from tests.conftest import AMQP_URL, REDIS_URL, server_missing
 
-_URLS = {"memory": "memory://", "redis": REDIS_URL, "amqp": AMQP_URL}
+URLS = {"memory": "memory://", "redis": REDIS_URL, "amqp": AMQP_URL}
 
 BROKERS = [pytest.param("memory", id="memory")]
 if importlib.util.find_spec("brokers.redis") is not None:
@@ -29,7 +29,7 @@ if importlib.util.find_spec("brokers.amqp") is not None:
 @pytest.fixture(params=BROKERS)
 async def broker(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[Any]:
     kind: str = request.param
-    b = brokers.from_url(_URLS[kind], namespace=namespace)
+    b = brokers.from_url(URLS[kind], namespace=namespace)
     try:
         await b.__aenter__()
     except brokers.ConnectionFailed as e:
@@ -43,6 +43,12 @@ async def broker(request: pytest.FixtureRequest, namespace: str) -> AsyncIterato
                 await cleanup()
         finally:
             await b.__aexit__(None, None, None)
+
+
+@pytest.fixture
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """The kind of broker ("memory", "redis", "amqp") of the test's ``broker`` param."""
+    return str(request.node.callspec.params["broker"])
 
 
 @pytest.fixture

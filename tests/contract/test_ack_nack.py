@@ -10,6 +10,7 @@ from brokers.base import DeliveryAlreadySettled
 from tests.contract.helpers import assert_nothing_arrives, env, recv
 
 
+@pytest.mark.promise(4)
 async def test_ack_removes_the_message(broker: Any, queue: str) -> None:
     await broker.publish(env(queue, "m1"))
     async with broker.consume([queue], prefetch=1) as consumer:
@@ -21,6 +22,7 @@ async def test_ack_removes_the_message(broker: Any, queue: str) -> None:
         await assert_nothing_arrives(consumer)
 
 
+@pytest.mark.promise(3)
 async def test_nack_requeues_with_delivery_count_plus_one(broker: Any, queue: str) -> None:
     await broker.publish(env(queue, "m1", b"payload", headers={"k": "v"}))
     async with broker.consume([queue], prefetch=1) as consumer:
@@ -38,6 +40,7 @@ async def test_nack_requeues_with_delivery_count_plus_one(broker: Any, queue: st
         await third.ack()
 
 
+@pytest.mark.promise(4)
 async def test_settling_twice_with_the_same_verb_is_a_no_op(broker: Any, queue: str) -> None:
     await broker.publish_many([env(queue, "acked"), env(queue, "nacked"), env(queue, "dead")])
     async with broker.consume([queue], prefetch=3) as consumer:
@@ -61,6 +64,7 @@ async def test_settling_twice_with_the_same_verb_is_a_no_op(broker: Any, queue: 
 @pytest.mark.parametrize(("first", "second"), [
     ("ack", "nack"), ("ack", "dead_letter"), ("nack", "ack"), ("dead_letter", "ack"),
 ])
+@pytest.mark.promise(4)
 async def test_settling_with_another_verb_raises(
     broker: Any, queue: str, first: str, second: str
 ) -> None:
@@ -80,6 +84,7 @@ async def test_settling_with_another_verb_raises(
             await (await recv(consumer)).ack()
 
 
+@pytest.mark.promise(3)
 async def test_extend_keeps_the_delivery(broker: Any, queue: str) -> None:
     """extend() neither settles nor redelivers: the message stays held by its
     consumer (in flight, offered to no one else), and a heartbeat is not a delivery

@@ -10,6 +10,7 @@ import pytest
 from tests.contract.helpers import WAIT_S, env, recv, recv_n
 
 
+@pytest.mark.promise(3, 7)
 async def test_unsettled_delivery_is_redelivered_when_its_consumer_closes(
     broker: Any, queue: str
 ) -> None:
@@ -25,6 +26,7 @@ async def test_unsettled_delivery_is_redelivered_when_its_consumer_closes(
     assert (stats.ready, stats.in_flight) == (0, 0)
 
 
+@pytest.mark.promise(3, 7)
 async def test_prefetched_deliveries_come_back_when_the_consumer_closes(
     broker: Any, queue: str
 ) -> None:
@@ -42,6 +44,7 @@ async def test_prefetched_deliveries_come_back_when_the_consumer_closes(
             await d.ack()
 
 
+@pytest.mark.promise(3, 7)
 async def test_cancelling_a_consumer_returns_its_deliveries(broker: Any, queue: str) -> None:
     await broker.publish(env(queue, "m1"))
     holding = anyio.Event()
@@ -63,6 +66,7 @@ async def test_cancelling_a_consumer_returns_its_deliveries(broker: Any, queue: 
         await again.ack()
 
 
+@pytest.mark.promise(7)
 async def test_cancelling_a_waiting_receive_leaves_the_consumer_usable(
     broker: Any, queue: str
 ) -> None:
@@ -75,6 +79,7 @@ async def test_cancelling_a_waiting_receive_leaves_the_consumer_usable(
         await delivery.ack()
 
 
+@pytest.mark.promise(7)
 async def test_closed_consumer_ends_its_stream(broker: Any, queue: str) -> None:
     await broker.publish(env(queue, "m1"))
     async with broker.consume([queue], prefetch=1) as consumer:
@@ -89,6 +94,7 @@ async def test_closed_consumer_ends_its_stream(broker: Any, queue: str) -> None:
         await delivery.ack()
 
 
+@pytest.mark.promise(7)
 async def test_receive_blocked_on_an_empty_queue_ends_when_closed(
     broker: Any, queue: str
 ) -> None:

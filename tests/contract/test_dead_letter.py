@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.contract.helpers import assert_nothing_arrives, env, recv
+
+pytestmark = pytest.mark.promise(6)
 
 
 async def test_dead_letter_keeps_reason_and_never_returns(broker: Any, queue: str) -> None:

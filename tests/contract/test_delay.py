@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import pytest
 
 from tests.contract.helpers import DELAY_S, env, recv
+
+pytestmark = pytest.mark.promise(5)
 
 
 async def test_publish_with_delay_is_not_early(broker: Any, queue: str) -> None:

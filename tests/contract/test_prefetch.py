@@ -8,6 +8,8 @@ import pytest
 
 from tests.contract.helpers import assert_nothing_arrives, env, recv, recv_n
 
+pytestmark = pytest.mark.promise(8)
+
 
 @pytest.mark.parametrize("prefetch", [1, 3])
 async def test_consumer_holds_at_most_prefetch_unsettled(

@@ -12,6 +12,8 @@ import pytest
 
 from tests.contract.helpers import env, recv
 
+pytestmark = pytest.mark.promise(9)
+
 
 def expected(broker: Any, published: list[tuple[str, int]]) -> list[str]:
     """The ids in the order promise 9 requires for this broker."""

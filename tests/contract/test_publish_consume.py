@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import pytest
 
 from brokers.base import Envelope
 from tests.contract.helpers import env, recv, recv_n
 
 
+@pytest.mark.promise(1, 2)
 async def test_round_trip_keeps_id_headers_and_body_bytes(broker: Any, queue: str) -> None:
     body = bytes(range(256)) * 8 + b"\x00\r\n"
     headers = {"traceparent": "00-abc-def-01", "content-type": "application/json",
@@ -25,6 +27,7 @@ async def test_round_trip_keeps_id_headers_and_body_bytes(broker: Any, queue: st
         await delivery.ack()
 
 
+@pytest.mark.promise(1)
 async def test_empty_body_round_trips(broker: Any, queue: str) -> None:
     await broker.publish(Envelope(id="empty", queue=queue, body=b""))
     async with broker.consume([queue], prefetch=1) as consumer:
@@ -33,6 +36,7 @@ async def test_empty_body_round_trips(broker: Any, queue: str) -> None:
         await delivery.ack()
 
 
+@pytest.mark.promise(1)
 async def test_publish_many_delivers_every_message_once(broker: Any, queue: str) -> None:
     ids = [f"m{i}" for i in range(200)]
     await broker.publish_many([env(queue, i) for i in ids])
@@ -54,6 +58,7 @@ async def test_publish_many_of_nothing_is_fine(broker: Any, queue: str) -> None:
     assert (await broker.stats(queue)).ready == 0
 
 
+@pytest.mark.promise(2)
 async def test_declare_is_idempotent(broker: Any, queue: str) -> None:
     await broker.declare(queue)
     await broker.declare(queue)
@@ -62,6 +67,7 @@ async def test_declare_is_idempotent(broker: Any, queue: str) -> None:
     assert (await broker.stats(queue)).ready == 1
 
 
+@pytest.mark.promise(2)
 async def test_consumer_of_several_queues_gets_from_each(broker: Any) -> None:
     await broker.publish(env("a", "from-a"))
     await broker.publish(env("b", "from-b"))

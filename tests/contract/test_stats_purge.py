@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.contract.helpers import assert_nothing_arrives, env, recv
 
 
+@pytest.mark.promise(4)
 async def test_stats_count_ready_delayed_in_flight_and_dead(broker: Any, queue: str) -> None:
     await broker.declare(queue)
     assert await broker.stats(queue) == type(await broker.stats(queue))()
