@@ -53,3 +53,14 @@ def known_broken(request: pytest.FixtureRequest, kind: str, promise: int) -> Non
     reason = KNOWN_BROKEN.get((kind, promise))
     if reason is not None:
         request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+
+
+async def open_client(broker: Any, kind: str) -> Any:
+    """Another connected client of the same server and namespace as ``broker`` (a
+    Redis or AMQP broker; the memory broker has no other client). The caller closes it."""
+    import brokers
+    from tests.contract.conftest import URLS
+
+    other = brokers.from_url(URLS[kind], namespace=broker.namespace)
+    await other.__aenter__()
+    return other

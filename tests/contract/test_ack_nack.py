@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from brokers.base import DeliveryAlreadySettled
-from tests.contract.helpers import assert_nothing_arrives, env, recv
+from tests.contract.helpers import assert_nothing_arrives, env, open_client, recv, recv_n
 
 
 @pytest.mark.promise(4)
@@ -63,6 +63,7 @@ async def test_settling_twice_with_the_same_verb_is_a_no_op(broker: Any, queue: 
 
 @pytest.mark.parametrize(("first", "second"), [
     ("ack", "nack"), ("ack", "dead_letter"), ("nack", "ack"), ("dead_letter", "ack"),
+    ("nack", "dead_letter"), ("dead_letter", "nack"),
 ])
 @pytest.mark.promise(4)
 async def test_settling_with_another_verb_raises(
@@ -80,8 +81,11 @@ async def test_settling_with_another_verb_raises(
         await settle(delivery, first)
         with pytest.raises(DeliveryAlreadySettled):
             await settle(delivery, second)
-        if first == "nack":
+        if first == "nack":  # the first verb stands: back in the queue, not dead
             await (await recv(consumer)).ack()
+        await assert_nothing_arrives(consumer)
+    dead = await broker.dead_letters(queue)
+    assert [d.envelope.id for d in dead] == (["m1"] if first == "dead_letter" else [])
 
 
 @pytest.mark.promise(3)
@@ -107,3 +111,25 @@ async def test_extend_keeps_the_delivery(broker: Any, queue: str) -> None:
         await delivery.extend()
     stats = await broker.stats(queue)
     assert (stats.ready, stats.in_flight) == (0, 0)
+
+
+@pytest.mark.promise(4)
+async def test_settlements_reach_the_server_before_aclose_returns(
+    broker: Any, queue: str, broker_kind: str
+) -> None:
+    """A broker may batch settlements, but closing it flushes them: another client
+    then sees every ack and dead letter, and nothing is redelivered."""
+    await broker.publish_many([env(queue, f"m{i}") for i in range(20)])
+    client = broker if broker_kind == "memory" else await open_client(broker, broker_kind)
+    async with client.consume([queue], prefetch=20) as consumer:
+        for d in await recv_n(consumer, 20):
+            if d.envelope.id == "m7":
+                await d.dead_letter("bad")
+            else:
+                await d.ack()
+    if client is not broker:
+        await client.__aexit__(None, None, None)  # at once: no time for a lazy flush
+    stats = await broker.stats(queue)
+    assert (stats.ready, stats.in_flight, stats.dead) == (0, 0, 1)
+    async with broker.consume([queue], prefetch=1) as consumer:
+        await assert_nothing_arrives(consumer)

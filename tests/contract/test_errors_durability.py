@@ -8,10 +8,8 @@ from typing import Any
 
 import pytest
 
-import brokers
 from brokers.base import DeliveryAlreadySettled
-from tests.contract.conftest import URLS
-from tests.contract.helpers import env, known_broken, recv, recv_n
+from tests.contract.helpers import env, known_broken, open_client, recv, recv_n
 
 
 class CallersOwnError(Exception):
@@ -21,11 +19,7 @@ class CallersOwnError(Exception):
 async def observer(broker: Any, kind: str) -> Any:
     """A second, independent client of the same broker and namespace (the memory
     broker has no other client than itself)."""
-    if kind == "memory":
-        return broker
-    other = brokers.from_url(URLS[kind], namespace=broker.namespace)
-    await other.__aenter__()
-    return other
+    return broker if kind == "memory" else await open_client(broker, kind)
 
 
 @pytest.mark.promise(1)
