@@ -7,6 +7,25 @@ The envelope headers carry how the body was made:
 ``ct`` content type (``json`` | ``msgpack``), ``ce`` content encoding
 (``zlib`` when compressed), ``kid`` and ``sig`` the signing key id and the
 hex HMAC-SHA256 of the body (over the bytes as sent, compressed or not).
+
+What the signature covers, and what the worker trusts: **only the body**.
+Every decision the worker makes (which task, which arguments, which ids it
+may write results for, retries, time limits, follow-ups) comes from the
+decoded body, which the signature covers. The headers only say how to check
+and read that body: ``kid`` picks the key, ``sig`` is checked against it, and
+``ct``/``ce`` pick the decoder; a forged ``ct`` or ``ce`` can only make a
+signed body fail to decode (JSON is never valid MessagePack for a message,
+nor the reverse, nor either a zlib stream), never make it say something else.
+What the broker adds (delivery count, envelope id, queue, priority) is not
+signed and is used for logs and for the ``delivery_count`` recorded in a
+result only, clamped to a bounded int, never to decide anything.
+
+Every header is validated before use: a header that is not a string, an
+unknown ``ct``/``ce``, a ``kid`` that is not a known key id or a ``sig`` that
+is not 64 lowercase hex digits ends as ``decode_error`` or ``bad_signature``,
+never as an internal error. Numbers in the body are bounded at decode time
+(see :mod:`runtime.messages`); the worker then checks the message's canvas
+references (``bad_message``), so a message only writes results for ids it owns.
 """
 
 from __future__ import annotations
@@ -20,6 +39,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from runtime.deadletters import DeadLetterReason
 from runtime.errors import ConfigError, DecodeError, EncodeError, PayloadTooLarge
 from runtime.messages import TaskMessage
 
@@ -30,6 +50,24 @@ Format = Literal["json", "msgpack"]
 DEFAULT_MAX_BYTES = 1024 * 1024
 
 _TaskDecoder = msgspec.json.Decoder[TaskMessage] | msgspec.msgpack.Decoder[TaskMessage]
+
+_DECODE_ERROR = DeadLetterReason.DECODE_ERROR
+_BAD_SIGNATURE = DeadLetterReason.BAD_SIGNATURE
+_TOO_LARGE = DeadLetterReason.TOO_LARGE
+_HEX = frozenset("0123456789abcdef")
+_SIG_LEN = 64
+_MAX_KID_LEN = 128
+
+
+def _header(headers: Mapping[str, str], name: str, reason: DeadLetterReason) -> str | None:
+    """Header ``name``, or None; anything but a string is ``reason``."""
+    try:
+        value = headers.get(name)
+    except Exception:  # not a mapping at all: whatever the broker handed over
+        raise DecodeError(_DECODE_ERROR, "the envelope headers are not a mapping") from None
+    if value is None or isinstance(value, str):
+        return value
+    raise DecodeError(reason, f"header {name!r} is not a string")
 
 
 def _check_finite(value: Any, task: str) -> None:
@@ -129,46 +167,56 @@ class Codec:
         return body, headers
 
     def decode(self, body: bytes, headers: Mapping[str, str]) -> TaskMessage:
-        """The message in ``body``; raises DecodeError with a DLQ reason."""
+        """The message in ``body``; raises DecodeError with a DLQ reason
+        (a :class:`~runtime.deadletters.DeadLetterReason`) for any input."""
+        if not isinstance(body, bytes):
+            if not isinstance(body, (bytearray, memoryview)):
+                raise DecodeError(_DECODE_ERROR, f"the body is a {type(body).__name__}, not bytes")
+            body = bytes(body)
         if len(body) > self.max_message_bytes:
-            raise DecodeError("too_large", f"{len(body)} bytes, limit {self.max_message_bytes}")
+            raise DecodeError(_TOO_LARGE, f"{len(body)} bytes, limit {self.max_message_bytes}")
         if self._keys:
             self._verify(body, headers)
-        if headers.get("ce") == "zlib":
+        ce = _header(headers, "ce", _DECODE_ERROR)
+        if ce == "zlib":
             body = self._inflate(body)
-        elif "ce" in headers:
-            raise DecodeError("decode_error", f"unknown content encoding {headers['ce']!r}")
-        decoder = self._task_decoders.get(headers.get("ct", "json"))
+        elif ce is not None:
+            raise DecodeError(_DECODE_ERROR, f"unknown content encoding {ce[:32]!r}")
+        ct = _header(headers, "ct", _DECODE_ERROR)
+        decoder = self._task_decoders.get(ct if ct is not None else "json")
         if decoder is None:
-            raise DecodeError("decode_error", f"unsupported content type {headers.get('ct')!r}")
+            raise DecodeError(_DECODE_ERROR, f"unsupported content type {(ct or '')[:32]!r}")
         try:
             message: TaskMessage = decoder.decode(body)
         except msgspec.DecodeError as e:
             if "`$.v`" in str(e):
-                raise DecodeError("decode_error", f"unsupported message version ({e}); this "
+                raise DecodeError(_DECODE_ERROR, f"unsupported message version ({e}); this "
                                   "worker reads version 1: upgrade the worker") from None
-            raise DecodeError("decode_error", str(e)) from None
+            raise DecodeError(_DECODE_ERROR, str(e)) from None
         except RecursionError:
-            raise DecodeError("decode_error", "the message is nested too deeply") from None
+            raise DecodeError(_DECODE_ERROR, "the message is nested too deeply") from None
         return message
 
     def _verify(self, body: bytes, headers: Mapping[str, str]) -> None:
-        kid, sig = headers.get("kid"), headers.get("sig")
+        kid = _header(headers, "kid", _BAD_SIGNATURE)
+        sig = _header(headers, "sig", _BAD_SIGNATURE)
         if kid is None or sig is None:
-            raise DecodeError("bad_signature", "the message is not signed")
-        key = self._keys.get(kid)
+            raise DecodeError(_BAD_SIGNATURE, "the message is not signed")
+        key = self._keys.get(kid) if len(kid) <= _MAX_KID_LEN else None
         if key is None:
-            raise DecodeError("bad_signature", f"unknown signing key id {kid!r}")
+            raise DecodeError(_BAD_SIGNATURE, f"unknown signing key id {kid[:_MAX_KID_LEN]!r}")
+        if len(sig) != _SIG_LEN or not _HEX.issuperset(sig):
+            raise DecodeError(_BAD_SIGNATURE, "the signature is not 64 lowercase hex digits")
         expected = hmac.new(key, body, hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, sig):
-            raise DecodeError("bad_signature", "the signature does not match the body")
+            raise DecodeError(_BAD_SIGNATURE, "the signature does not match the body")
 
     def _inflate(self, body: bytes) -> bytes:
         d = zlib.decompressobj()
         try:
             out = d.decompress(body, self.max_message_bytes * 4)
         except zlib.error as e:
-            raise DecodeError("decode_error", f"bad zlib data: {e}") from None
+            raise DecodeError(_DECODE_ERROR, f"bad zlib data: {e}") from None
         if d.unconsumed_tail:
-            raise DecodeError("too_large", "the message inflates past 4x the size limit")
+            raise DecodeError(_TOO_LARGE, "the message inflates past 4x the size limit")
         return out

@@ -3,12 +3,22 @@
 Every message carries its version as the tag ``v`` (missing means 1). Decoding is strict (no str/number
 coercion); unknown fields are ignored so that newer producers can add
 optional fields without breaking older workers.
+
+Every number a worker reads from a task message is bounded at decode time
+(``attempt``, ``retries``, ``priority``, times, ``timeout``, a chord
+reference's index and size), so nothing it later writes (results, retries,
+dead letters) can fail to encode; a message out of range is a
+``decode_error``. The worker then checks the canvas references
+(:func:`check_references`) before anything runs: a failure is ``bad_message``.
+These checks reject only values no producer of this version sends: the
+format is unchanged.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Any
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import msgspec
 
@@ -24,9 +34,27 @@ __all__ = [
     "State",
     "TaskMessage",
     "TaskOptions",
+    "check_references",
+    "final_id",
+    "owned_downstream",
 ]
 
 VERSION = 1
+
+#: The largest count (attempt, retries, chord size) a message may carry.
+MAX_COUNT = 2**31 - 1
+#: The largest epoch-millisecond time a message may carry (year ~287,000).
+MAX_TIME_MS = 2**53
+#: The longest time limit a message may carry, in seconds (~31 years).
+MAX_TIMEOUT_S = 1e9
+
+_Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+_Attempt = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]
+_Size = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]
+_Priority = Annotated[int, msgspec.Meta(ge=0, le=9)]
+_TimeMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TIME_MS)]
+_Timeout = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_TIMEOUT_S)]
+_Id = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class State(enum.StrEnum):
@@ -97,9 +125,9 @@ class ChordRef(msgspec.Struct, frozen=True, kw_only=True):
     """Carried by each member of a chord header (or of a group that must be
     joined): where to count it and what to run once all are in."""
 
-    id: str
-    index: int
-    size: int
+    id: _Id
+    index: _Count
+    size: _Size
     #: What runs with the ordered results; None stores the list as the result.
     body: Node | None = None
     #: What follows the join (the rest of an enclosing chain).
@@ -112,19 +140,19 @@ class TaskMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
                   tag_field="v", tag=VERSION):
     """One task to run. ``"v": 1`` is on the wire; another version is refused."""
 
-    id: str
+    id: _Id
     task: str
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     queue: str = "default"
-    priority: int = 0
-    attempt: int = 1
+    priority: _Priority = 0
+    attempt: _Attempt = 1
     #: Absolute times in epoch milliseconds (UTC), informational for eta and
     #: enforced for expiry; delays travel as relative seconds on the envelope.
-    eta_ms: int | None = None
-    expires_ms: int | None = None
-    retries: int | None = None
-    timeout: float | None = None
+    eta_ms: _TimeMs | None = None
+    expires_ms: _TimeMs | None = None
+    retries: _Count | None = None
+    timeout: _Timeout | None = None
     parent_id: str | None = None
     root_id: str | None = None
     #: The rest of a chain: run after this task with its result.
@@ -138,6 +166,46 @@ class TaskMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
     #: At most one execution per id (the worker claims the id first).
     once: bool = False
     headers: dict[str, str] = {}
+
+
+def final_id(node: Node) -> str:
+    """The id a node's outcome is stored under."""
+    if isinstance(node, ChordNode):
+        return final_id(node.body) if node.body is not None else node.id
+    return node.id
+
+
+def owned_downstream(links: Sequence[Node], ref: ChordRef | None) -> list[str]:
+    """The ids that wait on a message with these ``links`` and ``chord``: the
+    final ids of its later chain steps and of every enclosing join, its body
+    and the steps after it. The only ids besides its own a message may write
+    a result for (a failure that reaches them)."""
+    ids = [final_id(n) for n in links]
+    while ref is not None:
+        ids.append(ref.id)
+        if ref.body is not None:
+            ids.append(final_id(ref.body))
+        ids.extend(final_id(n) for n in ref.links)
+        ref = ref.outer
+    return ids
+
+
+def check_references(message: TaskMessage) -> str | None:
+    """What is wrong with the canvas references of ``message`` (None if
+    nothing): every chord reference's index must be below its size, and its
+    ``downstream`` ids must be among those its own links and chord name, so
+    that a message only ever writes results for ids it owns."""
+    ref = message.chord
+    while ref is not None:
+        if ref.index >= ref.size:
+            return f"chord {ref.id!r}: member index {ref.index} is outside 0..{ref.size - 1}"
+        ref = ref.outer
+    if message.downstream:
+        owned = set(owned_downstream(message.links, message.chord))
+        if not owned.issuperset(message.downstream):
+            return ("downstream names ids that the message's own links and chord do not; "
+                    "refusing to write results for them")
+    return None
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):

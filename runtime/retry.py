@@ -6,7 +6,7 @@ import random
 
 import msgspec
 
-__all__ = ["RetryPolicy", "next_delay"]
+__all__ = ["Backoff", "RetryPolicy", "next_delay"]
 
 
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,3 +46,31 @@ def next_delay(attempt: int, policy: RetryPolicy, rng: random.Random | None = No
         return raw
     low = raw * (1.0 - policy.jitter)
     return (rng or random).uniform(low, raw)
+
+
+class Backoff:
+    """Delays for retrying an operation in place (a result-store write while
+    the store is down): exponential from ``first_s``, capped at ``cap_s``,
+    each drawn from ``[d * (1 - jitter), d]`` so that many waiters do not
+    retry in step. Never zero, so a retry loop never spins."""
+
+    __slots__ = ("_delay", "_rng", "cap_s", "factor", "first_s", "jitter")
+
+    def __init__(self, first_s: float = 0.05, cap_s: float = 5.0, *, factor: float = 2.0,
+                 jitter: float = 0.5, rng: random.Random | None = None) -> None:
+        if not 0 < first_s <= cap_s:
+            raise ValueError(f"need 0 < first_s <= cap_s, got first_s={first_s}, cap_s={cap_s}")
+        if factor < 1.0 or not 0.0 <= jitter < 1.0:
+            raise ValueError(f"need factor >= 1 and 0 <= jitter < 1, got {factor}, {jitter}")
+        self.first_s = first_s
+        self.cap_s = cap_s
+        self.factor = factor
+        self.jitter = jitter
+        self._rng = rng or random
+        self._delay = first_s
+
+    def next(self) -> float:
+        """The delay before the next try (grows until the cap)."""
+        delay = self._delay
+        self._delay = min(delay * self.factor, self.cap_s)
+        return self._rng.uniform(delay * (1.0 - self.jitter), delay)

@@ -4,9 +4,16 @@ Late ack: a delivery is settled only after its outcome is stored and its
 follow-ups (next chain step, retry, join) are published, so a worker dying at
 any point leaves the message to be delivered again (at least once).
 
-Dead-letter reasons: ``decode_error``, ``bad_signature``, ``too_large``,
-``unknown_task``, ``bad_arguments``, ``rejected``, ``failed`` (out of
-retries), ``delivery_limit`` (set by brokers).
+While the result store is down, every write (and join, and claim) is retried
+in place with a capped, jittered backoff until it succeeds, holding the
+delivery unsettled; one log line marks the start of an outage and one its
+end. If the worker is stopped meanwhile, the delivery is left unsettled and
+goes back to the broker. Once a task has run, nothing unexpected (a bug, a
+broker error while sending follow-ups) turns it into a dead letter: its
+delivery is released (``nack``) to run again.
+
+Dead-letter reasons: :class:`runtime.deadletters.DeadLetterReason`, the one
+list, documented in the README.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -28,6 +35,7 @@ import structlog
 
 from brokers.base import BrokerConnectionError, Consumer, Delivery
 from runtime import canvas
+from runtime.deadletters import DeadLetterReason as Why
 from runtime.errors import (
     ArgumentsError,
     ConfigError,
@@ -38,11 +46,21 @@ from runtime.errors import (
     Reject,
     ResultError,
     Retry,
+    TaskloomError,
 )
 from runtime.execution import ProcessRunner, TimeLimit, execute
-from runtime.messages import ChordRef, ErrorInfo, Result, SigNode, State, TaskMessage
+from runtime.messages import (
+    MAX_COUNT,
+    ChordRef,
+    ErrorInfo,
+    Result,
+    SigNode,
+    State,
+    TaskMessage,
+    check_references,
+)
 from runtime.middleware import CallNext, Middleware, TaskContext, build_chain
-from runtime.retry import next_delay
+from runtime.retry import Backoff, next_delay
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -51,7 +69,14 @@ __all__ = ["Worker"]
 
 log = structlog.get_logger("taskloom.worker")
 
+T = TypeVar("T")
+
+#: The cap of the backoff between result-store retries while it is down.
 _STORE_RETRY_MAX_S = 5.0
+#: How long a delivery released after an unexpected error stays invisible.
+_RELEASE_DELAY_S = 5.0
+#: Longest message id (set by whoever published) written to a log line.
+_MAX_ID_IN_LOG = 200
 
 
 #: How long a claim on an at-most-once message outlives a dead holder.
@@ -66,15 +91,73 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _error_info(exc: BaseException, reason: str) -> ErrorInfo:
+def _type_name(exc: BaseException) -> str:
     cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _error_info(exc: BaseException, reason: Why) -> ErrorInfo:
     return ErrorInfo(
-        type=name,
+        type=_type_name(exc),
         message=str(exc),
         traceback="".join(traceback.format_exception(exc)),
-        reason=reason,
+        reason=reason.value,
     )
+
+
+def _count(delivery: Delivery) -> int:
+    """The broker's delivery count, whatever the broker handed over, as an int
+    in 0..MAX_COUNT (it is not signed: recorded in results, never decided on)."""
+    try:
+        count = delivery.delivery_count
+    except Exception:
+        return 0
+    if not isinstance(count, int) or isinstance(count, bool):
+        return 0
+    return min(max(count, 0), MAX_COUNT)
+
+
+def _message_id(delivery: Delivery) -> str:
+    """The envelope id for a log line (not signed: any string, cut short)."""
+    try:
+        value = delivery.envelope.id
+    except Exception:
+        return "?"
+    return value[:_MAX_ID_IN_LOG] if isinstance(value, str) else "?"
+
+
+def _reason(value: str, default: Why) -> Why:
+    try:
+        return Why(value)
+    except ValueError:
+        return default
+
+
+class _Outage:
+    """Whether the result store is down, as this worker sees it: the first
+    failure of an outage logs one warning, the first success after it one
+    info line; the failures between are counted, not logged."""
+
+    __slots__ = ("failures", "since")
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.failures = 0
+
+    def failed(self, doing: str, error: Exception) -> None:
+        self.failures += 1
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("result store unavailable; finished tasks are held unacknowledged and "
+                        "their results retried until it is back", doing=doing,
+                        error_type=_type_name(error), error=str(error)[:300])
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            log.info("result store reachable again; resuming",
+                     down_s=round(time.monotonic() - self.since, 3), retries=self.failures)
+            self.since = None
+            self.failures = 0
 
 
 class Worker:
@@ -119,6 +202,7 @@ class Worker:
         self.processed = 0
         self.failed = 0
         self._changed: anyio.Event | None = None
+        self._outage = _Outage()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -227,16 +311,17 @@ class Worker:
         except BrokerConnectionError as e:
             # the broker will redeliver what we could not settle
             log.warning("could not settle a delivery; the broker will redeliver it",
-                        message_id=delivery.envelope.id, error=str(e))
+                        message_id=_message_id(delivery), error=str(e)[:300])
         except Exception as e:
-            # a bug of ours must not stop the worker or loop the message forever
-            log.exception("internal error handling a delivery; dead-lettering it",
-                          message_id=delivery.envelope.id)
+            # a bug of ours before the task ran: it must not stop the worker or
+            # loop the message forever (after it ran, _process releases instead)
+            log.error("internal error handling a delivery; dead-lettering it",
+                      message_id=_message_id(delivery), error_type=_type_name(e), exc_info=e)
             try:
-                await delivery.dead_letter(f"internal_error: {type(e).__name__}")
+                await delivery.dead_letter(Why.INTERNAL_ERROR)
             except Exception as settle_error:
                 log.warning("could not dead-letter after an internal error",
-                            message_id=delivery.envelope.id, error=str(settle_error))
+                            message_id=_message_id(delivery), error=str(settle_error)[:300])
         finally:
             self.in_flight -= 1
             self.processed += 1
@@ -248,15 +333,22 @@ class Worker:
         try:
             msg = rt.codec.decode(env.body, env.headers)
         except DecodeError as e:
-            log.error("dead-lettering an undecodable message", message_id=env.id,
-                      queue=env.queue, reason=e.reason, error=str(e))
-            await delivery.dead_letter(e.reason)
+            log.error("dead-lettering an undecodable message", message_id=_message_id(delivery),
+                      reason=e.reason, error=str(e)[:300])
+            await delivery.dead_letter(_reason(e.reason, Why.DECODE_ERROR))
+            return
+        wrong = check_references(msg)
+        if wrong is not None:
+            log.error("dead-lettering a message whose canvas references do not hold",
+                      task_id=msg.id, task=msg.task[:_MAX_ID_IN_LOG], error=wrong[:300])
+            await delivery.dead_letter(Why.BAD_MESSAGE)
             return
         task = rt.registry.get(msg.task)
         if task is None:
-            log.error("dead-lettering a message for an unknown task", task_id=msg.id, task=msg.task)
+            log.error("dead-lettering a message for an unknown task", task_id=msg.id,
+                      task=msg.task[:_MAX_ID_IN_LOG])
             await self._fail(msg, delivery, ErrorInfo(
-                type="UnknownTaskError", reason="unknown_task",
+                type="UnknownTaskError", reason=Why.UNKNOWN_TASK.value,
                 message=f"no task named {msg.task!r} is registered on worker {self.name}"))
             return
         revoked = rt.results.is_revoked
@@ -284,12 +376,13 @@ class Worker:
         try:
             args, kwargs = task.bind(msg.args, msg.kwargs)
         except ArgumentsError as e:
-            await self._fail(msg, delivery, _error_info(e, "bad_arguments"))
+            await self._fail(msg, delivery, _error_info(e, Why.BAD_ARGUMENTS))
             return
         started = _now_ms()
         timeout = msg.timeout if msg.timeout is not None else task.timeout
         if timeout is None:
             timeout = self._default_limit
+        outcome: Callable[[], Awaitable[None]]
         try:
             call: Callable[[], Awaitable[Any]]
             if self._chain is None:
@@ -298,30 +391,38 @@ class Worker:
             else:
                 call = functools.partial(self._chain, TaskContext(
                     message=msg, task=task, args=args, kwargs=kwargs, timeout=timeout,
-                    delivery_count=delivery.delivery_count, worker=self.name))
+                    delivery_count=_count(delivery), worker=self.name))
             value = await (self._keeping_claim(msg, holder, call) if holder else call())
         except Reject as e:
-            await self._fail(msg, delivery, _error_info(e, "rejected"), started)
-            return
+            outcome = functools.partial(self._fail, msg, delivery, _error_info(e, Why.REJECTED),
+                                        started)
         except Retry as e:
-            await self._retry_or_fail(msg, delivery, e, e.delay_s, started)
-            return
+            outcome = functools.partial(self._retry_or_fail, msg, delivery, e, e.delay_s, started)
         except TimeLimit as e:
-            await self._retry_or_fail(msg, delivery, e, None, started,
-                                      type_name="TaskTimeLimitExceeded")
-            return
+            outcome = functools.partial(self._retry_or_fail, msg, delivery, e, None, started,
+                                        type_name="TaskTimeLimitExceeded")
         except Exception as e:
             if isinstance(e, task.retry_on):
-                await self._retry_or_fail(msg, delivery, e, None, started)
+                outcome = functools.partial(self._retry_or_fail, msg, delivery, e, None, started)
             else:
-                await self._fail(msg, delivery, _error_info(e, "failed"), started)
-            return
+                outcome = functools.partial(self._fail, msg, delivery,
+                                            _error_info(e, Why.FAILED), started)
         except anyio.get_cancelled_exc_class() as e:
             if anyio.current_effective_deadline() == -math.inf:
                 raise  # cancelled from outside: shutdown; the broker gets it back
             # the task body raised CancelledError by itself: a failure like any other
-            await self._fail(msg, delivery, _error_info(e, "failed"), started)
-            return
+            outcome = functools.partial(self._fail, msg, delivery, _error_info(e, Why.FAILED),
+                                        started)
+        else:
+            outcome = functools.partial(self._finish, msg, delivery, value, started)
+        # the task has run: from here on, nothing may dead-letter it but its own outcome
+        try:
+            await outcome()
+        except Exception as e:
+            await self._release(msg, delivery, e)
+
+    async def _finish(self, msg: TaskMessage, delivery: Delivery, value: Any,
+                      started: int) -> None:
         try:
             if isinstance(value, (canvas.Signature, canvas.Chain, canvas.Group, canvas.Chord)):
                 await self._replace(msg, value)
@@ -330,17 +431,34 @@ class Worker:
             await self._succeed(msg, delivery, value, started)
         except EnqueueError as e:
             # a follow-up (next step, chord body, replacement) cannot be sent
-            await self._fail(msg, delivery, _error_info(e, "bad_follow_up"), started)
+            await self._fail(msg, delivery, _error_info(e, Why.BAD_FOLLOW_UP), started)
+
+    async def _release(self, msg: TaskMessage, delivery: Delivery, error: Exception) -> None:
+        """After the task ran, something unexpected kept its outcome from being
+        stored, followed up or settled: hand the delivery back to run again
+        (at least once) rather than dead-letter a task that may have succeeded."""
+        if isinstance(error, BrokerConnectionError):
+            log.warning("could not send what follows a task or settle it; releasing it to run "
+                        "again", task_id=msg.id, task=msg.task, error=str(error)[:300])
+        else:
+            log.error("internal error after a task ran; releasing it to run again",
+                      task_id=msg.id, task=msg.task, error_type=_type_name(error), exc_info=error)
+        try:
+            await delivery.nack(delay_s=_RELEASE_DELAY_S)
+        except Exception as e:
+            # unsettled: the broker gives it back when the consumer's connection ends
+            log.warning("could not release a delivery; the broker will redeliver it",
+                        task_id=msg.id, error=str(e)[:300])
 
     async def _succeed(self, msg: TaskMessage, delivery: Delivery, value: Any,
                        started: int) -> None:
         result = Result(id=msg.id, task=msg.task, state=State.SUCCESS, value=value,
-                        attempt=msg.attempt, delivery_count=delivery.delivery_count,
+                        attempt=msg.attempt, delivery_count=_count(delivery),
                         worker=self.name, started_ms=started, finished_ms=_now_ms())
         try:
             await self._store(result)
         except (PayloadTooLarge, EncodeError) as e:
-            await self._fail(msg, delivery, _error_info(e, "bad_result"), started)
+            await self._fail(msg, delivery, _error_info(e, Why.BAD_RESULT), started)
             return
         await self._follow_up(msg, value)
         await delivery.ack()
@@ -360,7 +478,8 @@ class Worker:
     async def _join(self, ref: ChordRef, value: Any, msg: TaskMessage) -> None:
         """Count ``value`` into ``ref``; the call that finds it complete goes on."""
         rt = self.runtime
-        values = await rt.results.join(ref.id, ref.index, ref.size, value)
+        values = await self._persist("join", lambda: rt.results.join(ref.id, ref.index, ref.size,
+                                                                     value))
         if values is None:
             return
         if ref.body is not None:
@@ -389,10 +508,10 @@ class Worker:
                              type_name: str | None = None) -> None:
         task = self.runtime.registry[msg.task]
         retries = msg.retries if msg.retries is not None else task.retry.retries
-        info = _error_info(exc, "failed")
+        info = _error_info(exc, Why.FAILED)
         if type_name is not None:
             info = ErrorInfo(type=type_name, message=info.message, traceback=info.traceback,
-                             reason="time_limit")
+                             reason=Why.TIME_LIMIT.value)
         if msg.attempt > retries:
             await self._fail(msg, delivery, info, started)
             return
@@ -400,7 +519,7 @@ class Worker:
         log.info("retrying a task", task_id=msg.id, task=msg.task, attempt=msg.attempt,
                  retries=retries, delay_s=round(delay, 3), error=f"{info.type}: {info.message}")
         await self._store(Result(id=msg.id, task=msg.task, state=State.RETRY, error=info,
-                                 attempt=msg.attempt, delivery_count=delivery.delivery_count,
+                                 attempt=msg.attempt, delivery_count=_count(delivery),
                                  worker=self.name, started_ms=started))
         again = msgspec.structs.replace(msg, attempt=msg.attempt + 1)
         await self.runtime.publish([again], delay_s=delay)
@@ -408,14 +527,16 @@ class Worker:
 
     async def _fail(self, msg: TaskMessage, delivery: Delivery, info: ErrorInfo,
                     started: int | None = None) -> None:
-        """A failure for good: store it (and on everything waiting downstream),
-        run the errbacks once, dead-letter the message."""
+        """A failure for good: store it (and on everything waiting downstream,
+        ids the codec checked this message owns), run the errbacks once,
+        dead-letter the message with ``info.reason``."""
         self.failed += 1
+        reason = _reason(info.reason, Why.FAILED)
         log.warning("task failed", task_id=msg.id, task=msg.task, attempt=msg.attempt,
-                    reason=info.reason, error=f"{info.type}: {info.message}")
+                    reason=reason.value, error=f"{info.type}: {info.message}")
         now = _now_ms()
         failure = Result(id=msg.id, task=msg.task, state=State.FAILURE, error=info,
-                         attempt=msg.attempt, delivery_count=delivery.delivery_count,
+                         attempt=msg.attempt, delivery_count=_count(delivery),
                          worker=self.name, started_ms=started, finished_ms=now)
         upstream = ErrorInfo(type=info.type, message=info.message, traceback=info.traceback,
                              reason=f"upstream:{msg.id}")
@@ -426,7 +547,7 @@ class Worker:
         await self._store_many(results)
         if msg.errbacks:
             await self._errbacks(msg, msg.errbacks, info)
-        await delivery.dead_letter(info.reason or "failed")
+        await delivery.dead_letter(reason)
 
     async def _errbacks(self, msg: TaskMessage, errbacks: list[SigNode], info: ErrorInfo) -> None:
         rt = self.runtime
@@ -460,11 +581,12 @@ class Worker:
         errbacks): the claim is a short lease, renewed while the task runs, so a
         holder that dies frees it within ``CLAIM_LEASE_S``."""
         rt = self.runtime
-        existing = await rt.results.get(msg.id)
+        existing = await self._persist("read", lambda: rt.results.get(msg.id))
         unfinished = existing is None or not existing.state.terminal
-        if unfinished and await rt.results.claim(_claim_key(msg), CLAIM_LEASE_S, holder=holder):
+        if unfinished and await self._persist("claim", lambda: rt.results.claim(
+                _claim_key(msg), CLAIM_LEASE_S, holder=holder)):
             # it may have finished between the look and the claim
-            existing = await rt.results.get(msg.id)
+            existing = await self._persist("read", lambda: rt.results.get(msg.id))
             if existing is None or not existing.state.terminal:
                 return True
         if existing is not None and existing.state.terminal:
@@ -497,7 +619,15 @@ class Worker:
         async def renew() -> None:
             while True:
                 await anyio.sleep(CLAIM_LEASE_S / 3)
-                await self.runtime.results.claim(_claim_key(msg), CLAIM_LEASE_S, holder=holder)
+                try:
+                    await self.runtime.results.claim(_claim_key(msg), CLAIM_LEASE_S,
+                                                     holder=holder)
+                except Exception as e:
+                    # the store is down: the claim may lapse (a duplicate may
+                    # then run, visibly); the task itself goes on
+                    self._outage.failed("renew a claim", e)
+                else:
+                    self._outage.recovered()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(renew)
@@ -506,24 +636,43 @@ class Worker:
             raise failure[0]
         return outcome[0]
 
-    # -- storing, with retries while the store is down ---------------------------------
+    # -- the result store, retried in place while it is down ----------------------------
 
     async def _store(self, result: Result) -> None:
         await self._store_many([result])
 
     async def _store_many(self, results: list[Result]) -> None:
-        delay = 0.05
+        store = self.runtime.results
+        if len(results) == 1:
+            await self._persist("store a result", lambda: store.put(results[0]))
+        else:
+            await self._persist("store results", lambda: store.put_many(results))
+
+    async def _persist(self, doing: str, op: Callable[[], Awaitable[T]]) -> T:
+        """``await op()`` until it succeeds, with a capped jittered backoff.
+
+        Only a value that can never be stored (``EncodeError``,
+        ``PayloadTooLarge``) or a bad stored value (``DecodeError``) is raised;
+        any other error (``ResultStoreUnavailable``, a connection error under
+        another name, a bug in a store) is retried, so a task that ran is never
+        dead-lettered for it. Cancellation (the worker stopped) ends the loop
+        with the delivery unsettled: the broker delivers it again.
+        """
+        backoff: Backoff | None = None
+        outage = self._outage
         while True:
             try:
-                if len(results) == 1:
-                    await self.runtime.results.put(results[0])
-                else:
-                    await self.runtime.results.put_many(results)
-                return
-            except (PayloadTooLarge, EncodeError):
+                value = await op()
+            except (EncodeError, PayloadTooLarge, DecodeError):
                 raise
-            except (ResultError, BrokerConnectionError) as e:
-                log.warning("result store unavailable; retrying before acking",
-                            task_id=results[0].id, error=str(e), retry_in_s=delay)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, _STORE_RETRY_MAX_S)
+            except Exception as e:
+                if isinstance(e, TaskloomError) and not isinstance(
+                        e, (ResultError, BrokerConnectionError)):
+                    raise  # e.g. ConfigError: no retry will change it
+                outage.failed(doing, e)
+                backoff = backoff or Backoff(cap_s=_STORE_RETRY_MAX_S)
+                await anyio.sleep(backoff.next())
+                continue
+            if outage.since is not None:
+                outage.recovered()
+            return value
