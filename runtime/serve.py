@@ -28,7 +28,7 @@ import msgspec
 import structlog
 
 from runtime.app import Runtime
-from runtime.errors import ConfigError
+from runtime.errors import BrokerConnectionError, ConfigError, ResultStoreUnavailable
 from runtime.execution import ProcessRunner
 from runtime.lag import LagMonitor
 from runtime.liveness import publish_heartbeats, store_for
@@ -41,6 +41,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_RECYCLED",
     "EXIT_SIGNAL_TWICE",
+    "EXIT_UNREACHABLE",
     "ParentLink",
     "WorkerOptions",
     "die_with_parent",
@@ -59,6 +60,11 @@ EXIT_CONFIG = 1
 EXIT_CRASH_LOOP = 3
 #: a supervised child drained itself to be replaced (max tasks or memory)
 EXIT_RECYCLED = 4
+#: the broker or the result store could not be reached (at startup: a running
+#: worker rides out outages of any length); retrying later may succeed, so a
+#: supervisor restarts such a child with capped backoff and never counts it as
+#: a crash loop
+EXIT_UNREACHABLE = 5
 #: a second signal stopped it at once (or children had to be killed)
 EXIT_FORCED = 130
 EXIT_SIGNAL_TWICE = EXIT_FORCED
@@ -195,10 +201,36 @@ def _has_process_tasks(rt: Runtime) -> bool:
     return any(task.kind == "process" for task in rt.registry)
 
 
+def _unreachable(error: BaseException) -> bool:
+    """Whether ``error`` (or every error of a group) says a server is unreachable."""
+    if isinstance(error, BaseExceptionGroup):
+        return all(_unreachable(e) for e in error.exceptions)
+    return isinstance(error, (BrokerConnectionError, ResultStoreUnavailable))
+
+
 async def serve_worker(rt: Runtime, opts: WorkerOptions, *, link: ParentLink | None = None,
                        processes: ProcessRunner | None = None) -> int:
     """Serve until signalled (or recycled); returns the process exit code.
-    ``processes`` overrides the process pool built for ``kind="process"`` tasks."""
+    ``processes`` overrides the process pool built for ``kind="process"`` tasks.
+    When the broker or the result store cannot be reached, it logs why and
+    returns :data:`EXIT_UNREACHABLE`."""
+    try:
+        return await _serve_worker(rt, opts, link=link, processes=processes)
+    except BaseException as e:
+        if not isinstance(e, Exception) or not _unreachable(e):
+            raise
+        leaf: BaseException = e
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        log.error("the worker cannot reach its broker or result store; exiting with code "
+                  f"{EXIT_UNREACHABLE} (a supervisor restarts it with backoff): check that "
+                  "the server runs and is reachable", error=str(leaf),
+                  error_type=type(leaf).__name__)
+        return EXIT_UNREACHABLE
+
+
+async def _serve_worker(rt: Runtime, opts: WorkerOptions, *, link: ParentLink | None,
+                        processes: ProcessRunner | None) -> int:
     from runtime.pool import ProcessPool
 
     code = EXIT_OK

@@ -10,6 +10,11 @@ forked from this process's loop and nothing is pickled. The supervisor:
   ready it gives up with :data:`~runtime.serve.EXIT_CRASH_LOOP`; a child that
   reports a configuration error before any child was ready ends it with
   :data:`~runtime.serve.EXIT_CONFIG`;
+- restarts a child that exited with :data:`~runtime.serve.EXIT_UNREACHABLE`
+  (it could not reach the broker or the result store) with capped, jittered
+  backoff for as long as the outage lasts: an outage is not a crash loop, so it
+  never makes the supervisor give up. One log line when children start failing
+  to reach their servers, one when a child is ready again;
 - replaces a child that recycled itself (it drained after its task or memory
   limit and exited with :data:`~runtime.serve.EXIT_RECYCLED`) at once;
 - on SIGTERM or SIGINT sends SIGTERM to every child (each drains within the
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import time
 from collections import deque
@@ -43,6 +49,7 @@ from runtime.serve import (
     EXIT_FORCED,
     EXIT_OK,
     EXIT_RECYCLED,
+    EXIT_UNREACHABLE,
     SUPERVISOR_PID_ENV,
 )
 
@@ -110,6 +117,7 @@ class Supervisor:
         backoff_max_s: float = 30.0,
         stable_after_s: float = 30.0,
         startup_failure_limit: int = 5,
+        unreachable_backoff_max_s: float = 5.0,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         handle_signals: bool = True,
@@ -126,6 +134,8 @@ class Supervisor:
         self.backoff_max_s = backoff_max_s
         self.stable_after_s = stable_after_s
         self.startup_failure_limit = startup_failure_limit
+        #: longest pause before restarting a child that could not reach its servers
+        self.unreachable_backoff_max_s = unreachable_backoff_max_s
         self.env = dict(os.environ if env is None else env)
         self.cwd = cwd
         self.handle_signals = handle_signals
@@ -139,6 +149,8 @@ class Supervisor:
         self._killed = False
         self._ever_ready = False
         self._startup_failures = 0
+        #: since when children exit unable to reach their servers (None: they can)
+        self._outage_since: float | None = None
         self._tg: anyio.abc.TaskGroup | None = None
 
     @property
@@ -209,6 +221,7 @@ class Supervisor:
 
     async def _slot(self, slot: int) -> None:
         young_deaths = 0
+        unreachable = 0  # exits in a row of this slot's children that found no server
         while not self._stopping.is_set():
             child = await self._spawn(slot)
             recycled: str | None = None
@@ -221,6 +234,8 @@ class Supervisor:
                 ready, recycled, fatal, pid = child.ready, child.recycling, child.fatal, child.pid
                 self.exits.append(ChildExit(slot=slot, pid=pid, code=code, uptime_s=uptime,
                                             ready=ready, recycled=recycled, fatal=fatal))
+            if ready:
+                unreachable = 0
             if self._stopping.is_set():
                 log.info("worker process exited", slot=slot, pid=pid, exit=describe_exit(code))
                 return
@@ -229,6 +244,23 @@ class Supervisor:
                          reason=recycled)
                 young_deaths = 0
                 continue
+            if code == EXIT_UNREACHABLE:
+                unreachable += 1
+                delay = self._unreachable_delay(unreachable)
+                if self._outage_since is None:
+                    self._outage_since = time.monotonic()
+                    log.warning("worker processes cannot reach the broker or the result "
+                                "store; restarting them with backoff until they can (their "
+                                "logs say which server and why)", slot=slot, pid=pid,
+                                respawn_in_s=round(delay, 2))
+                else:
+                    log.debug("worker process still cannot reach its servers", slot=slot,
+                              pid=pid, exits_in_a_row=unreachable,
+                              respawn_in_s=round(delay, 2))
+                with anyio.move_on_after(delay):
+                    await self._stopping.wait()
+                continue
+            unreachable = 0
             if fatal is not None and code == EXIT_CONFIG and not self._ever_ready:
                 log.error("worker processes cannot start", error=fatal)
                 self._fail(EXIT_CONFIG)
@@ -251,6 +283,13 @@ class Supervisor:
                 ready=ready, deaths_in_a_row=young_deaths, respawn_in_s=delay)
             with anyio.move_on_after(delay):
                 await self._stopping.wait()
+
+    def _unreachable_delay(self, exits: int) -> float:
+        """Doubling from ``backoff_base_s``, capped, with jitter (children of many
+        supervisors should not reconnect in lockstep when the server is back)."""
+        cap: float = min(self.backoff_base_s * 2.0 ** min(exits - 1, 16),
+                         self.unreachable_backoff_max_s)
+        return cap * random.uniform(0.5, 1.0)
 
     async def _spawn(self, slot: int) -> _Child | None:
         env = dict(self.env)
@@ -308,6 +347,10 @@ class Supervisor:
             self._startup_failures = 0
             log.info("worker process ready", slot=child.slot, pid=child.pid,
                      worker=fields.get("worker"))
+            if self._outage_since is not None:
+                log.warning("worker processes reach their servers again",
+                            down_s=round(time.monotonic() - self._outage_since, 2))
+                self._outage_since = None
         elif kind == "recycling":
             child.recycling = str(fields.get("reason"))
             log.info("worker process recycling", slot=child.slot, pid=child.pid,
