@@ -1,5 +1,10 @@
 """The ``taskloom`` command. Nothing imports this module.
 
+An operational error (a server down or unreachable, an application that
+cannot be imported, a bad URL) is one log line saying what failed and what to
+do, never a traceback (``--log-level DEBUG`` adds it); the other commands
+exit 1 on it.
+
 Exit codes of ``taskloom worker`` (see also :mod:`runtime.serve`):
 
 ====  ==========================================================================
@@ -7,6 +12,8 @@ Exit codes of ``taskloom worker`` (see also :mod:`runtime.serve`):
 1     startup or configuration error (bad APP or option, the app cannot load)
 2     command-line usage error (click)
 3     worker processes crash-looped: they kept dying before becoming ready
+5     the broker or the result store cannot be reached (try again later; a
+      supervisor restarts such a worker process with backoff)
 130   forced stop: a second SIGTERM/SIGINT, or processes that outlived the grace
 ====  ==========================================================================
 """
@@ -211,7 +218,8 @@ def worker(ctx: click.Context, app: str, processes: int, queues: str | None, con
     --shutdown-grace seconds); a second one stops at once (SIGKILL to the
     worker processes; their unfinished tasks return to the broker).
     Exit codes: 0 clean, 1 startup/config error, 2 usage error,
-    3 worker processes crash-looping, 130 forced stop.
+    3 worker processes crash-looping, 5 broker or result store unreachable,
+    130 forced stop.
     """
     from runtime.serve import serve_worker
 
