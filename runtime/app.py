@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Generic, ParamSpec, Self, TypeVar, overload
+from typing import Any, Generic, ParamSpec, Self, TypeVar, cast, overload
 from urllib.parse import urlsplit
 
 import anyio
@@ -47,7 +47,7 @@ from runtime.execution import ProcessRunner
 from runtime.messages import ErrorInfo, Result, State, TaskMessage, TaskOptions
 from runtime.middleware import Middleware
 from runtime.observability import ensure_logging
-from runtime.registry import Kind, Task, TaskRegistry
+from runtime.registry import Kind, Task, TaskDecorator, TaskRegistry
 from runtime.results import DEFAULT_TTL_S, MemoryResultStore, ResultStore
 from runtime.retry import RetryPolicy
 from runtime.worker import Worker
@@ -187,7 +187,7 @@ class TaskHandle(Generic[R]):
         with one_error:
             return await self.runtime.results.revoke(self.id)
 
-    def __await__(self) -> Any:
+    def __await__(self) -> Generator[Any, None, R]:
         return self.result().__await__()
 
     def __repr__(self) -> str:
@@ -273,6 +273,9 @@ class Runtime:
     # -- tasks -------------------------------------------------------------------
 
     @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+
+    @overload
     def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
     @overload
@@ -291,7 +294,7 @@ class Runtime:
         timeout: float | None = None,
         expires: float | None = None,
         kind: Kind | None = None,
-    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+    ) -> TaskDecorator: ...
 
     def task(  # type: ignore[misc]  # mypy cannot match ParamSpec overloads here
         self,
@@ -310,9 +313,13 @@ class Runtime:
         timeout: float | None = None,
         expires: float | None = None,
         kind: Kind | None = None,
-    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+    ) -> Task[P, R] | TaskDecorator:
         """Register a task. ``async def`` runs on the event loop, a plain
-        ``def`` in a thread, ``kind="process"`` in a process pool."""
+        ``def`` in a thread, ``kind="process"`` in a process pool.
+
+        The task is typed ``Task[P, R]``: ``P`` the function's parameters, ``R``
+        its result (an ``async def``'s awaited result), which ``.s()``,
+        ``run()`` and ``TaskHandle.result()`` carry to the caller."""
 
         def register(f: Callable[P, R]) -> Task[P, R]:
             try:
@@ -338,7 +345,7 @@ class Runtime:
 
         if fn is not None:
             return register(fn)
-        return register
+        return cast(TaskDecorator, register)
 
     def _check_time_limit(self, task: Task[Any, Any]) -> None:
         """A time limit must stay below the broker's consumer timeout (tasks
@@ -361,7 +368,7 @@ class Runtime:
         limit = self.broker.capabilities.consumer_timeout_s
         return None if limit is None else limit * 0.9
 
-    def signature(self, name: str, *args: Any, **kwargs: Any) -> canvas.Signature:
+    def signature(self, name: str, *args: Any, **kwargs: Any) -> canvas.Signature[Any]:
         """A signature of a task by its registered name (UnknownTaskError if none)."""
         return self.registry[name].s(*args, **kwargs)
 
@@ -439,7 +446,7 @@ class Runtime:
 
     async def enqueue(
         self,
-        target: canvas.Canvas,
+        target: canvas.Composable[R],
         *,
         countdown: float | None = None,
         eta: datetime | None = None,
@@ -447,7 +454,7 @@ class Runtime:
         queue: str | None = None,
         task_id: str | None = None,
         expires: float | None = None,
-    ) -> TaskHandle[Any]:
+    ) -> TaskHandle[R]:
         """Publish ``target`` (a signature or canvas); returns once the broker
         has it durably. Raises an EnqueueError subclass before anything is sent
         if the input is bad."""
@@ -458,11 +465,11 @@ class Runtime:
             await self.publish(messages)
         return handle
 
-    async def enqueue_many(self, targets: Iterable[canvas.Canvas]) -> list[TaskHandle[Any]]:
+    async def enqueue_many(self, targets: Iterable[canvas.Composable[R]]) -> list[TaskHandle[R]]:
         """Publish many signatures or canvases in one batch."""
         self._require_started()
         messages: list[TaskMessage] = []
-        handles: list[TaskHandle[Any]] = []
+        handles: list[TaskHandle[R]] = []
         for target in targets:
             msgs, handle = self._compile(target)
             messages.extend(msgs)
@@ -471,7 +478,7 @@ class Runtime:
             await self.publish(messages)
         return handles
 
-    async def run(self, target: canvas.Canvas, *, timeout: float | None = None) -> Any:
+    async def run(self, target: canvas.Composable[R], *, timeout: float | None = None) -> R:
         """Enqueue ``target`` and await its result.
 
         The wait starts before the publish (the id is known once compiled), so
@@ -499,7 +506,8 @@ class Runtime:
                     tg.cancel_scope.cancel()
         if failed:
             raise failed[0]
-        return handle._outcome(outcome[0])
+        typed: TaskHandle[R] = handle
+        return typed._outcome(outcome[0])
 
     def handle(self, task_id: str) -> TaskHandle[Any]:
         """A handle for a task enqueued elsewhere."""
@@ -507,7 +515,7 @@ class Runtime:
 
     def _compile(
         self,
-        target: canvas.Canvas,
+        target: canvas.Composable[Any],
         *,
         countdown: float | None = None,
         eta: datetime | None = None,
@@ -565,7 +573,7 @@ class Runtime:
             await self.broker.publish_many(envelopes)
 
 
-async def run(target: canvas.Canvas, *, timeout: float | None = None) -> Any:
+async def run(target: canvas.Composable[R], *, timeout: float | None = None) -> R:
     """Enqueue ``target`` on the runtime of its (first) task and await the result."""
     owner = target.owner
     if not isinstance(owner, Runtime):

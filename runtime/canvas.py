@@ -13,7 +13,7 @@ import math
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union, overload
 
 import msgspec
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Canvas",
     "Chain",
+    "Composable",
     "Chord",
     "Group",
     "Signature",
@@ -52,14 +53,38 @@ __all__ = [
 
 _NO_VALUE: Any = object()
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeVar as DefaultTypeVar
+
+    #: a canvas's outcome; a bare ``Signature`` (as older code writes it) is ``Signature[Any]``
+    R = DefaultTypeVar("R", default=Any)
+else:
+    R = TypeVar("R")
+T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
+C = TypeVar("C")
+D = TypeVar("D")
+
 
 def new_id() -> str:
     return uuid.uuid4().hex
 
 
-class _Composable:
-    def __or__(self, other: Canvas) -> Chain:
-        return chain(self, other)  # type: ignore[arg-type]
+class Composable(Generic[R]):
+    """Anything ``run``/``enqueue`` take, typed by its outcome ``R``: a
+    ``Signature[R]``, a ``Chain[R]`` (the last step's result), a ``Group[R]``
+    (``list[R]``) or a ``Chord[R]`` (the body's result).
+
+    Where the types stop: a chain does not check that a step's result fits the
+    next step's first parameter, nor a chord that its body takes a list of the
+    header's results; ``partial()`` types such a step as "all but its first
+    argument". A group of mixed result types is a ``Group[Any]`` or a union."""
+
+    __slots__ = ()
+
+    def __or__(self, other: Composable[T]) -> Chain[T]:
+        return chain(self, other)
 
     @property
     def owner(self) -> Any:
@@ -67,8 +92,9 @@ class _Composable:
         raise NotImplementedError
 
 
-class Signature(_Composable):
-    """A task with its arguments and call options, ready to be enqueued."""
+class Signature(Composable[R]):
+    """A task with its arguments and call options, ready to be enqueued;
+    ``R`` is the task's result type."""
 
     __slots__ = ("args", "errbacks", "immutable", "kwargs", "options", "task")
 
@@ -80,7 +106,7 @@ class Signature(_Composable):
         *,
         immutable: bool = False,
         options: TaskOptions = TaskOptions(),
-        errbacks: tuple[Signature, ...] = (),
+        errbacks: tuple[Signature[Any], ...] = (),
     ) -> None:
         self.task = task
         self.args = args
@@ -89,7 +115,7 @@ class Signature(_Composable):
         self.options = options
         self.errbacks = errbacks
 
-    def set(self, **options: Any) -> Signature:
+    def set(self, **options: Any) -> Signature[R]:
         """A copy with call options changed: queue, priority, countdown,
         expires, retries, timeout."""
         unknown = set(options) - set(TaskOptions.__struct_fields__)
@@ -107,7 +133,7 @@ class Signature(_Composable):
         return Signature(self.task, self.args, self.kwargs, immutable=self.immutable,
                          options=merged, errbacks=self.errbacks)
 
-    def on_error(self, errback: Signature) -> Signature:
+    def on_error(self, errback: Signature[Any]) -> Signature[R]:
         """A copy that runs ``errback(task_id, error)`` once if this task fails for good."""
         return Signature(self.task, self.args, self.kwargs, immutable=self.immutable,
                          options=self.options, errbacks=(*self.errbacks, errback))
@@ -121,16 +147,18 @@ class Signature(_Composable):
         return f"{self.task.name}.{'si' if self.immutable else 's'}({', '.join(parts)})"
 
 
-class Chain(_Composable):
-    """Steps run one after the other; each result is the next step's first argument."""
+class Chain(Composable[R]):
+    """Steps run one after the other; each result is the next step's first
+    argument. ``R`` is the last step's result type."""
 
-    def __init__(self, steps: Sequence[Canvas], errbacks: tuple[Signature, ...] = ()) -> None:
+    def __init__(self, steps: Sequence[Canvas], errbacks: tuple[Signature[Any], ...] = ()
+                 ) -> None:
         if not steps:
             raise ConfigError("a chain needs at least one step")
         self.steps = list(steps)
         self.errbacks = errbacks
 
-    def on_error(self, errback: Signature) -> Chain:
+    def on_error(self, errback: Signature[Any]) -> Chain[R]:
         """A copy that runs ``errback`` once when any step fails for good."""
         return Chain(self.steps, (*self.errbacks, errback))
 
@@ -142,16 +170,18 @@ class Chain(_Composable):
         return " | ".join(repr(s) for s in self.steps)
 
 
-class Group(_Composable):
-    """Members run in parallel; the result is the list of their results, in order."""
+class Group(Composable[list[R]]):
+    """Members run in parallel; the result is the list of their results, in
+    order. ``R`` is the members' result type (the group's is ``list[R]``)."""
 
-    def __init__(self, members: Iterable[Canvas], errbacks: tuple[Signature, ...] = ()) -> None:
+    def __init__(self, members: Iterable[Canvas], errbacks: tuple[Signature[Any], ...] = ()
+                 ) -> None:
         self.members = list(members)
         if not self.members:
             raise ConfigError("a group needs at least one member")
         self.errbacks = errbacks
 
-    def on_error(self, errback: Signature) -> Group:
+    def on_error(self, errback: Signature[Any]) -> Group[R]:
         return Group(self.members, (*self.errbacks, errback))
 
     @property
@@ -162,18 +192,19 @@ class Group(_Composable):
         return f"group({', '.join(repr(m) for m in self.members)})"
 
 
-class Chord(_Composable):
-    """A group whose ordered results are passed, once, to ``body``."""
+class Chord(Composable[R]):
+    """A group whose ordered results are passed, once, to ``body``; ``R`` is
+    the body's result type."""
 
     def __init__(self, header: Iterable[Canvas], body: Canvas,
-                 errbacks: tuple[Signature, ...] = ()) -> None:
+                 errbacks: tuple[Signature[Any], ...] = ()) -> None:
         self.header = list(header)
         if not self.header:
             raise ConfigError("a chord needs at least one header member")
         self.body = body
         self.errbacks = errbacks
 
-    def on_error(self, errback: Signature) -> Chord:
+    def on_error(self, errback: Signature[Any]) -> Chord[R]:
         return Chord(self.header, self.body, (*self.errbacks, errback))
 
     @property
@@ -184,42 +215,66 @@ class Chord(_Composable):
         return f"chord([{', '.join(repr(m) for m in self.header)}], {self.body!r})"
 
 
-Canvas = Union[Signature, Chain, Group, Chord]  # noqa: UP007 - runtime alias
+Canvas = Union[Signature[Any], Chain[Any], Group[Any], Chord[Any]]  # noqa: UP007 - runtime alias
 
 
-def chain(*steps: Canvas) -> Chain:
-    """``chain(a, b, c)`` is ``a | b | c``; nested chains are flattened."""
+@overload
+def chain(a: Composable[R], /) -> Chain[R]: ...
+@overload
+def chain(a: Composable[Any], b: Composable[R], /) -> Chain[R]: ...
+@overload
+def chain(a: Composable[Any], b: Composable[Any], c: Composable[R], /) -> Chain[R]: ...
+@overload
+def chain(a: Composable[Any], b: Composable[Any], c: Composable[Any], d: Composable[R], /
+          ) -> Chain[R]: ...
+@overload
+def chain(a: Composable[Any], b: Composable[Any], c: Composable[Any], d: Composable[Any],
+          e: Composable[R], /) -> Chain[R]: ...
+@overload
+def chain(a: Composable[Any], b: Composable[Any], c: Composable[Any], d: Composable[Any],
+          e: Composable[Any], f: Composable[Any], /, *rest: Composable[Any]) -> Chain[Any]: ...
+@overload
+def chain(*steps: Composable[R]) -> Chain[R]: ...  # chain(*a_list), all of one type
+def chain(*steps: Composable[Any]) -> Chain[Any]:
+    """``chain(a, b, c)`` is ``a | b | c``; nested chains are flattened. Typed
+    by its last step's result up to five steps, ``Chain[Any]`` beyond."""
     flat: list[Canvas] = []
     for step in steps:
         if isinstance(step, Chain) and not step.errbacks:
             flat.extend(step.steps)
         else:
-            flat.append(step)
+            flat.append(step)  # type: ignore[arg-type]  # every Composable is a Canvas
     return Chain(flat)
 
 
-def group(*members: Canvas | Iterable[Canvas]) -> Group:
-    """``group(a, b)`` or ``group(generator_of_signatures)``."""
-    if len(members) == 1 and not isinstance(members[0], _Composable):
-        return Group(members[0])
+@overload
+def group(members: Iterable[Composable[R]], /) -> Group[R]: ...
+@overload
+def group(*members: Composable[R]) -> Group[R]: ...
+def group(*members: Composable[Any] | Iterable[Composable[Any]]) -> Group[Any]:
+    """``group(a, b)`` or ``group(generator_of_signatures)``; a ``Group[R]``
+    when every member has result type ``R`` (the group's result is ``list[R]``)."""
+    if len(members) == 1 and not isinstance(members[0], Composable):
+        return Group(members[0])  # type: ignore[arg-type]
     return Group(members)  # type: ignore[arg-type]
 
 
-def chord(header: Iterable[Canvas], body: Canvas) -> Chord:
-    return Chord(header, body)
+def chord(header: Iterable[Composable[Any]], body: Composable[R]) -> Chord[R]:
+    """``body(list of the header's results)``, once; typed by the body's result."""
+    return Chord(header, body)  # type: ignore[arg-type]
 
 
-def map(task: Task[Any, Any], items: Iterable[Any]) -> Group:
+def map(task: Task[..., R], items: Iterable[Any]) -> Group[R]:
     """``task(item)`` for every item, in parallel."""
     return Group(task.s(item) for item in items)
 
 
-def starmap(task: Task[Any, Any], items: Iterable[Sequence[Any]]) -> Group:
+def starmap(task: Task[..., R], items: Iterable[Sequence[Any]]) -> Group[R]:
     """``task(*item)`` for every item, in parallel."""
     return Group(task.s(*item) for item in items)
 
 
-def chunks(task: Task[Any, Any], items: Iterable[Any], n: int) -> Group:
+def chunks(task: Task[..., R], items: Iterable[Any], n: int) -> Group[R]:
     """Split ``items`` into ``n`` tasks; each gets a list of items and returns a
     list; the group's result is the list of those lists, in order."""
     seq = list(items)
@@ -256,12 +311,12 @@ def _check_options(name: str, options: TaskOptions) -> None:
             raise EnqueueError(f"task {name!r}: {field} must be positive seconds, got {value}")
 
 
-def _errback_nodes(errbacks: Sequence[Signature]) -> list[SigNode]:
+def _errback_nodes(errbacks: Sequence[Signature[Any]]) -> list[SigNode]:
     # an errback is called as errback(task_id, error, *its own args)
     return [_sig_node(e, new_id(), [], leading=2) for e in errbacks]
 
 
-def _sig_node(sig: Signature, node_id: str, errbacks: list[SigNode], *, leading: int) -> SigNode:
+def _sig_node(sig: Signature[Any], node_id: str, errbacks: list[SigNode], *, leading: int) -> SigNode:
     sig.task.bind(sig.args, sig.kwargs, leading=leading)
     return SigNode(
         id=node_id,
@@ -368,7 +423,7 @@ def start(
                      root_id=root_id, once=once)]
 
 
-def message_for(sig: Signature, *, task_id: str | None = None,
+def message_for(sig: Signature[Any], *, task_id: str | None = None,
                 overrides: TaskOptions | None = None) -> TaskMessage:
     """The message of one plain signature (the enqueue hot path): the same
     as ``start(to_node(sig))`` without building the tree."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 import inspect
 import math
 import typing
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine, Iterator
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
 
 import msgspec
 
@@ -21,9 +21,10 @@ from runtime.retry import RetryPolicy
 if TYPE_CHECKING:
     from runtime.canvas import Signature
 
-__all__ = ["Kind", "Task", "TaskRegistry"]
+__all__ = ["Kind", "Task", "TaskDecorator", "TaskRegistry"]
 
 P = ParamSpec("P")
+Rest = ParamSpec("Rest")
 R = TypeVar("R")
 
 Kind = Literal["async", "thread", "process"]
@@ -43,7 +44,12 @@ _FILLED_LATER: Any = _FilledLater()
 
 class Task(Generic[P, R]):
     """A registered task. Call it to run the function here and now; use
-    ``.s()``/``.si()`` to make a signature that runs on a worker."""
+    ``.s()``/``.si()`` to make a signature that runs on a worker.
+
+    Typed for the user's type checker: ``P`` is the function's parameters and
+    ``R`` its result (of an ``async def``, what it returns when awaited), so
+    ``add.s("x")`` is a type error and ``await run(add.s(1, 2))`` is an ``int``.
+    """
 
     def __init__(
         self,
@@ -122,18 +128,29 @@ class Task(Generic[P, R]):
         """Run the function in this process, now (no broker involved)."""
         return self.fn(*args, **kwargs)
 
-    def s(self, *args: Any, **kwargs: Any) -> Signature:
-        """A signature of this task; in a chain, the previous result is
-        prepended to ``args``."""
+    def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
+        """A signature of this task with all its arguments (type-checked
+        against the function). In a chain, a step made with ``.s()`` also gets
+        the previous result prepended to ``args``: give such a step with
+        :meth:`partial` so that a type checker agrees."""
         from runtime.canvas import Signature
 
         return Signature(self, tuple(args), kwargs)
 
-    def si(self, *args: Any, **kwargs: Any) -> Signature:
+    def si(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
         """An immutable signature: it ignores the previous result in a chain."""
         from runtime.canvas import Signature
 
         return Signature(self, tuple(args), kwargs, immutable=True)
+
+    def partial(self: Task[Concatenate[Any, Rest], R], *args: Rest.args,
+                **kwargs: Rest.kwargs) -> Signature[R]:
+        """A signature missing its first argument, which the chain (or chord)
+        fills with the previous step's result: ``chain(add.s(1, 2), add.partial(3))``.
+        The same as ``.s(3)`` at run time; typed as "every argument but the first"."""
+        from runtime.canvas import Signature
+
+        return Signature(self, tuple(args), kwargs)
 
     def bind(
         self,
@@ -188,6 +205,17 @@ class Task(Generic[P, R]):
 
 def _hint_name(hint: Any) -> str:
     return getattr(hint, "__qualname__", None) or repr(hint)
+
+
+class TaskDecorator(Protocol):
+    """What ``@runtime.task(...)`` with options returns: a decorator typed like
+    the bare ``@runtime.task`` (an ``async def``'s result is its awaited result)."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
 
 class TaskRegistry:
