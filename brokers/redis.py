@@ -193,7 +193,7 @@ _FETCH = _PRELUDE + """
 local group, consumer = ARGV[1], ARGV[2]
 local want, maxd = tonumber(ARGV[3]), tonumber(ARGV[4])
 local maxb, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
-local bytes = 0
+local bytes, taken = 0, 0
 local per = 11
 local nq = #KEYS / per
 local out, lost, dead = {}, {}, {}
@@ -203,7 +203,12 @@ for band = 9, 0, -1 do
     local key = KEYS[ki]
     if want > 0 and bytes < budget and (band == 0 or redis.call('EXISTS', key) == 1) then
       while want > 0 and bytes < budget do
-        local asked = math.min(want, 64)
+        -- the first read of a fetch takes one entry; later reads as many as the
+        -- budget left fits at the average size so far (entries are read whole)
+        local asked = 1
+        if taken > 0 then
+          asked = math.min(want, math.max(1, math.floor((budget - bytes) * taken / bytes)))
+        end
         local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', asked,
                               'STREAMS', key, '>')
         if failed(r) then
@@ -237,6 +242,7 @@ for band = 9, 0, -1 do
             out[#out + 1] = e
             out[#out + 1] = count
             want = want - 1
+            taken = taken + 1
             bytes = bytes + string.len(e)
           end
         end
