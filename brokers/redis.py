@@ -39,6 +39,21 @@ How the promises are kept:
 * **Closing** stops fetching, flushes pending settlements, then puts every entry
   still pending for the consumer back at the end of its stream with its
   delivery count (one script per queue), and deletes the consumer.
+* **Outages** (resets, blackholes, a restarted Redis): every error that means
+  "the connection is not usable" (:func:`brokers.base.is_connection_failure`,
+  uvloop's write on a closed transport included) is ``ConnectionLost``. A
+  consumer rides out an outage of any length: it retries with doubling, capped
+  (2 s), jittered pauses, keeps the settlements it could not send and sends them
+  once Redis is back (each is gated by its ``XACK``, so a resend is harmless),
+  then drops its stale pooled connections and takes up the entries pending for
+  it that it never heard of (a fetch whose reply was lost). It logs one line
+  when an outage starts and one when it ends. redis-py's own silent retry is off:
+  a resent script might run twice.
+* **Size**: an entry longer than ``max_message_bytes`` (plus 64 KiB of envelope)
+  is dead-lettered inside Redis as ``too_large`` by the fetch script: its bytes
+  never reach a worker. A consumer holds at most ``fetch_bytes`` of message
+  bytes (at least one message): a fetch reads one entry first, then as many as
+  the budget left fits at their average size.
 * **Data loss**: when the group of a queue disappears (Redis restarted without
   persistence, keys deleted), the consumer logs an error, recreates the group at
   id 0 (never ``$``) and keeps serving.

@@ -193,6 +193,7 @@ async def publish_heartbeats(
     ttl = ttl_s if ttl_s is not None else interval_s * 3
     started_ms = int(time.time() * 1000)
     task_status.started()
+    failing_since: float | None = None  # one log line per outage, not one per beat
     try:
         while True:
             beat = heartbeat_of(worker, started_ms=started_ms, lag=lag)
@@ -200,8 +201,19 @@ async def publish_heartbeats(
                 with anyio.fail_after(max(interval_s, 1.0)):
                     await store.put(beat, ttl)
             except Exception as e:  # redis errors, timeouts: never stop the worker
-                log.warning("could not publish a heartbeat", worker=worker.name,
-                            error=f"{type(e).__name__}: {e}")
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("could not publish a heartbeat; retrying every beat (the "
+                                "next line says when it works again)", worker=worker.name,
+                                error=f"{type(e).__name__}: {e}")
+                else:
+                    log.debug("could not publish a heartbeat", worker=worker.name,
+                              error=f"{type(e).__name__}: {e}")
+            else:
+                if failing_since is not None:
+                    log.warning("heartbeats are published again", worker=worker.name,
+                                failed_for_s=round(time.monotonic() - failing_since, 2))
+                    failing_since = None
             await anyio.sleep(interval_s)
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
