@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import msgspec
+import structlog
 
 import brokers
 from brokers.base import Broker, Envelope
@@ -35,8 +36,10 @@ from runtime import canvas
 from runtime.codec import DEFAULT_MAX_BYTES, Codec, Format
 from runtime.config import Environment
 from runtime.errors import (
+    BrokerConnectionError,
     ConfigError,
     EnqueueError,
+    ResultError,
     TaskCancelled,
     TaskDeadLettered,
     TaskError,
@@ -58,6 +61,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 DEFAULT_RESULT_TIMEOUT_S = 300.0
+
+log = structlog.get_logger("taskloom.runtime")
 
 
 class _OneError:
@@ -101,6 +106,26 @@ def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | 
 one_error = _OneError()
 
 
+#: the longest task id, in UTF-8 bytes (AMQP message ids are at most 255)
+MAX_TASK_ID_BYTES = 200
+
+
+def check_task_id(task_id: object) -> None:
+    """Refuse a task id that is empty, too long, or has spaces or unprintable
+    characters (EnqueueError saying which)."""
+    if not isinstance(task_id, str) or not task_id:
+        raise EnqueueError(f"task_id must be a non-empty string, not {task_id!r}; "
+                           "leave it out to get a generated one")
+    size = len(task_id.encode("utf-8", "surrogatepass"))
+    if size > MAX_TASK_ID_BYTES:
+        raise EnqueueError(f"task_id is {size} bytes long, over the limit of {MAX_TASK_ID_BYTES}; "
+                           "use a shorter key (e.g. a hash of the long one)")
+    bad = next((c for c in task_id if c.isspace() or not c.isprintable()), None)
+    if bad is not None:
+        raise EnqueueError(f"task_id {task_id!r} contains {bad!r}; use printable characters "
+                           "without spaces (e.g. letters, digits, '-', '_', ':', '.')")
+
+
 def _default_results(broker: Broker) -> str:
     """Where results go when no store is named: the broker's own Redis, or
     memory beside the memory broker; any other broker is refused."""
@@ -136,12 +161,16 @@ def _results_for(url: str, *, ttl_s: float, namespace: str) -> ResultStore:
 class TaskHandle(Generic[R]):
     """A promise of one task's (or canvas's) outcome, by id."""
 
-    __slots__ = ("_return_type", "id", "runtime")
+    __slots__ = ("_return_type", "duplicate", "id", "runtime")
 
-    def __init__(self, runtime: Runtime, task_id: str, return_type: Any = Any) -> None:
+    def __init__(self, runtime: Runtime, task_id: str, return_type: Any = Any, *,
+                 duplicate: bool = False) -> None:
         self.runtime = runtime
         self.id = task_id
         self._return_type = return_type
+        #: True when ``enqueue(task_id=...)`` found that id already started or
+        #: finished: nothing was sent, this handle follows the existing task
+        self.duplicate = duplicate
 
     async def result(self, timeout: float | None = None) -> R:
         """The task's return value. Raises ``TaskError`` (or a subclass) if it
@@ -457,13 +486,36 @@ class Runtime:
     ) -> TaskHandle[R]:
         """Publish ``target`` (a signature or canvas); returns once the broker
         has it durably. Raises an EnqueueError subclass before anything is sent
-        if the input is bad."""
+        if the input is bad.
+
+        ``task_id`` names the outcome (1 to 200 bytes of printable characters
+        without spaces). If the result store already has a record under it
+        (the task started, finished within the result TTL, or was cancelled),
+        nothing is sent and the handle of the existing task is returned with
+        ``handle.duplicate`` set. This check is one read before the publish:
+        two producers enqueuing the same new id at the same moment can both
+        send it (the result store keeps the first terminal result)."""
         self._require_started()
+        if task_id is not None:
+            check_task_id(task_id)
         messages, handle = self._compile(target, countdown=countdown, eta=eta, priority=priority,
                                          queue=queue, task_id=task_id, expires=expires)
         with one_error:
+            if task_id is not None and await self._known(task_id):
+                handle.duplicate = True
+                return handle
             await self.publish(messages)
         return handle
+
+    async def _known(self, task_id: str) -> bool:
+        """Whether the result store has a record of ``task_id``. When the store
+        cannot say, the enqueue goes ahead (it depends on the broker alone)."""
+        try:
+            return await self.results.get(task_id) is not None
+        except (ResultError, BrokerConnectionError) as e:
+            log.warning("cannot check whether the task id is taken; enqueuing it anyway",
+                        task_id=task_id, error=str(e))
+            return False
 
     async def enqueue_many(self, targets: Iterable[canvas.Composable[R]]) -> list[TaskHandle[R]]:
         """Publish many signatures or canvases in one batch."""
