@@ -19,7 +19,9 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 COMMON = '''
@@ -41,11 +43,11 @@ def total(xs: list[int]) -> int:
 CORRECT = COMMON + '''
 
 async def main() -> None:
-    async with rt:
+    async with rt, rt.worker():
         n: int = await run(add.s(1, 2))
         n2: int = await rt.run(add.s(x=1, y=2), timeout=5)
-        h: TaskHandle[int] = await rt.enqueue(add.s(1, y=2), countdown=1)
-        m: int = await h.result(timeout=1)
+        h: TaskHandle[int] = await rt.enqueue(add.s(1, y=2), countdown=0.01)
+        m: int = await h.result(timeout=5)
         k: int = await h
         hs: list[TaskHandle[int]] = await rt.enqueue_many([add.s(1, 2), add.si(3, 4)])
         c: int = await run(chain(add.s(1, 2), add.partial(3)))
@@ -53,8 +55,9 @@ async def main() -> None:
         g: list[int] = await run(group(add.s(1, 2), add.s(3, 4)))
         g2: list[int] = await run(group(add.s(i, i) for i in range(3)))
         t: int = await run(chord([add.s(1, 2), add.s(3, 4)], total.partial()))
-        s: int = await run(total.s([1, 2]).set(queue="q"))
-        print(n, n2, m, k, hs, c, d, g, g2, t, s)
+        s: int = await run(total.s([1, 2]).set(priority=5))
+        assert (n, n2, m, k, c, d, g, g2, t, s) == (3, 3, 3, 3, 6, 12, [3, 7], [0, 2, 4], 10, 3)
+        assert [await one for one in hs] == [3, 7]
 '''
 
 WRONG = COMMON + '''
@@ -131,6 +134,14 @@ def test_every_wrong_call_in_a_user_file_is_reported(mypy_report: tuple[int, str
     missing = {n: WRONG.splitlines()[n - 1].strip() for n in expected if n not in found}
     assert not missing, f"mypy did not report: {missing}\n{report}"
     assert found == expected, report
+
+
+async def test_the_correct_user_file_also_runs() -> None:
+    """``.partial()`` and the typed canvas behave at run time as the types say."""
+    namespace: dict[str, Any] = {"__name__": "user_correct"}
+    exec(compile(CORRECT, "user_correct.py", "exec"), namespace)
+    with anyio.fail_after(30):  # a dozen in-process tasks; bounded so a hang fails
+        await namespace["main"]()
 
 
 def test_py_typed_is_shipped_in_both_packages() -> None:
