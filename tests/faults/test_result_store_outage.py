@@ -26,9 +26,9 @@ import pytest
 from structlog.testing import capture_logs
 
 import brokers
-from brokers.base import Consumer, Delivery
+from brokers.base import Consumer, Delivery, Envelope
 from runtime import Runtime, chord
-from runtime.messages import State
+from runtime.messages import State, TaskMessage
 from runtime.results_redis import RedisResultStore
 from tests.conftest import AMQP_URL
 from tests.faults.harness import RedisServer, wait_until
@@ -201,3 +201,50 @@ async def scenario(redis_server: RedisServer, namespace: str) -> None:
     assert 1 <= len(recovered) <= 2
     assert sum(e.get("retries", 0) for e in recovered) > len(warnings)
 
+
+
+async def test_a_worker_stopped_while_the_store_is_down_hands_its_tasks_back(
+        redis_server: RedisServer, namespace: str) -> None:
+    """While the store is down, a finished task's result write and a once-only
+    task's claim (a chord body, an errback) are retried, never dead-lettered;
+    stopped meanwhile, the worker leaves both deliveries unsettled: back in the
+    queue, neither acked nor dead-lettered, the once-only task never run
+    (memory broker: the store is the only thing under fault)."""
+    ran: list[str] = []
+    with TcpProxy(target_port=redis_server.port) as proxy:
+        rt = Runtime(results=f"redis://127.0.0.1:{proxy.port}/0", namespace=namespace)
+
+        @rt.task(name="quick")
+        async def quick(tag: str) -> int:
+            ran.append(tag)
+            return 1
+
+        once = TaskMessage(id="once-1", task="quick", args=["once"], once=True)
+        body, headers = rt.codec.encode(once)
+
+        async def both_held() -> bool:
+            return (await rt.broker.stats("default")).in_flight == 2 and ran == ["plain"]
+
+        with capture_logs() as logs, anyio.fail_after(60):  # bound for a starved machine
+            async with rt:
+                async with rt.worker(concurrency=2, shutdown_grace_s=1.0):
+                    proxy.set_mode("reset")
+                    handle = await rt.enqueue(quick.s("plain"))
+                    await rt.broker.publish(Envelope(id=once.id, queue="default", body=body,
+                                                     headers=headers))
+                    await wait_until(both_held, timeout=30, what="both deliveries held")
+                    await wait_until(lambda: _logged(logs, OUTAGE_WARNING), timeout=30,
+                                     what="the worker to meet the outage")
+                # stopped: the grace period passed with the store still down
+                stats = await rt.broker.stats("default")
+                dead = await rt.broker.dead_letters("default")
+                proxy.set_mode("pass")
+                stored = [await rt.results.get(i) for i in (handle.id, once.id)]
+    assert dead == []
+    assert (stats.ready, stats.in_flight, stats.dead) == (2, 0, 0)
+    assert stored == [None, None]
+    assert ran == ["plain"]
+
+
+async def _logged(logs: list[dict[str, Any]], prefix: str) -> bool:
+    return any(e["event"].startswith(prefix) for e in logs)
