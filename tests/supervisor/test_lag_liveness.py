@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 
 import anyio
@@ -27,6 +28,10 @@ async def test_the_lag_monitor_names_the_task_that_blocks_the_loop() -> None:
         return "ok"
 
     monitor = LagMonitor(threshold_s=0.1)
+    # The watchdog samples the loop thread once per stall; a garbage collection that
+    # runs finalizers (e.g. of event loops left by earlier tests) at the start of the
+    # blocker, on a loaded machine, made that one sample miss the task. Collect first.
+    gc.collect()
     async with anyio.create_task_group() as tg:
         await tg.start(monitor.run)
         async with rt, rt.worker() as worker:
