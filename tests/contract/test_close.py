@@ -112,3 +112,32 @@ async def test_receive_blocked_on_an_empty_queue_ends_when_closed(
                 await anyio.wait_all_tasks_blocked()
                 await consumer.aclose()
                 await ended.wait()
+
+
+@pytest.mark.promise(7)
+async def test_closing_while_messages_keep_arriving_strands_none(broker: Any, queue: str) -> None:
+    """Closing stops fetching first, then hands back what is unsettled: messages
+    published while the consumer closes end either settled or ready, none stays in
+    flight with a consumer that is gone."""
+    await broker.publish_many([env(queue, f"a{i}") for i in range(20)])
+    acked = 0
+    async with anyio.create_task_group() as tg:
+        async def keep_publishing() -> None:
+            for i in range(40):
+                await broker.publish(env(queue, f"b{i}"))
+
+        async with broker.consume([queue], prefetch=5) as consumer:
+            tg.start_soon(keep_publishing)
+            for _ in range(10):
+                await (await recv(consumer)).ack()
+                acked += 1
+        # the consumer is closed while the publisher may still run
+    stats = await broker.stats(queue)
+    assert (stats.ready, stats.in_flight) == (60 - acked, 0)
+    ids = set()
+    async with broker.consume([queue], prefetch=10) as consumer:
+        for _ in range(60 - acked):
+            delivery = await recv(consumer)
+            ids.add(delivery.envelope.id)
+            await delivery.ack()
+    assert len(ids) == 60 - acked  # each of the others once, none lost
