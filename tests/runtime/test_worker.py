@@ -193,14 +193,20 @@ async def test_a_task_past_the_grace_period_is_cancelled_and_redelivered(rt: Run
 
 
 async def test_leaving_the_runtime_with_a_worker_running_drains_it(rt: Runtime) -> None:
-    done = anyio.Event()
+    started = anyio.Event()
+    finished: list[int] = []
 
     @rt.task
     async def quick() -> None:
-        done.set()
+        started.set()
+        for _ in range(20):  # still running when the block is left; a cancel would land here
+            await anyio.lowlevel.checkpoint()
+        finished.append(1)
 
     with anyio.fail_after(LIMIT):
         async with rt, rt.worker():
             await rt.enqueue(quick.s())
-            await done.wait()
+            await started.wait()
+            assert finished == []  # leave while the task runs
+    assert finished == [1]  # drained: run to its end, not cancelled
     assert await stats(rt) == QueueStats()
