@@ -16,7 +16,7 @@ import redis.exceptions as rex
 import uvloop
 
 from brokers.base import BrokerError, ConnectionFailed, ConnectionLost, is_connection_failure
-from brokers.redis import _mapped
+from brokers.redis.errors import mapped as _mapped
 from runtime.errors import ResultError, ResultStoreUnavailable
 from runtime.results_redis import RedisResultStore
 
