@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from brokers.amqp import DELAY_LEVELS, AmqpBroker, _Acks, _routing_key, _ticks
+from brokers.amqp import DELAY_LEVELS, AmqpBroker
+from brokers.amqp._aiormq import Acks as _Acks
+from brokers.amqp.topology import routing_key as _routing_key
+from brokers.amqp.topology import ticks as _ticks
 
 
 def test_options_come_from_the_query_string() -> None:
