@@ -42,7 +42,7 @@ from brokers.base import (
 )
 from brokers.redis import scripts
 from brokers.redis.consumer import RedisConsumer
-from brokers.redis.errors import as_broker_error, mapped
+from brokers.redis.errors import as_broker_error, mapped, unwrapped
 from brokers.redis.keys import BANDS, Queue, band_of, decode, encode
 from brokers.redis.options import RedisBrokerOptions, parse_url
 from brokers.redis.scripts import PUBLISH, PURGE, STATS, Call, cmd, evalsha, evalsha_many
@@ -242,16 +242,21 @@ class RedisBroker:
     async def consume(
         self, queues: Sequence[str], *, prefetch: int
     ) -> AsyncIterator[RedisConsumer]:
+        """A consumer of ``queues`` holding at most ``prefetch`` unsettled deliveries:
+        ``async with broker.consume(["q"], prefetch=10) as c``. Leaving the block
+        closes it (see :meth:`RedisConsumer.aclose`); an exception raised in the
+        block leaves as itself, never inside an exception group (promise 10)."""
         consumer = RedisConsumer(self, queues, prefetch)
         for q in consumer._queues:
             await self.declare(q.name)
-        async with anyio.create_task_group() as tg:
-            await tg.start(consumer._run)
-            self._consumers.add(consumer)
-            try:
-                yield consumer
-            finally:
-                await consumer.aclose()
+        with unwrapped():
+            async with anyio.create_task_group() as tg:
+                await tg.start(consumer._run)
+                self._consumers.add(consumer)
+                try:
+                    yield consumer
+                finally:
+                    await consumer.aclose()
 
     async def _flush_consumers(self) -> None:
         """Read your own writes: send this broker's queued settlements first."""

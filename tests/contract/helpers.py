@@ -42,9 +42,6 @@ async def assert_nothing_arrives(consumer: Consumer, within: float = QUIET_S) ->
 #: tests of such a cell are strict xfails (they must start passing when it is fixed,
 #: then the entry is removed); tests/test_meta_promises.py reads the same table.
 KNOWN_BROKEN: dict[tuple[str, int], str] = {
-    ("redis", 10): "issue 20: RedisBroker.consume() raises the caller's exception (and its own "
-                   "DeliveryAlreadySettled) inside an ExceptionGroup of one; the fix belongs in "
-                   "brokers/redis.py",
 }
 
 
