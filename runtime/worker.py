@@ -26,7 +26,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -44,9 +44,7 @@ from runtime.errors import (
     EnqueueError,
     PayloadTooLarge,
     Reject,
-    ResultError,
     Retry,
-    TaskloomError,
 )
 from runtime.execution import ProcessRunner, TimeLimit, execute
 from runtime.messages import (
@@ -60,7 +58,8 @@ from runtime.messages import (
     check_references,
 )
 from runtime.middleware import CallNext, Middleware, TaskContext, build_chain
-from runtime.retry import Backoff, next_delay
+from runtime.persist import StoreRetry, type_name
+from runtime.retry import next_delay
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -68,8 +67,6 @@ if TYPE_CHECKING:
 __all__ = ["Worker"]
 
 log = structlog.get_logger("taskloom.worker")
-
-T = TypeVar("T")
 
 #: The cap of the backoff between result-store retries while it is down.
 _STORE_RETRY_MAX_S = 5.0
@@ -91,14 +88,9 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _type_name(exc: BaseException) -> str:
-    cls = type(exc)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _error_info(exc: BaseException, reason: Why) -> ErrorInfo:
     return ErrorInfo(
-        type=_type_name(exc),
+        type=type_name(exc),
         message=str(exc),
         traceback="".join(traceback.format_exception(exc)),
         reason=reason.value,
@@ -131,33 +123,6 @@ def _reason(value: str, default: Why) -> Why:
         return Why(value)
     except ValueError:
         return default
-
-
-class _Outage:
-    """Whether the result store is down, as this worker sees it: the first
-    failure of an outage logs one warning, the first success after it one
-    info line; the failures between are counted, not logged."""
-
-    __slots__ = ("failures", "since")
-
-    def __init__(self) -> None:
-        self.since: float | None = None
-        self.failures = 0
-
-    def failed(self, doing: str, error: Exception) -> None:
-        self.failures += 1
-        if self.since is None:
-            self.since = time.monotonic()
-            log.warning("result store unavailable; finished tasks are held unacknowledged and "
-                        "their results retried until it is back", doing=doing,
-                        error_type=_type_name(error), error=str(error)[:300])
-
-    def recovered(self) -> None:
-        if self.since is not None:
-            log.info("result store reachable again; resuming",
-                     down_s=round(time.monotonic() - self.since, 3), retries=self.failures)
-            self.since = None
-            self.failures = 0
 
 
 class Worker:
@@ -202,7 +167,7 @@ class Worker:
         self.processed = 0
         self.failed = 0
         self._changed: anyio.Event | None = None
-        self._outage = _Outage()
+        self._persist = StoreRetry(cap_s=_STORE_RETRY_MAX_S)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -316,7 +281,7 @@ class Worker:
             # a bug of ours before the task ran: it must not stop the worker or
             # loop the message forever (after it ran, _process releases instead)
             log.error("internal error handling a delivery; dead-lettering it",
-                      message_id=_message_id(delivery), error_type=_type_name(e), exc_info=e)
+                      message_id=_message_id(delivery), error_type=type_name(e), exc_info=e)
             try:
                 await delivery.dead_letter(Why.INTERNAL_ERROR)
             except Exception as settle_error:
@@ -442,7 +407,7 @@ class Worker:
                         "again", task_id=msg.id, task=msg.task, error=str(error)[:300])
         else:
             log.error("internal error after a task ran; releasing it to run again",
-                      task_id=msg.id, task=msg.task, error_type=_type_name(error), exc_info=error)
+                      task_id=msg.id, task=msg.task, error_type=type_name(error), exc_info=error)
         try:
             await delivery.nack(delay_s=_RELEASE_DELAY_S)
         except Exception as e:
@@ -517,7 +482,7 @@ class Worker:
             return
         delay = delay_s if delay_s is not None else next_delay(msg.attempt, task.retry)
         log.info("retrying a task", task_id=msg.id, task=msg.task, attempt=msg.attempt,
-                 retries=retries, delay_s=round(delay, 3), error=f"{info.type}: {info.message}")
+                 retries=retries, delay_s=round(delay, 3), error=f"{info.type}: {info.message[:300]}")
         await self._store(Result(id=msg.id, task=msg.task, state=State.RETRY, error=info,
                                  attempt=msg.attempt, delivery_count=_count(delivery),
                                  worker=self.name, started_ms=started))
@@ -533,7 +498,7 @@ class Worker:
         self.failed += 1
         reason = _reason(info.reason, Why.FAILED)
         log.warning("task failed", task_id=msg.id, task=msg.task, attempt=msg.attempt,
-                    reason=reason.value, error=f"{info.type}: {info.message}")
+                    reason=reason.value, error=f"{info.type}: {info.message[:300]}")
         now = _now_ms()
         failure = Result(id=msg.id, task=msg.task, state=State.FAILURE, error=info,
                          attempt=msg.attempt, delivery_count=_count(delivery),
@@ -625,9 +590,9 @@ class Worker:
                 except Exception as e:
                     # the store is down: the claim may lapse (a duplicate may
                     # then run, visibly); the task itself goes on
-                    self._outage.failed("renew a claim", e)
+                    self._persist.failed("renew a claim", e)
                 else:
-                    self._outage.recovered()
+                    self._persist.recovered()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(renew)
@@ -647,32 +612,3 @@ class Worker:
             await self._persist("store a result", lambda: store.put(results[0]))
         else:
             await self._persist("store results", lambda: store.put_many(results))
-
-    async def _persist(self, doing: str, op: Callable[[], Awaitable[T]]) -> T:
-        """``await op()`` until it succeeds, with a capped jittered backoff.
-
-        Only a value that can never be stored (``EncodeError``,
-        ``PayloadTooLarge``) or a bad stored value (``DecodeError``) is raised;
-        any other error (``ResultStoreUnavailable``, a connection error under
-        another name, a bug in a store) is retried, so a task that ran is never
-        dead-lettered for it. Cancellation (the worker stopped) ends the loop
-        with the delivery unsettled: the broker delivers it again.
-        """
-        backoff: Backoff | None = None
-        outage = self._outage
-        while True:
-            try:
-                value = await op()
-            except (EncodeError, PayloadTooLarge, DecodeError):
-                raise
-            except Exception as e:
-                if isinstance(e, TaskloomError) and not isinstance(
-                        e, (ResultError, BrokerConnectionError)):
-                    raise  # e.g. ConfigError: no retry will change it
-                outage.failed(doing, e)
-                backoff = backoff or Backoff(cap_s=_STORE_RETRY_MAX_S)
-                await anyio.sleep(backoff.next())
-                continue
-            if outage.since is not None:
-                outage.recovered()
-            return value

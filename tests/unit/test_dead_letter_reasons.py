@@ -56,7 +56,11 @@ def test_every_dead_letter_call_in_the_runtime_passes_a_member() -> None:
 
 
 def test_the_reasons_the_brokers_write_are_members() -> None:
-    redis = (ROOT / "brokers" / "redis.py").read_text()
+    # the Redis broker: a module or a package with its Lua scripts beside it
+    sources = [*(ROOT / "brokers").glob("redis.py"), *(ROOT / "brokers" / "redis").rglob("*.py"),
+               *(ROOT / "brokers" / "redis").rglob("*.lua")]
+    assert sources
+    redis = "\n".join(path.read_text() for path in sources)
     literals: set[str] = set()
     for expr in re.findall(r"bury\([^,]+,\s*[^,]+,\s*([^,]+),", redis):
         literals.update(re.findall(r"'([a-z_]{3,})'", expr))  # not the verbs 'n', 'd'
