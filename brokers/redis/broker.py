@@ -40,11 +40,11 @@ from brokers.base import (
     is_connection_failure,
     redact_url,
 )
-from brokers.redis import scripts
 from brokers.redis.consumer import RedisConsumer
 from brokers.redis.errors import as_broker_error, mapped, unwrapped
 from brokers.redis.keys import BANDS, Queue, band_of, decode, encode
 from brokers.redis.options import RedisBrokerOptions, parse_url
+from brokers.redis.scripts import ALL as ALL_SCRIPTS
 from brokers.redis.scripts import PUBLISH, PURGE, STATS, Call, cmd, evalsha, evalsha_many
 
 __all__ = ["RedisBroker"]
@@ -113,7 +113,7 @@ class RedisBroker:
         try:
             await client.ping()
             pipe = client.pipeline(transaction=False)
-            for script in scripts.ALL:
+            for script in ALL_SCRIPTS:
                 pipe.execute_command("SCRIPT", "LOAD", script.source)
             await pipe.execute()
         except Exception as e:
