@@ -9,6 +9,10 @@ loop is busy. Modes (RELIABILITY.md §2.1):
   partition without RST: only heartbeats and timeouts can notice). Bytes read
   before the switch are held, not dropped, and flow again when the mode goes
   back to ``pass`` — like TCP retransmitting across a healed partition;
+- ``drop``: sockets stay open, every byte read (both directions) is discarded
+  (a partition that *loses* bytes: frames sent during it are gone, and after
+  the heal the stream resumes in whole reads, usually still in step, so only a
+  watchdog or an application-level timeout notices what was lost);
 - ``reset``: every open connection is closed with an RST (SO_LINGER 0), and
   new ones are reset as soon as they are accepted, until the mode changes;
 - ``half_open``: client → server flows, server → client is held;
@@ -36,8 +40,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Self
 
-Mode = Literal["pass", "blackhole", "reset", "half_open", "latency", "throttle"]
-MODES: tuple[Mode, ...] = ("pass", "blackhole", "reset", "half_open", "latency", "throttle")
+Mode = Literal["pass", "blackhole", "drop", "reset", "half_open", "latency", "throttle"]
+MODES: tuple[Mode, ...] = ("pass", "blackhole", "drop", "reset", "half_open", "latency", "throttle")
 
 
 def _rst(writer: asyncio.StreamWriter) -> None:
@@ -76,6 +80,8 @@ class TcpProxy:
         self.bytes_per_s = 0
         self.connections_total = 0
         self.resets_total = 0
+        #: Bytes discarded in ``drop`` mode (both directions).
+        self.dropped_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -214,6 +220,9 @@ class TcpProxy:
                 if not data:
                     break
                 await flow.wait()  # bytes read just before a blackhole are held, not dropped
+                if self.mode == "drop":
+                    self.dropped_bytes += len(data)
+                    continue
                 if self.mode == "latency" and self.delay_ms:
                     await asyncio.sleep(self.delay_ms / 1000)
                 if self.mode == "throttle" and self.bytes_per_s:
