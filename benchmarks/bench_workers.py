@@ -96,7 +96,7 @@ def _cpu(procs: list[psutil.Process]) -> float:
 
 async def bench_cpu_pool(n: int, tasks: int) -> tuple[float, float]:
     """Wall time and CPU seconds (this process + the pool)."""
-    from runtime.pool import ProcessPool
+    from runtime.process.pool import ProcessPool
 
     async with ProcessPool(SPEC, size=2) as pool:
         procs = [psutil.Process(), *(psutil.Process(p) for p in pool.pids)]
@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--cpu-tasks", type=int, default=400)
     parser.add_argument("--io-tasks", type=int, default=5000)
     args = parser.parse_args()
-    from runtime.observability import configure_logging
+    from runtime.logs import configure_logging
 
     configure_logging("WARNING")
     rows: list[tuple[str, ...]] = []

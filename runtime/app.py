@@ -16,7 +16,6 @@ Settings left out are read from ``TASKLOOM_*`` environment variables
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -47,9 +46,9 @@ from runtime.errors import (
     TaskTimeLimitExceeded,
 )
 from runtime.execution import ProcessRunner
+from runtime.logs import ensure_logging
 from runtime.messages import ErrorInfo, Result, State, TaskMessage, TaskOptions
 from runtime.middleware import Middleware
-from runtime.observability import ensure_logging
 from runtime.registry import Kind, Task, TaskDecorator, TaskRegistry
 from runtime.results import DEFAULT_TTL_S, MemoryResultStore, ResultStore
 from runtime.retry import RetryPolicy
@@ -149,9 +148,9 @@ def _results_for(url: str, *, ttl_s: float, namespace: str) -> ResultStore:
     if scheme == "memory":
         return MemoryResultStore(ttl_s=ttl_s)
     if scheme in ("redis", "rediss", "unix"):
-        module = importlib.import_module("runtime.results_redis")
-        store: ResultStore = module.RedisResultStore.from_url(url, ttl_s=ttl_s,
-                                                              namespace=namespace)
+        from runtime.results.redis import RedisResultStore  # loads the Redis client only when used
+
+        store: ResultStore = RedisResultStore.from_url(url, ttl_s=ttl_s, namespace=namespace)
         return store
     raise ConfigError(
         f"no result store handles {url!r}; use memory:// or redis://host:port/db"

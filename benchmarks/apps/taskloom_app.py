@@ -17,7 +17,7 @@ import anyio
 from work import burn, rss_kb
 
 from runtime import Runtime
-from runtime.observability import configure_logging
+from runtime.logs import configure_logging
 
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", "memory://")
 RESULT_URL = os.environ.get("BENCH_RESULT_URL") or None
@@ -116,7 +116,7 @@ def inproc_drain(task: str, arg: Any, n: int, batch: int, concurrency: int,
             if pool:
                 if "cpu_process" not in TASKS:
                     raise RuntimeError("set BENCH_PROCESS_TASKS=1 for a process pool")
-                from runtime.pool import ProcessPool
+                from runtime.process.pool import ProcessPool
 
                 processes = await stack.enter_async_context(
                     ProcessPool("taskloom_app:rt", size=pool))

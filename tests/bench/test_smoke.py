@@ -12,7 +12,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from runtime.cli_bench import bench
+from benchmarks.cli import bench
 
 
 def test_bench_command_measures_taskloom_on_memory_and_writes_a_well_formed_record(

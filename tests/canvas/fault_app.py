@@ -42,7 +42,7 @@ from typing import Any
 from runtime.app import Runtime
 from runtime.messages import TaskMessage
 from runtime.middleware import CallNext, Middleware, TaskContext
-from runtime.results_redis import RedisResultStore
+from runtime.results.redis import RedisResultStore
 from tests.faults.ledger import LedgerWriter
 
 __all__ = ["AFTER", "BODY", "KILL_POINTS", "MEMBER", "build"]

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from runtime import Runtime, chord
-from runtime.results_redis import RedisResultStore
+from runtime.results.redis import RedisResultStore
 from tests.conftest import REDIS_URL
 
 pytestmark = pytest.mark.slow

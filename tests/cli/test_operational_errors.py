@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from runtime.serve import EXIT_CONFIG
+from runtime.process.serve import EXIT_CONFIG
 from tests.conftest import AMQP_URL
 
 DOWN_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 DOWN_AMQP = "amqp://guest:s3cret-pw@127.0.0.1:1/"
 
 #: A server that cannot be reached: every command exits EXIT_CONFIG (1), except
-#: that ``taskloom worker`` may exit 5 (EXIT_UNREACHABLE of runtime.serve: try
+#: that ``taskloom worker`` may exit 5 (EXIT_UNREACHABLE of runtime.process.serve: try
 #: again later; a supervisor restarts such a child with backoff).
 UNREACHABLE = {"worker": (EXIT_CONFIG, 5)}
 

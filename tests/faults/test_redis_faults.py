@@ -17,7 +17,7 @@ import pytest
 
 from runtime.app import Runtime
 from runtime.messages import State
-from runtime.results_redis import RedisResultStore
+from runtime.results.redis import RedisResultStore
 from tests.faults.app import WORK, build
 from tests.faults.harness import (
     Producer,

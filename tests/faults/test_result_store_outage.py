@@ -29,7 +29,7 @@ import brokers
 from brokers.base import Consumer, Delivery, Envelope
 from runtime import Runtime, chord
 from runtime.messages import State, TaskMessage
-from runtime.results_redis import RedisResultStore
+from runtime.results.redis import RedisResultStore
 from tests.conftest import AMQP_URL
 from tests.faults.harness import RedisServer, wait_until
 from tests.faults.nemesis import TcpProxy

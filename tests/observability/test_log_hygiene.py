@@ -17,7 +17,7 @@ import textwrap
 import pytest
 
 from runtime.errors import ConfigError
-from runtime.observability import MAX_TRACEBACK_CHARS, format_exception
+from runtime.logs import MAX_TRACEBACK_CHARS, format_exception
 from runtime.results import results_from_url
 
 SECRET = "SIGNING-KEY-7f3a9c"  # a local variable of the failing frame
@@ -31,7 +31,7 @@ _SCRIPT = textwrap.dedent(f"""
     import sys
     import anyio
     from runtime import Runtime
-    from runtime.observability import configure_logging
+    from runtime.logs import configure_logging
     from runtime.results import MemoryResultStore
 
     class LeakyStore(MemoryResultStore):
@@ -108,7 +108,7 @@ def test_a_deep_traceback_is_bounded_and_plain() -> None:
 
 
 def test_importing_taskloom_configures_no_logging() -> None:
-    code = ("import logging, structlog, runtime, runtime.observability, brokers; "
+    code = ("import logging, structlog, runtime, runtime.logs, brokers; "
             "assert not structlog.is_configured(), 'structlog configured at import'; "
             "assert not logging.getLogger().handlers, 'a root handler at import'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,

@@ -10,7 +10,7 @@ from opentelemetry.trace import SpanKind
 
 from runtime import Runtime, TaskError
 from runtime.middleware import CallNext, Middleware, TaskContext
-from runtime.observability import TracingMiddleware
+from runtime.tracing import TracingMiddleware
 
 
 async def test_execution_span_is_a_child_of_the_enqueuing_span() -> None:

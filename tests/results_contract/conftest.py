@@ -26,7 +26,7 @@ import pytest
 
 from runtime.errors import ConnectionFailed
 from runtime.results import MemoryResultStore
-from runtime.results_redis import RedisResultStore
+from runtime.results.redis import RedisResultStore
 from tests.conftest import REDIS_URL, server_missing
 
 STORES = [

@@ -19,7 +19,7 @@ from runtime.errors import (
     ResultStoreUnavailable,
 )
 from runtime.messages import State
-from runtime.results_redis import RedisResultStore
+from runtime.results.redis import RedisResultStore
 from tests.conftest import REDIS_URL, server_missing
 from tests.results_contract.conftest import OwnRedis
 from tests.results_contract.helpers import eventually, ok, started

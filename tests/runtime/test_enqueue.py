@@ -360,7 +360,7 @@ async def test_arguments_arrive_as_the_hinted_types(rt: Runtime) -> None:
 
 
 def test_results_default_to_the_brokers_redis_without_its_options() -> None:
-    from runtime.results_redis import RedisResultStore
+    from runtime.results.redis import RedisResultStore
 
     rt = Runtime(broker="redis://127.0.0.1:6379/0?lease_s=2&max_deliveries=3")
     assert isinstance(rt.results, RedisResultStore)

@@ -9,9 +9,9 @@ import anyio
 import pytest
 
 from runtime import Runtime
-from runtime.lag import LagMonitor
-from runtime.liveness import MemoryLivenessStore, heartbeat_of, publish_heartbeats, store_for
-from runtime.serve import parse_size
+from runtime.process.lag import LagMonitor
+from runtime.process.liveness import MemoryLivenessStore, heartbeat_of, publish_heartbeats, store_for
+from runtime.process.serve import parse_size
 
 
 async def test_the_lag_monitor_names_the_task_that_blocks_the_loop() -> None:

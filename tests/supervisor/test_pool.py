@@ -8,7 +8,7 @@ import pytest
 
 from runtime.errors import ConfigError, TaskError, TaskTimeLimitExceeded
 from runtime.execution import TimeLimit
-from runtime.pool import PoolProcessDied, ProcessPool, RemoteTaskError, remote_error
+from runtime.process.pool import PoolProcessDied, ProcessPool, RemoteTaskError, remote_error
 from tests.supervisor import app
 from tests.supervisor.conftest import APP, pid_alive, wait_until
 
@@ -103,7 +103,7 @@ async def test_pool_children_die_with_their_parent(tmp_path: object) -> None:
 
     script = (
         "import anyio, sys\n"
-        "from runtime.pool import ProcessPool\n"
+        "from runtime.process.pool import ProcessPool\n"
         "async def main():\n"
         f"    async with ProcessPool({APP!r}, size=2) as pool:\n"
         "        print(' '.join(map(str, pool.pids)), flush=True)\n"

@@ -13,8 +13,8 @@ import anyio
 import pytest
 
 from runtime import Runtime
-from runtime.liveness import store_for
-from runtime.serve import EXIT_OK
+from runtime.process.liveness import store_for
+from runtime.process.serve import EXIT_OK
 from tests.supervisor.conftest import APP, Env, pid_alive, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.fault]

@@ -10,7 +10,7 @@ import anyio
 import psutil
 import pytest
 
-from runtime.serve import EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_FORCED, EXIT_OK
+from runtime.process.serve import EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_FORCED, EXIT_OK
 from tests.supervisor.conftest import APP, Env, pid_alive, wait_until
 
 pytestmark = pytest.mark.slow

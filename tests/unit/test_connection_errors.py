@@ -18,7 +18,7 @@ import uvloop
 from brokers.base import BrokerError, ConnectionFailed, ConnectionLost, is_connection_failure
 from brokers.redis.errors import mapped as _mapped
 from runtime.errors import ResultError, ResultStoreUnavailable
-from runtime.results_redis import RedisResultStore
+from runtime.results.redis import RedisResultStore
 
 
 def uvloop_closed_transport_error() -> RuntimeError:

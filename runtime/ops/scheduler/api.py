@@ -76,7 +76,7 @@ class ScheduleInfo(msgspec.Struct, frozen=True, kw_only=True):
 def store_for(rt: Runtime, *, multiprocess: bool = False) -> ScheduleStore:
     """The schedule store of ``rt``: its result store's Redis, else its Redis
     broker's, else memory (refused when ``multiprocess``)."""
-    from runtime.results_redis import RedisResultStore
+    from runtime.results.redis import RedisResultStore
 
     results = rt.results
     if isinstance(results, RedisResultStore):

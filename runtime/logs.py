@@ -19,15 +19,10 @@ import traceback
 from types import TracebackType
 from typing import Any
 
-import msgspec
 import structlog
-from opentelemetry import propagate, trace
 
-from runtime.messages import TaskMessage
-from runtime.middleware import CallNext, Middleware, TaskContext
-
-__all__ = ["LOG_LOCALS_ENV", "MAX_TRACEBACK_CHARS", "MAX_TRACEBACK_FRAMES", "TracingMiddleware",
-           "configure_logging", "ensure_logging", "format_exception"]
+__all__ = ["LOG_LOCALS_ENV", "MAX_TRACEBACK_CHARS", "MAX_TRACEBACK_FRAMES", "configure_logging",
+           "ensure_logging", "format_exception"]
 
 #: The environment variable the CLI reads to log tracebacks with local variables.
 LOG_LOCALS_ENV = "TASKLOOM_LOG_LOCALS"
@@ -151,40 +146,3 @@ def ensure_logging() -> None:
     Runtime is built, never at import."""
     if not structlog.is_configured():
         configure_logging("INFO")
-
-
-class TracingMiddleware(Middleware):
-    """OpenTelemetry tracing: the caller's trace context rides in each
-    message's headers (W3C traceparent), and every execution is a CONSUMER
-    span, child of the span that enqueued it.
-
-        Runtime(..., middleware=[TracingMiddleware()])
-    """
-
-    def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
-        self._tracer = trace.get_tracer("taskloom", tracer_provider=tracer_provider)
-
-    def before_publish(self, message: TaskMessage) -> TaskMessage:
-        carrier = dict(message.headers)
-        propagate.inject(carrier)
-        if len(carrier) == len(message.headers):
-            return message
-        return msgspec.structs.replace(message, headers=carrier)
-
-    async def execute(self, ctx: TaskContext, call_next: CallNext) -> Any:
-        msg = ctx.message
-        parent = propagate.extract(msg.headers)
-        with self._tracer.start_as_current_span(
-            f"run {msg.task}",
-            context=parent,
-            kind=trace.SpanKind.CONSUMER,
-            attributes={
-                "taskloom.task_id": msg.id,
-                "taskloom.task": msg.task,
-                "taskloom.attempt": msg.attempt,
-                "taskloom.delivery_count": ctx.delivery_count,
-                "taskloom.queue": msg.queue,
-                "taskloom.worker": ctx.worker,
-            },
-        ):
-            return await call_next(ctx)

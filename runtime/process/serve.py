@@ -1,10 +1,10 @@
 """Running one worker process until it is told to stop.
 
 ``serve_worker`` runs, in one task group on this process's event loop: the
-:class:`~runtime.worker.Worker`, a :class:`~runtime.lag.LagMonitor`, the
+:class:`~runtime.worker.Worker`, a :class:`~runtime.process.lag.LagMonitor`, the
 liveness heartbeats, the signal handler and, under a supervisor, the link to
 it (readiness, recycling, parent death) and the recycling checks. Tasks of
-``kind="process"`` get a :class:`~runtime.pool.ProcessPool`.
+``kind="process"`` get a :class:`~runtime.process.pool.ProcessPool`.
 
 Signals: SIGTERM or SIGINT drains (stop taking work; in-flight tasks get the
 grace period); a second one stops at once (unfinished tasks are handed back
@@ -30,8 +30,8 @@ import structlog
 from runtime.app import Runtime
 from runtime.errors import BrokerConnectionError, ConfigError, ResultStoreUnavailable
 from runtime.execution import ProcessRunner
-from runtime.lag import LagMonitor
-from runtime.liveness import publish_heartbeats, store_for
+from runtime.process.lag import LagMonitor
+from runtime.process.liveness import publish_heartbeats, store_for
 from runtime.worker import Worker
 
 __all__ = [
@@ -231,7 +231,7 @@ async def serve_worker(rt: Runtime, opts: WorkerOptions, *, link: ParentLink | N
 
 async def _serve_worker(rt: Runtime, opts: WorkerOptions, *, link: ParentLink | None,
                         processes: ProcessRunner | None) -> int:
-    from runtime.pool import ProcessPool
+    from runtime.process.pool import ProcessPool
 
     code = EXIT_OK
     async with AsyncExitStack() as stack:

@@ -1,9 +1,10 @@
 """``taskloom bench``: taskloom against Celery, taskiq, dramatiq and arq, in one run.
 
-The suite itself lives in ``benchmarks/`` of a checkout of the repository (it is
-not part of the installed package); this command finds it next to ``runtime/``
-and imports it only when run, so importing the CLI stays cheap and never pulls
-in matplotlib or the peer frameworks (those run in their own venvs).
+This command lives with the suite in ``benchmarks/`` of a checkout of the
+repository (not part of the installed package): ``taskloom`` registers it only
+when it runs from a checkout, and ``python -m benchmarks`` runs it too. It
+imports the suite only when run, so importing the CLI stays cheap and never
+pulls in matplotlib or the peer frameworks (those run in their own venvs).
 """
 
 from __future__ import annotations
@@ -25,22 +26,15 @@ _CHOICES = {
 
 
 def _suite_module() -> Any:
-    """``benchmarks.suite`` of the checkout this runtime was installed from."""
-    root = Path(__file__).resolve().parent.parent
-    if (root / "benchmarks" / "suite.py").is_file() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    """``benchmarks.suite``, imported only when the command runs (it needs the
+    ``bench`` extra: matplotlib)."""
     try:
-        return importlib.import_module("benchmarks.suite")
+        from benchmarks import suite
     except ModuleNotFoundError as e:
-        if e.name is not None and e.name.split(".")[0] == "benchmarks":
-            raise click.ClickException(
-                f"the benchmark suite was not found: `taskloom bench` runs from a checkout of "
-                f"the taskloom repository, with benchmarks/ next to runtime/ (looked in "
-                f"{root / 'benchmarks'}). Clone the repository and install it there with "
-                f"`pip install -e '.[bench]'`.") from None
         raise click.ClickException(
             f"the benchmark suite needs {e.name!r}, which is not installed: run "
             f"`pip install -e '.[bench]'` in the repository") from None
+    return suite
 
 
 def _listed(kind: str) -> Any:

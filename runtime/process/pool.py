@@ -4,7 +4,7 @@
         async with rt.worker(processes=pool):
             ...
 
-Each pool process is a fresh interpreter (``python -m runtime.pool_child``)
+Each pool process is a fresh interpreter (``python -m runtime.process.pool_child``)
 that imports the application itself; nothing is pickled. A call sends the
 task's *name* and its arguments as MessagePack; the pool process looks the
 function up by that name in its own registry. Results come back the same way,
@@ -38,7 +38,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from runtime.errors import ConfigError, Reject, Retry
 from runtime.execution import TimeLimit
-from runtime.pool_child import MAX_FRAME, Call, Done, Failed, Ready, Reply
+from runtime.process.pool_child import MAX_FRAME, Call, Done, Failed, Ready, Reply
 
 __all__ = ["PoolProcessDied", "ProcessPool", "RemoteTaskError"]
 
@@ -247,7 +247,7 @@ class ProcessPool:
     async def _start(self) -> _Proc:
         env = dict(os.environ, TASKLOOM_POOL_PARENT_PID=str(os.getpid()))
         process = await anyio.open_process(
-            [sys.executable, "-m", "runtime.pool_child", self.app_spec],
+            [sys.executable, "-m", "runtime.process.pool_child", self.app_spec],
             stdin=-1, stdout=-1, stderr=None, env=env, start_new_session=True)
         proc = _Proc(process)
         self._procs.add(proc)
@@ -304,7 +304,7 @@ class ProcessPool:
     # -- calls ---------------------------------------------------------------------
 
     def _index_tasks(self) -> None:
-        from runtime.serve import load_runtime
+        from runtime.process.serve import load_runtime
 
         rt = load_runtime(self.app_spec)
         for task in rt.registry:

@@ -1,11 +1,11 @@
-"""The ``taskloom`` command. Nothing imports this module.
+"""The ``taskloom`` command's commands. Nothing imports this package.
 
 An operational error (a server down or unreachable, an application that
 cannot be imported, a bad URL) is one log line saying what failed and what to
 do, never a traceback (``--log-level DEBUG`` adds it); the other commands
 exit 1 on it.
 
-Exit codes of ``taskloom worker`` (see also :mod:`runtime.serve`):
+Exit codes of ``taskloom worker`` (see also :mod:`runtime.process.serve`):
 
 ====  ==========================================================================
 0     stopped cleanly: every worker process drained
@@ -28,6 +28,7 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import anyio
@@ -37,9 +38,9 @@ import structlog
 from brokers.base import TaskloomError
 from runtime.app import Runtime
 from runtime.errors import ConfigError
-from runtime.observability import LOG_LOCALS_ENV, configure_logging
-from runtime.serve import EXIT_CONFIG, ParentLink, WorkerOptions, parse_size
-from runtime.serve import load_runtime as _load
+from runtime.logs import LOG_LOCALS_ENV, configure_logging
+from runtime.process.serve import EXIT_CONFIG, ParentLink, WorkerOptions, parse_size
+from runtime.process.serve import load_runtime as _load
 
 __all__ = ["main"]
 
@@ -221,7 +222,7 @@ def worker(ctx: click.Context, app: str, processes: int, queues: str | None, con
     3 worker processes crash-looping, 5 broker or result store unreachable,
     130 forced stop.
     """
-    from runtime.serve import serve_worker
+    from runtime.process.serve import serve_worker
 
     opts = WorkerOptions(
         app=app, queues=_queues(queues), concurrency=concurrency, prefetch=prefetch,
@@ -243,7 +244,7 @@ def worker(ctx: click.Context, app: str, processes: int, queues: str | None, con
     if not module_name or not attr:
         raise click.BadParameter(f"expected module:attribute (e.g. app.tasks:rt), got {app!r}",
                                  param_hint="APP")
-    from runtime.supervisor import Supervisor
+    from runtime.process.supervisor import Supervisor
 
     if pool_size is None:  # share the cores among the children's pools
         pool_size = max(1, (os.cpu_count() or 1) // processes)
@@ -315,7 +316,7 @@ def status(app: str, queues: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from runtime.liveness import store_for
+    from runtime.process.liveness import store_for
 
     rt = load_runtime(app)
     names = list(_queues(queues) or rt.registry.queues() or [rt.default_queue])
@@ -408,19 +409,24 @@ def dlq(app: str, queue: str, limit: int) -> None:
                    "the worker stays in this process.")
 def demo(broker: str) -> None:
     """Run a small pipeline on the embedded default and show what happened."""
-    from runtime.demo import run_demo
+    from runtime.cli.demo import run_demo
 
     configure_logging("ERROR")
     _run("the demo failed", functools.partial(run_demo, click.echo, broker))
 
 
-# bench command: registered here when the lead's runtime/cli_bench.py exists
-try:
-    main.add_command(importlib.import_module("runtime.cli_bench").bench)
-except ModuleNotFoundError as e:
-    if e.name != "runtime.cli_bench":
-        raise
+def _bench_command() -> click.Command | None:
+    """``taskloom bench`` (benchmarks/cli.py) when this runtime runs from a checkout
+    of the repository; None from an installed wheel, which has no benchmarks/."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "cli.py").is_file():
+        return None
+    if str(root) not in sys.path:
+        sys.path.append(str(root))
+    command: click.Command = importlib.import_module("benchmarks.cli").bench
+    return command
 
 
-if __name__ == "__main__":
-    main()
+_bench = _bench_command()
+if _bench is not None:
+    main.add_command(_bench)

@@ -28,7 +28,7 @@ import structlog
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
-    from runtime.lag import LagMonitor
+    from runtime.process.lag import LagMonitor
     from runtime.worker import Worker
 
 __all__ = [

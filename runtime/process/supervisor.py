@@ -7,16 +7,16 @@ forked from this process's loop and nothing is pickled. The supervisor:
 - restarts a child that dies, with exponential backoff for children that die
   young (a task that kills its process every time cannot make a fork bomb);
   after ``startup_failure_limit`` children in a row die before ever becoming
-  ready it gives up with :data:`~runtime.serve.EXIT_CRASH_LOOP`; a child that
+  ready it gives up with :data:`~runtime.process.serve.EXIT_CRASH_LOOP`; a child that
   reports a configuration error before any child was ready ends it with
-  :data:`~runtime.serve.EXIT_CONFIG`;
-- restarts a child that exited with :data:`~runtime.serve.EXIT_UNREACHABLE`
+  :data:`~runtime.process.serve.EXIT_CONFIG`;
+- restarts a child that exited with :data:`~runtime.process.serve.EXIT_UNREACHABLE`
   (it could not reach the broker or the result store) with capped, jittered
   backoff for as long as the outage lasts: an outage is not a crash loop, so it
   never makes the supervisor give up. One log line when children start failing
   to reach their servers, one when a child is ready again;
 - replaces a child that recycled itself (it drained after its task or memory
-  limit and exited with :data:`~runtime.serve.EXIT_RECYCLED`) at once;
+  limit and exited with :data:`~runtime.process.serve.EXIT_RECYCLED`) at once;
 - on SIGTERM or SIGINT sends SIGTERM to every child (each drains within the
   grace period) and exits 0 once they are gone; past the grace period (plus a
   margin) it kills what is left. A second signal kills every child now
@@ -43,7 +43,7 @@ import msgspec
 import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from runtime.serve import (
+from runtime.process.serve import (
     EXIT_CONFIG,
     EXIT_CRASH_LOOP,
     EXIT_FORCED,
@@ -205,7 +205,7 @@ class Supervisor:
     # -- running -------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Supervise until stopped; the exit code (see :mod:`runtime.serve`)."""
+        """Supervise until stopped; the exit code (see :mod:`runtime.process.serve`)."""
         log.info("supervisor started", pid=os.getpid(), processes=self.processes)
         async with anyio.create_task_group() as tg:
             self._tg = tg

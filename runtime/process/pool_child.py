@@ -1,6 +1,6 @@
-"""One process of a :class:`runtime.pool.ProcessPool`, started as a fresh interpreter::
+"""One process of a :class:`runtime.process.pool.ProcessPool`, started as a fresh interpreter::
 
-    python -m runtime.pool_child package.module:runtime_attr
+    python -m runtime.process.pool_child package.module:runtime_attr
 
 It imports the application, then answers calls over its stdin/stdout: each
 frame is a 4-byte big-endian length and a MessagePack body (never pickle).
@@ -115,7 +115,7 @@ def _failure(exc: BaseException) -> Failed:
 
 def serve(spec: str, proto_in: int, proto_out: int) -> int:
     """Import ``spec`` and answer calls until EOF; the exit code."""
-    from runtime.serve import load_runtime
+    from runtime.process.serve import load_runtime
 
     rt = load_runtime(spec)
     encoder = msgspec.msgpack.Encoder()
@@ -141,9 +141,9 @@ def serve(spec: str, proto_in: int, proto_out: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        sys.stderr.write("usage: python -m runtime.pool_child package.module:runtime_attr\n")
+        sys.stderr.write("usage: python -m runtime.process.pool_child package.module:runtime_attr\n")
         return 2
-    from runtime.serve import die_with_parent
+    from runtime.process.serve import die_with_parent
 
     parent = os.environ.get("TASKLOOM_POOL_PARENT_PID")
     die_with_parent(signal.SIGKILL, int(parent) if parent else None)

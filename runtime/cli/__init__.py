@@ -1,0 +1,7 @@
+"""The ``taskloom`` command (``taskloom = "runtime.cli:main"``): the commands
+live in :mod:`runtime.cli.commands`, the demo pipeline in
+:mod:`runtime.cli.demo`. Nothing imports this package."""
+
+from runtime.cli.commands import main
+
+__all__ = ["main"]

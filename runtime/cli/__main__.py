@@ -1,0 +1,5 @@
+"""``python -m runtime.cli``: the ``taskloom`` command (how the supervisor starts its children)."""
+
+from runtime.cli.commands import main
+
+main()

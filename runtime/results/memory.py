@@ -1,0 +1,128 @@
+"""The in-memory result store: results in this process, the embedded default."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import msgspec
+
+from runtime.errors import ResultTimeout
+from runtime.messages import Result, State
+from runtime.results.base import CANCELLED, DEFAULT_MAX_RESULT_BYTES, DEFAULT_TTL_S, encode_result
+
+__all__ = ["MemoryResultStore"]
+
+_DECODER = msgspec.msgpack.Decoder(Result)
+
+
+class MemoryResultStore:
+    """Results in this process; the embedded default."""
+
+    def __init__(self, *, ttl_s: float = DEFAULT_TTL_S,
+                 max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> None:
+        self.ttl_s = ttl_s
+        self.max_result_bytes = max_result_bytes
+        # stored encoded, as a remote store would: what cannot be encoded fails
+        # here too, and readers get decoded copies, never the worker's objects
+        self._results: dict[str, tuple[float, Result, bytes]] = {}
+        self._waiters: dict[str, anyio.Event] = {}
+        self._revoked: set[str] = set()
+        self._joins: dict[str, tuple[float, dict[int, Any]]] = {}
+        self._claims: dict[str, tuple[float, str]] = {}
+
+    @classmethod
+    def from_url(cls, url: str = "memory://", *, ttl_s: float = DEFAULT_TTL_S,
+                 namespace: str = "") -> MemoryResultStore:
+        return cls(ttl_s=ttl_s)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    def _live(self, task_id: str) -> Result | None:
+        entry = self._results.get(task_id)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            del self._results[task_id]
+            return None
+        return _DECODER.decode(entry[2])
+
+    def _put(self, result: Result) -> bool:
+        entry = self._results.get(result.id)
+        if entry is not None and entry[0] >= time.monotonic() and entry[1].state.terminal:
+            return False
+        data = encode_result(result, self.max_result_bytes)
+        self._results[result.id] = (time.monotonic() + self.ttl_s, result, data)
+        if result.state.terminal:
+            event = self._waiters.pop(result.id, None)
+            if event is not None:
+                event.set()
+        return True
+
+    async def put(self, result: Result) -> bool:
+        return self._put(result)
+
+    async def put_many(self, results: Sequence[Result]) -> list[bool]:
+        return [self._put(r) for r in results]
+
+    async def get(self, task_id: str) -> Result | None:
+        return self._live(task_id)
+
+    async def wait(self, task_id: str, timeout: float) -> Result:
+        with anyio.move_on_after(timeout):
+            while True:
+                current = self._live(task_id)
+                if current is not None and current.state.terminal:
+                    return current
+                event = self._waiters.get(task_id)
+                if event is None:
+                    event = self._waiters[task_id] = anyio.Event()
+                await event.wait()
+        current = self._live(task_id)
+        raise ResultTimeout(task_id, timeout, current.state if current else State.PENDING)
+
+    async def revoke(self, task_id: str) -> bool:
+        stored = self._put(Result(id=task_id, state=State.REVOKED, error=CANCELLED,
+                                  finished_ms=int(time.time() * 1000)))
+        if stored:
+            self._revoked.add(task_id)
+        return stored
+
+    def is_revoked(self, task_id: str) -> bool:
+        return task_id in self._revoked
+
+    async def watch(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                    ) -> None:
+        task_status.started()
+        await anyio.sleep_forever()
+
+    async def join(self, join_id: str, index: int, size: int, value: Any) -> list[Any] | None:
+        now = time.monotonic()
+        entry = self._joins.get(join_id)
+        if entry is None or entry[0] < now:
+            entry = self._joins[join_id] = (now + self.ttl_s, {})
+        members = entry[1]
+        members.setdefault(index, value)
+        if len(members) < size:
+            return None
+        return [members[i] for i in range(size)]
+
+    async def claim(self, task_id: str, ttl_s: float, *, holder: str = "") -> bool:
+        now = time.monotonic()
+        held = self._claims.get(task_id)
+        if held is not None and held[0] > now and (held[1] != holder or not holder):
+            return False
+        self._claims[task_id] = (now + ttl_s, holder)
+        return True
