@@ -39,8 +39,8 @@ from brokers.base import TaskloomError
 from runtime.app import Runtime
 from runtime.errors import ConfigError
 from runtime.logs import LOG_LOCALS_ENV, configure_logging
+from runtime.process.loading import load_runtime as _load
 from runtime.process.serve import EXIT_CONFIG, ParentLink, WorkerOptions, parse_size
-from runtime.process.serve import load_runtime as _load
 
 __all__ = ["main"]
 

@@ -304,7 +304,7 @@ class ProcessPool:
     # -- calls ---------------------------------------------------------------------
 
     def _index_tasks(self) -> None:
-        from runtime.process.serve import load_runtime
+        from runtime.process.loading import load_runtime
 
         rt = load_runtime(self.app_spec)
         for task in rt.registry:

@@ -115,7 +115,7 @@ def _failure(exc: BaseException) -> Failed:
 
 def serve(spec: str, proto_in: int, proto_out: int) -> int:
     """Import ``spec`` and answer calls until EOF; the exit code."""
-    from runtime.process.serve import load_runtime
+    from runtime.process.loading import load_runtime
 
     rt = load_runtime(spec)
     encoder = msgspec.msgpack.Encoder()
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         sys.stderr.write("usage: python -m runtime.process.pool_child package.module:runtime_attr\n")
         return 2
-    from runtime.process.serve import die_with_parent
+    from runtime.process.loading import die_with_parent
 
     parent = os.environ.get("TASKLOOM_POOL_PARENT_PID")
     die_with_parent(signal.SIGKILL, int(parent) if parent else None)

@@ -13,13 +13,10 @@ to the broker).
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import importlib
 import os
 import re
 import signal
-import sys
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -28,10 +25,11 @@ import msgspec
 import structlog
 
 from runtime.app import Runtime
-from runtime.errors import BrokerConnectionError, ConfigError, ResultStoreUnavailable
+from runtime.errors import BrokerConnectionError, ResultStoreUnavailable
 from runtime.execution import ProcessRunner
 from runtime.process.lag import LagMonitor
 from runtime.process.liveness import publish_heartbeats, store_for
+from runtime.process.loading import die_with_parent
 from runtime.worker import Worker
 
 __all__ = [
@@ -44,8 +42,6 @@ __all__ = [
     "EXIT_UNREACHABLE",
     "ParentLink",
     "WorkerOptions",
-    "die_with_parent",
-    "load_runtime",
     "parse_size",
     "serve_worker",
 ]
@@ -70,49 +66,6 @@ EXIT_FORCED = 130
 EXIT_SIGNAL_TWICE = EXIT_FORCED
 
 SUPERVISOR_PID_ENV = "TASKLOOM_SUPERVISOR_PID"
-
-_PR_SET_PDEATHSIG = 1
-
-
-def load_runtime(spec: str) -> Runtime:
-    """``package.module:attr`` -> the Runtime it names; ConfigError if it cannot."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"expected the application as module:attribute (e.g. app.tasks:rt), "
-                          f"got {spec!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"cannot import {module_name!r}: {e} (run from the directory that "
-                          "holds the package, or install it)") from None
-    try:
-        obj: Any = getattr(module, attr)
-    except AttributeError:
-        raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(obj, Runtime):
-        raise ConfigError(f"{spec} is a {type(obj).__qualname__}, not a taskloom Runtime")
-    return obj
-
-
-def die_with_parent(sig: int = signal.SIGTERM, parent_pid: int | None = None) -> bool:
-    """Ask Linux to send ``sig`` to this process when its parent dies
-    (``PR_SET_PDEATHSIG``); whether that is in place. If ``parent_pid`` is
-    given and is no longer the parent, the parent died already: ``sig`` now."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        ok = bool(libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0)
-    except (OSError, AttributeError):
-        ok = False
-    if not ok:
-        log.warning("could not set PR_SET_PDEATHSIG; relying on the parent pipe alone")
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os.kill(os.getpid(), sig)
-    return ok
-
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -208,6 +161,24 @@ def _unreachable(error: BaseException) -> bool:
     return isinstance(error, (BrokerConnectionError, ResultStoreUnavailable))
 
 
+async def _recycle_reason(worker: Worker, opts: WorkerOptions, stopping: anyio.Event) -> str | None:
+    """Why this process should be replaced (max tasks or memory reached),
+    checked every ``opts.recycle_check_s``; None once it is stopping anyway."""
+    import psutil
+
+    me = psutil.Process()
+    while not stopping.is_set():
+        with anyio.move_on_after(opts.recycle_check_s):
+            await stopping.wait()
+        if opts.max_tasks is not None and worker.processed >= opts.max_tasks:
+            return f"processed {worker.processed} tasks (max {opts.max_tasks})"
+        if opts.max_memory_bytes is not None:
+            rss = me.memory_info().rss
+            if rss >= opts.max_memory_bytes:
+                return f"RSS {rss} bytes (max {opts.max_memory_bytes})"
+    return None
+
+
 async def serve_worker(rt: Runtime, opts: WorkerOptions, *, link: ParentLink | None = None,
                        processes: ProcessRunner | None = None) -> int:
     """Serve until signalled (or recycled); returns the process exit code.
@@ -273,25 +244,12 @@ async def _serve_worker(rt: Runtime, opts: WorkerOptions, *, link: ParentLink | 
 
             async def recycle(parent: ParentLink | None) -> None:
                 nonlocal code
-                import psutil
-
-                me = psutil.Process()
-                while not stopping.is_set():
-                    with anyio.move_on_after(opts.recycle_check_s):
-                        await stopping.wait()
-                    reason = None
-                    if opts.max_tasks is not None and worker.processed >= opts.max_tasks:
-                        reason = f"processed {worker.processed} tasks (max {opts.max_tasks})"
-                    elif opts.max_memory_bytes is not None:
-                        rss = me.memory_info().rss
-                        if rss >= opts.max_memory_bytes:
-                            reason = f"RSS {rss} bytes (max {opts.max_memory_bytes})"
-                    if reason is not None and not stopping.is_set():
-                        code = EXIT_RECYCLED
-                        if parent is not None:
-                            parent.send("recycling", reason=reason)
-                        drain("recycling", reason=reason)
-                        return
+                reason = await _recycle_reason(worker, opts, stopping)
+                if reason is not None and not stopping.is_set():
+                    code = EXIT_RECYCLED
+                    if parent is not None:
+                        parent.send("recycling", reason=reason)
+                    drain("recycling", reason=reason)
 
             async def run_worker(*, task_status: anyio.abc.TaskStatus[None]) -> None:
                 await worker.serve(task_status=task_status)

@@ -21,12 +21,7 @@ flush. The batch is written by one Lua compare-and-set per 256 results that
 never overwrites a terminal result and publishes the stored bytes (when small)
 on the id's channel. Concurrent ``get`` calls are gathered into one MGET.
 
-Waiting: one shared pub/sub connection per store, run in the store's task
-group, holds the channels of the ids being waited on and wakes their waiters.
-A waiter reads first, subscribes only when there is no terminal result yet,
-then reads again once the subscription is confirmed (so a result stored in
-between is never missed). When the connection breaks, every waiter raises
-``ResultStoreUnavailable`` at once; the next ``wait`` reconnects.
+Waiting: one shared pub/sub connection per store (:mod:`runtime.results.notify`).
 
 Errors from redis-py leave this module only as taskloom errors:
 ``ConnectionFailed`` when the store cannot be opened, ``ResultStoreUnavailable``
@@ -39,10 +34,11 @@ import hashlib
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from importlib import resources
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
@@ -51,7 +47,6 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 import structlog
-from redis.asyncio.connection import AbstractConnection
 
 from brokers.base import is_connection_failure
 from runtime.errors import (
@@ -65,7 +60,9 @@ from runtime.errors import (
     ResultTimeout,
 )
 from runtime.messages import Result, State
-from runtime.results import CANCELLED, DEFAULT_MAX_RESULT_BYTES, DEFAULT_TTL_S, encode_result
+from runtime.results.base import CANCELLED, DEFAULT_MAX_RESULT_BYTES, DEFAULT_TTL_S, encode_result
+from runtime.results.batching import Batcher
+from runtime.results.notify import CONNECTION_ERRORS, Notifications, connect
 
 __all__ = ["RedisResultStore"]
 
@@ -74,14 +71,11 @@ log = structlog.get_logger(__name__)
 #: A terminal result up to this size rides in its completion message, so the
 #: waiter needs no GET; a bigger one is fetched.
 _INLINE_NOTIFY_BYTES = 64 * 1024
-#: redis-py's own "the connection is not usable" types (see ``_errors``).
-_CONNECTION_ERRORS = (rex.ConnectionError, rex.TimeoutError)
 #: Longest pause (before jitter) of the revocation watch between reconnections.
 _WAIT_RETRY_MAX_S = 2.0
 _CONNECT_TIMEOUT_S = 5.0
 _SOCKET_TIMEOUT_S = 10.0
 _MAX_CONNECTIONS = 32
-_CHANNELS_PER_COMMAND = 1000
 #: Results per EVALSHA: bounds how long one script call holds Redis.
 _WRITES_PER_SCRIPT = 256
 _INLINE_NOTIFY = b"%d" % _INLINE_NOTIFY_BYTES
@@ -89,148 +83,30 @@ _INLINE_NOTIFY = b"%d" % _INLINE_NOTIFY_BYTES
 _TRANSIENT = ("LOADING", "READONLY", "OOM", "MISCONF", "BUSY", "MASTERDOWN", "TRYAGAIN",
               "CLUSTERDOWN")
 
-_In = TypeVar("_In")
-_Out = TypeVar("_Out")
 _Write = tuple[bytes, bytes, bytes]  # result key, completion channel, mark + msgpack
 
 _ENCODER = msgspec.msgpack.Encoder()
 _RESULT_DECODER = msgspec.msgpack.Decoder(Result)
 _VALUE_DECODER = msgspec.msgpack.Decoder()
 
-_PUT_LUA = """
--- KEYS: result keys. ARGV[1] ttl ms, ARGV[2] inline limit, then per key:
--- mark + msgpack, completion channel. Returns 1 (stored) or 0 per key.
-local ttl, limit, out = ARGV[1], tonumber(ARGV[2]), {}
-for i, key in ipairs(KEYS) do
-  local data, channel = ARGV[2 * i + 1], ARGV[2 * i + 2]
-  if redis.call('GETRANGE', key, 0, 0) == 'T' then
-    out[i] = 0
-  else
-    redis.call('SET', key, data, 'PX', ttl)
-    if string.byte(data, 1) == 84 then  -- 'T': the first terminal result
-      if #data <= limit then redis.call('PUBLISH', channel, data)
-      else redis.call('PUBLISH', channel, '') end
-    end
-    out[i] = 1
-  end
-end
-return out
-"""
-
-_JOIN_LUA = """
--- KEYS[1] join hash; ARGV[1] index; ARGV[2] size; ARGV[3] msgpack value; ARGV[4] ttl ms
-redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-local size = tonumber(ARGV[2])
-if redis.call('HLEN', KEYS[1]) < size then return false end
-local out, fields = {}, {}
-for i = 0, size - 1 do
-  fields[#fields + 1] = tostring(i)
-  if #fields == 1000 or i == size - 1 then
-    local values = redis.call('HMGET', KEYS[1], unpack(fields))
-    for j = 1, #values do out[#out + 1] = values[j] end
-    fields = {}
-  end
-end
-return out
-"""
-
-
 class _Script:
+    """A Lua script of ``lua/`` (beside this module), read once at import."""
+
     __slots__ = ("sha", "source")
 
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
+    def __init__(self, name: str) -> None:
+        self.source = (resources.files(__package__) / "lua" / name).read_text(encoding="utf-8")
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 
-_PUT = _Script(_PUT_LUA)
-_JOIN = _Script(_JOIN_LUA)
-
-
-class _Waiters:
-    """The waiters of one id's channel: woken once, by the first terminal result."""
-
-    __slots__ = ("error", "fired", "note", "ready", "refs")
-
-    def __init__(self) -> None:
-        self.refs = 0
-        self.ready = anyio.Event()  # the subscription is confirmed
-        self.fired = anyio.Event()  # the completion message arrived
-        self.note = b""  # the stored bytes from the message (empty: too big, GET it)
-        self.error: ResultStoreUnavailable | None = None
-
-    def fail(self, error: ResultStoreUnavailable) -> None:
-        self.error = error
-        self.ready.set()
-        self.fired.set()
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise ResultStoreUnavailable(str(self.error)) from self.error.__cause__
-
-
-class _Batch(Generic[_In, _Out]):
-    """Calls gathered for one flush, and its outcome."""
-
-    __slots__ = ("done", "error", "items", "outcomes")
-
-    def __init__(self) -> None:
-        self.items: list[_In] = []
-        self.outcomes: list[_Out] = []
-        self.error: BaseException | None = None
-        self.done = anyio.Event()
-
-
-class _Batcher(Generic[_In, _Out]):
-    """Gathers concurrent calls into one round trip. The caller that opens a
-    batch flushes it, after the flush in flight if any; callers arriving in the
-    meantime join the open batch and await that same flush."""
-
-    def __init__(self, flush: Callable[[list[_In]], Awaitable[list[_Out]]]) -> None:
-        self._flush = flush
-        self._open: _Batch[_In, _Out] | None = None
-        self._lock = anyio.Lock()
-
-    async def submit(self, items: Sequence[_In]) -> list[_Out]:
-        batch = self._open
-        leader = batch is None
-        if batch is None:
-            batch = self._open = _Batch()
-        start = len(batch.items)
-        batch.items.extend(items)
-        if leader:
-            # Shielded: the callers that joined this batch depend on its flush.
-            with anyio.CancelScope(shield=True):
-                try:
-                    async with self._lock:
-                        if self._open is batch:
-                            self._open = None
-                        batch.outcomes = await self._flush(batch.items)
-                except BaseException as e:
-                    batch.error = e
-                    raise
-                finally:
-                    batch.done.set()
-        else:
-            await batch.done.wait()
-            if batch.error is not None:
-                error = batch.error
-                if isinstance(error, ResultStoreUnavailable):
-                    raise ResultStoreUnavailable(str(error)) from error
-                raise ResultError(str(error)) from error
-        return batch.outcomes[start:start + len(items)]
-
-
+#: The batched compare-and-set write of results (first terminal wins).
+_PUT = _Script("put.lua")
+#: Count a member into a join; the values in member order once all are in.
+_JOIN = _Script("join.lua")
 #: Take a free claim, or renew one this holder has.
-_CLAIM_SCRIPT = """
-local held = redis.call('GET', KEYS[1])
-if held == false or held == ARGV[1] then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-    return 1
-end
-return 0
-"""
+_CLAIM = _Script("claim.lua")
+
+
 
 
 def _decode_stored(task_id: str, raw: bytes) -> Result:
@@ -243,10 +119,6 @@ def _decode_stored(task_id: str, raw: bytes) -> Result:
 
 async def _execute(client: aioredis.Redis, *args: Any) -> Any:
     return await client.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-async def _connect(conn: AbstractConnection) -> None:
-    await conn.connect()  # type: ignore[no-untyped-call]
 
 
 def _pack(args: Sequence[bytes]) -> bytes:
@@ -298,16 +170,9 @@ class RedisResultStore:
         self._revoke_channel = f"{ns}:revoke".encode()
         self._redis: aioredis.Redis | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._writes: _Batcher[_Write, bool] = _Batcher(self._write)
-        self._reads: _Batcher[str, bytes | None] = _Batcher(self._read)
-        # waiting: desired channels, what was sent, what is still unconfirmed
-        self._listener: AbstractConnection | None = None
-        self._listener_lock = anyio.Lock()
-        self._subs: dict[bytes, _Waiters] = {}
-        self._sent: set[bytes] = set()
-        self._unconfirmed: dict[bytes, int] = {}
-        self._dirty: set[bytes] = set()
-        self._dirty_event = anyio.Event()
+        self._writes: Batcher[_Write, bool] = Batcher(self._write)
+        self._reads: Batcher[str, bytes | None] = Batcher(self._read)
+        self._notify = Notifications(self._where, self._errors)
         # revocations: id -> monotonic expiry
         self._revoked: dict[str, float] = {}
         self._prune_revoked_at = 1024
@@ -375,7 +240,7 @@ class RedisResultStore:
             await tg.__aexit__(None, None, None)
         finally:
             self._redis = self._tg = None
-            listener, self._listener = self._listener, None  # set, but its task never ran
+            listener = self._notify.detach()  # set, but its task may never have run
             with anyio.CancelScope(shield=True):
                 if listener is not None:
                     await listener.disconnect(nowait=True)
@@ -385,6 +250,11 @@ class RedisResultStore:
         if self._redis is None:
             raise RuntimeError("the result store is not open: use `async with store:`")
         return self._redis
+
+    def _tg_(self) -> anyio.abc.TaskGroup:
+        if self._tg is None:
+            raise RuntimeError("the result store is not open: use `async with store:`")
+        return self._tg
 
     async def _load_scripts(self, client: aioredis.Redis) -> None:
         for script in (_PUT, _JOIN):
@@ -406,7 +276,7 @@ class RedisResultStore:
                     f"({e}); the call can be retried once Redis recovers") from e
             raise ResultError(f"could not {doing}: Redis at {self._where} refused: {e}") from e
         except Exception as e:
-            if is_connection_failure(e, _CONNECTION_ERRORS):
+            if is_connection_failure(e, CONNECTION_ERRORS):
                 raise ResultStoreUnavailable(
                     f"could not {doing}: the result store at {self._where} is unreachable "
                     f"({type(e).__name__}: {e}); check that Redis is running; "
@@ -529,7 +399,7 @@ class RedisResultStore:
             if current is not None:
                 seen[0] = current.state
             channel = self._done_channel(task_id).encode()
-            waiters = await self._subscribe(channel)
+            waiters = await self._notify.subscribe(channel, self._client(), self._tg_())
             try:
                 await waiters.ready.wait()
                 waiters.check()
@@ -543,126 +413,8 @@ class RedisResultStore:
                 else:
                     current = await self.get(task_id)
             finally:
-                self._unsubscribe(channel, waiters)
+                self._notify.unsubscribe(channel, waiters)
         return current
-
-    async def _subscribe(self, channel: bytes) -> _Waiters:
-        await self._ensure_listener()
-        waiters = self._subs.get(channel)
-        if waiters is None:
-            waiters = self._subs[channel] = _Waiters()
-            if channel in self._sent and channel not in self._unconfirmed:
-                waiters.ready.set()  # subscribed already (an unsubscribe is queued)
-            else:
-                self._mark_dirty(channel)
-        waiters.refs += 1
-        return waiters
-
-    def _unsubscribe(self, channel: bytes, waiters: _Waiters) -> None:
-        waiters.refs -= 1
-        if waiters.refs <= 0 and self._subs.get(channel) is waiters:
-            del self._subs[channel]
-            self._mark_dirty(channel)
-
-    def _mark_dirty(self, channel: bytes) -> None:
-        self._dirty.add(channel)
-        self._dirty_event.set()
-
-    async def _ensure_listener(self) -> None:
-        if self._listener is not None:
-            return
-        async with self._listener_lock:
-            if self._listener is not None:
-                return
-            client = self._client()
-            assert self._tg is not None
-            pool = client.connection_pool
-            # RESP2 so that pub/sub messages are plain replies; reads block forever.
-            conn = pool.connection_class(
-                **{**pool.connection_kwargs, "protocol": 2, "socket_timeout": None})
-            with self._errors("wait for results"):
-                await _connect(conn)
-            self._listener = conn
-            self._tg.start_soon(self._listen, conn)
-
-    async def _listen(self, conn: AbstractConnection) -> None:
-        failure: BaseException | None = None
-        try:
-            async with anyio.create_task_group() as tg:
-
-                async def run(loop: Callable[[AbstractConnection], Awaitable[None]]) -> None:
-                    nonlocal failure
-                    try:
-                        await loop(conn)
-                    except Exception as e:
-                        # whatever broke (a reset, a write on a closed transport, a
-                        # reply it could not parse), the waiters are woken with
-                        # ResultStoreUnavailable and the next wait reconnects: the
-                        # listener never takes the store's task group down
-                        if not is_connection_failure(e, _CONNECTION_ERRORS):
-                            log.error("result notifications failed", where=self._where,
-                                      error_type=type(e).__name__, error=str(e))
-                        failure = failure or e
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(run, self._send_subscriptions)
-                tg.start_soon(run, self._read_notifications)
-        finally:
-            if failure is not None:
-                log.warning("result notifications lost their connection", where=self._where,
-                            error=f"{type(failure).__name__}: {failure}", waiters=len(self._subs))
-                message = (f"lost the connection to the result store at {self._where} while "
-                           f"waiting ({type(failure).__name__}: {failure}); check that Redis "
-                           "is running; the wait can be retried")
-            else:
-                message = "the result store was closed while waiting"
-            error = ResultStoreUnavailable(message)
-            error.__cause__ = failure
-            subs = self._subs
-            self._listener = None
-            self._subs, self._sent, self._unconfirmed, self._dirty = {}, set(), {}, set()
-            for waiters in subs.values():
-                waiters.fail(error)
-            with anyio.CancelScope(shield=True):
-                await conn.disconnect(nowait=True)
-
-    async def _send_subscriptions(self, conn: AbstractConnection) -> None:
-        while True:
-            await self._dirty_event.wait()
-            self._dirty_event = anyio.Event()
-            dirty, self._dirty = self._dirty, set()
-            subscribe = [c for c in dirty if c in self._subs and c not in self._sent]
-            unsubscribe = [c for c in dirty if c not in self._subs and c in self._sent]
-            for c in subscribe:
-                self._sent.add(c)
-                self._unconfirmed[c] = self._unconfirmed.get(c, 0) + 1
-            self._sent.difference_update(unsubscribe)
-            for verb, channels in (("SUBSCRIBE", subscribe), ("UNSUBSCRIBE", unsubscribe)):
-                for i in range(0, len(channels), _CHANNELS_PER_COMMAND):
-                    await conn.send_command(verb, *channels[i:i + _CHANNELS_PER_COMMAND],
-                                            check_health=False)
-
-    async def _read_notifications(self, conn: AbstractConnection) -> None:
-        while True:
-            reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
-            if not isinstance(reply, list) or len(reply) != 3:
-                continue
-            kind, channel, data = reply
-            if kind == b"message":
-                waiters = self._subs.pop(channel, None)
-                if waiters is not None:  # one-shot: later waiters subscribe afresh
-                    self._mark_dirty(channel)
-                    waiters.note = data
-                    waiters.fired.set()
-            elif kind == b"subscribe":
-                left = self._unconfirmed.get(channel, 0) - 1
-                if left > 0:
-                    self._unconfirmed[channel] = left
-                    continue
-                self._unconfirmed.pop(channel, None)
-                waiters = self._subs.get(channel)
-                if waiters is not None and channel in self._sent:
-                    waiters.ready.set()
 
     # -- revocation ------------------------------------------------------------------
 
@@ -711,7 +463,7 @@ class RedisResultStore:
                 **{**pool.connection_kwargs, "protocol": 2, "socket_timeout": None})
             try:
                 with self._errors("watch revocations"):
-                    await _connect(conn)
+                    await connect(conn)
                     await conn.send_command("SUBSCRIBE", self._revoke_channel,
                                             check_health=False)
                     while True:  # the confirmation
@@ -776,7 +528,7 @@ class RedisResultStore:
             if not holder:
                 reply = await _execute(self._client(), "SET", key, b"1", "NX", "PX", ttl_ms)
             else:
-                reply = await _execute(self._client(), "EVAL", _CLAIM_SCRIPT, 1, key,
+                reply = await _execute(self._client(), "EVAL", _CLAIM.source, 1, key,
                                        holder.encode(), ttl_ms)
         return bool(reply)
 
