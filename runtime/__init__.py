@@ -10,10 +10,18 @@
 
     async with rt, rt.worker():
         assert await run(add.s(1, 2)) == 3
+
+Every name the README shows is importable from here. Importing ``runtime``
+loads neither the Redis nor the AMQP client nor OpenTelemetry, and configures
+no logging: ``TracingMiddleware`` (OpenTelemetry) and ``ProcessPool`` (process
+management) load on first use.
 """
+
+import typing
 
 from runtime.app import Runtime, TaskHandle, run
 from runtime.canvas import Signature, chain, chord, chunks, group, map, starmap
+from runtime.deadletters import DeadLetterReason
 from runtime.errors import (
     ArgumentsError,
     ConfigError,
@@ -34,41 +42,78 @@ from runtime.errors import (
     TaskTimeLimitExceeded,
     UnknownTaskError,
 )
-from runtime.messages import Result, State
+from runtime.logs import configure_logging
+from runtime.messages import Result, State, TaskOptions
+from runtime.middleware import CallNext, Middleware, TaskContext
 from runtime.registry import Task
+from runtime.results import MemoryResultStore, ResultStore, results_from_url
+from runtime.retry import RetryPolicy
+from runtime.testing import running
 from runtime.worker import Worker
+
+if typing.TYPE_CHECKING:
+    from runtime.process.pool import ProcessPool
+    from runtime.tracing import TracingMiddleware
 
 __all__ = [
     "ArgumentsError",
+    "CallNext",
     "ConfigError",
+    "DeadLetterReason",
     "DecodeError",
     "EncodeError",
     "EnqueueError",
+    "MemoryResultStore",
+    "Middleware",
     "PayloadTooLarge",
+    "ProcessPool",
     "Reject",
     "Result",
     "ResultError",
     "ResultExpired",
+    "ResultStore",
     "ResultStoreUnavailable",
     "ResultTimeout",
     "Retry",
+    "RetryPolicy",
     "Runtime",
     "Signature",
     "State",
     "Task",
     "TaskCancelled",
+    "TaskContext",
     "TaskDeadLettered",
     "TaskError",
     "TaskHandle",
+    "TaskOptions",
     "TaskTimeLimitExceeded",
     "TaskloomError",
+    "TracingMiddleware",
     "UnknownTaskError",
     "Worker",
     "chain",
     "chord",
     "chunks",
+    "configure_logging",
     "group",
     "map",
+    "results_from_url",
     "run",
+    "running",
     "starmap",
 ]
+
+
+def __getattr__(name: str) -> typing.Any:
+    """The names whose modules load on first use (OpenTelemetry, process management)."""
+    if name == "TracingMiddleware":
+        from runtime.tracing import TracingMiddleware
+
+        globals()[name] = TracingMiddleware
+        return TracingMiddleware
+    if name == "ProcessPool":
+        from runtime.process.pool import ProcessPool
+
+        globals()[name] = ProcessPool
+        return ProcessPool
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")
