@@ -586,13 +586,11 @@ class Runtime:
             if eta.tzinfo is None:
                 raise EnqueueError("eta must be a timezone-aware datetime (e.g. datetime.now(UTC))")
             countdown = max(0.0, eta.timestamp() - time.time())
-        if countdown is not None and countdown < 0:
-            raise EnqueueError(f"countdown must not be negative, got {countdown}")
         overrides = None
         if any(v is not None for v in (countdown, priority, queue, expires)):
             overrides = TaskOptions(countdown=countdown, priority=priority, queue=queue,
                                     expires=expires)
-            canvas._check_options(repr(target), overrides)
+            canvas.check_call_options(f"enqueue({target!r})", overrides)
         if isinstance(target, canvas.Signature) and not target.errbacks:
             message = canvas.message_for(target, task_id=task_id, overrides=overrides)
             return [message], TaskHandle(self, message.id, target.task.return_type)

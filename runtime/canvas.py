@@ -27,7 +27,10 @@ from runtime.messages import (
     SigNode,
     TaskMessage,
     TaskOptions,
+    final_id,
+    owned_downstream,
 )
+from runtime.options import check_options
 
 if TYPE_CHECKING:
     from runtime.registry import Task, TaskRegistry
@@ -41,6 +44,7 @@ __all__ = [
     "Signature",
     "chain",
     "chord",
+    "check_call_options",
     "chunks",
     "final_id",
     "group",
@@ -129,7 +133,7 @@ class Signature(Composable[R]):
                                      TaskOptions)
         except msgspec.ValidationError as e:
             raise ConfigError(f"{self.task.name}.set(): bad option: {e}") from None
-        _check_options(self.task.name, merged)
+        check_call_options(f"task {self.task.name!r}", merged)
         return Signature(self.task, self.args, self.kwargs, immutable=self.immutable,
                          options=merged, errbacks=self.errbacks)
 
@@ -294,21 +298,11 @@ def chunks(task: Task[..., R], items: Iterable[Any], n: int) -> Group[R]:
 # -- compile: canvas -> nodes with ids ----------------------------------------------
 
 
-def _check_options(name: str, options: TaskOptions) -> None:
-    for field in ("countdown", "expires", "timeout"):
-        value = getattr(options, field)
-        if value is not None and not math.isfinite(value):
-            raise EnqueueError(f"task {name!r}: {field} must be a finite number, got {value}")
-    if options.countdown is not None and options.countdown < 0:
-        raise EnqueueError(f"task {name!r}: countdown must not be negative, got {options.countdown}")
-    if options.priority is not None and not 0 <= options.priority <= 9:
-        raise EnqueueError(f"task {name!r}: priority must be within 0..9, got {options.priority}")
-    if options.retries is not None and options.retries < 0:
-        raise EnqueueError(f"task {name!r}: retries must not be negative, got {options.retries}")
-    for field in ("expires", "timeout"):
-        value = getattr(options, field)
-        if value is not None and value <= 0:
-            raise EnqueueError(f"task {name!r}: {field} must be positive seconds, got {value}")
+def check_call_options(where: str, options: TaskOptions) -> None:
+    """``options`` of a call (``.set()``, ``enqueue()``) checked by
+    :func:`runtime.options.check_options`; raises EnqueueError."""
+    check_options(where, EnqueueError, priority=options.priority, countdown=options.countdown,
+                  expires=options.expires, timeout=options.timeout, retries=options.retries)
 
 
 def _errback_nodes(errbacks: Sequence[Signature[Any]]) -> list[SigNode]:
@@ -365,25 +359,7 @@ def to_node(canvas: Canvas, *, final: str | None = None, first: bool = True,
     return ChordNode(id=new_id(), header=header, body=body)
 
 
-def final_id(node: Node) -> str:
-    """The id a node's outcome is stored under."""
-    if isinstance(node, ChordNode):
-        return final_id(node.body) if node.body is not None else node.id
-    return node.id
-
-
 # -- start: nodes -> messages ----------------------------------------------------
-
-
-def _downstream(links: Sequence[Node], ref: ChordRef | None) -> list[str]:
-    ids = [final_id(n) for n in links]
-    while ref is not None:
-        ids.append(ref.id)
-        if ref.body is not None:
-            ids.append(final_id(ref.body))
-        ids.extend(final_id(n) for n in ref.links)
-        ref = ref.outer
-    return ids
 
 
 def start(
@@ -473,6 +449,6 @@ def _message(
         links=list(links),
         errbacks=errbacks or [],
         chord=ref,
-        downstream=_downstream(links, ref) if links or ref else [],
+        downstream=owned_downstream(links, ref) if links or ref else [],
         once=once,
     )

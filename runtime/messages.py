@@ -47,11 +47,13 @@ MAX_COUNT = 2**31 - 1
 MAX_TIME_MS = 2**53
 #: The longest time limit a message may carry, in seconds (~31 years).
 MAX_TIMEOUT_S = 1e9
+#: Priorities run from 0 to this (the broker serves higher first).
+MAX_PRIORITY = 9
 
 _Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 _Attempt = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]
 _Size = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]
-_Priority = Annotated[int, msgspec.Meta(ge=0, le=9)]
+_Priority = Annotated[int, msgspec.Meta(ge=0, le=MAX_PRIORITY)]
 _TimeMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TIME_MS)]
 _Timeout = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_TIMEOUT_S)]
 _Id = Annotated[str, msgspec.Meta(min_length=1)]

@@ -8,7 +8,6 @@ both when a call is enqueued and when a worker runs it.
 from __future__ import annotations
 
 import inspect
-import math
 import typing
 from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec,
 import msgspec
 
 from runtime.errors import ArgumentsError, ConfigError, UnknownTaskError
+from runtime.options import check_options
 from runtime.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ R = TypeVar("R")
 
 Kind = Literal["async", "thread", "process"]
 _KINDS = ("async", "thread", "process")
-MAX_PRIORITY = 9
 
 _Converter = tuple[str, Any]  # (parameter name, type hint)
 
@@ -78,20 +77,8 @@ class Task(Generic[P, R]):
             raise ConfigError(f"a task name must be a non-empty string, not {name!r}")
         if not queue or not isinstance(queue, str):
             raise ConfigError(f"task {name!r}: queue must be a non-empty string, not {queue!r}")
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise ConfigError(f"task {name!r}: priority must be an int within 0..{MAX_PRIORITY}, "
-                              f"not {priority!r}")
-        for label, value in (("timeout", timeout), ("expires", expires)):
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                                      or not math.isfinite(value)):
-                raise ConfigError(f"task {name!r}: {label} must be a number of seconds, "
-                                  f"not {value!r}")
-        if not 0 <= priority <= MAX_PRIORITY:
-            raise ConfigError(f"task {name!r}: priority must be within 0..{MAX_PRIORITY}, not {priority}")
-        if timeout is not None and timeout <= 0:
-            raise ConfigError(f"task {name!r}: timeout must be positive seconds, not {timeout}")
-        if expires is not None and expires <= 0:
-            raise ConfigError(f"task {name!r}: expires must be positive seconds, not {expires}")
+        check_options(f"task {name!r}", ConfigError, priority=priority, timeout=timeout,
+                      expires=expires)
         self.fn = fn
         self.name = name
         self.queue = queue

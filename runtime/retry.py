@@ -6,6 +6,9 @@ import random
 
 import msgspec
 
+from runtime.errors import ConfigError
+from runtime.options import check_options
+
 __all__ = ["Backoff", "RetryPolicy", "next_delay"]
 
 
@@ -24,20 +27,23 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     jitter: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.retries < 0:
-            raise ValueError(f"retries must be 0 or more, got {self.retries}")
-        if self.backoff_s < 0 or self.max_delay_s < 0:
-            raise ValueError("backoff_s and max_delay_s must not be negative")
-        if self.factor < 1.0:
-            raise ValueError(f"factor must be 1 or more (a growing backoff), got {self.factor}")
+        check_options("retry policy", ConfigError, retries=self.retries)
+        if not (self.backoff_s >= 0 and self.max_delay_s >= 0):
+            raise ConfigError(f"retry policy: backoff_s and max_delay_s must be 0 or more seconds, "
+                              f"got {self.backoff_s} and {self.max_delay_s}; give 0 for no wait")
+        if not self.factor >= 1.0:
+            raise ConfigError(f"retry policy: factor must be 1 or more (a growing backoff), got "
+                              f"{self.factor}; give 1 for a constant delay")
         if not 0.0 <= self.jitter <= 1.0:
-            raise ValueError(f"jitter must be within 0..1, got {self.jitter}")
+            raise ConfigError(f"retry policy: jitter must be within 0..1, got {self.jitter}; give "
+                              "0 for exact delays, 1 for full jitter")
 
 
 def next_delay(attempt: int, policy: RetryPolicy, rng: random.Random | None = None) -> float:
     """Seconds to wait before the retry that follows failed ``attempt`` (1-based)."""
     if attempt < 1:
-        raise ValueError(f"attempt counts from 1, got {attempt}")
+        raise ConfigError(f"next_delay: attempt counts from 1 (the attempt that failed), got "
+                          f"{attempt}; pass the failed attempt's number")
     try:
         raw = min(policy.backoff_s * policy.factor ** (attempt - 1), policy.max_delay_s)
     except OverflowError:
