@@ -38,7 +38,6 @@ __all__ = [
     "EXIT_FORCED",
     "EXIT_OK",
     "EXIT_RECYCLED",
-    "EXIT_SIGNAL_TWICE",
     "EXIT_UNREACHABLE",
     "ParentLink",
     "WorkerOptions",
@@ -63,7 +62,6 @@ EXIT_RECYCLED = 4
 EXIT_UNREACHABLE = 5
 #: a second signal stopped it at once (or children had to be killed)
 EXIT_FORCED = 130
-EXIT_SIGNAL_TWICE = EXIT_FORCED
 
 SUPERVISOR_PID_ENV = "TASKLOOM_SUPERVISOR_PID"
 
