@@ -9,6 +9,11 @@ Time limits:
   discarded). Use ``kind="process"`` for work that must be killable.
 - ``process`` tasks run in a pool of worker processes; at the limit the pool
   process is killed and replaced.
+
+What runs where: :data:`running` maps each worker runner (its task's id as
+anyio gives it: on asyncio, ``id()`` of the asyncio task) to the message it is
+handling, so that the loop-lag monitor, from its watchdog thread, can name
+the task that blocks the loop from the loop's current task alone.
 """
 
 from __future__ import annotations
@@ -20,9 +25,15 @@ from typing import Any, Protocol
 import anyio
 import anyio.to_thread
 
+from runtime.messages import TaskMessage
 from runtime.registry import Task
 
-__all__ = ["ProcessRunner", "TimeLimit", "execute"]
+__all__ = ["ProcessRunner", "TimeLimit", "execute", "running"]
+
+#: The message each runner is handling, by the id of the runner's task
+#: (``anyio.get_current_task().id``); set and cleared by the worker, read by
+#: the loop-lag monitor.
+running: dict[int, TaskMessage] = {}
 
 
 class TimeLimit(Exception):

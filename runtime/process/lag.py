@@ -4,9 +4,10 @@
 sleeps ``interval_s`` over and over and measures how late it wakes; past
 ``threshold_s`` it logs a warning. To *name* the culprit, a watchdog thread
 notices while the loop is still blocked and looks at the loop thread's stack
-(``sys._current_frames``): the innermost frame says where it blocks, and the
-worker's ``_process`` frame on that stack says which taskloom task (name and
-id) is running. No hook in the worker is needed.
+(``sys._current_frames``): the innermost frame says where it blocks. Which
+taskloom task (name and id) is running comes from the loop's current asyncio
+task, looked up in :data:`runtime.execution.running`, where each worker
+runner records the message it is handling.
 
     monitor = LagMonitor(threshold_s=0.1)
     await tg.start(monitor.run)
@@ -25,6 +26,9 @@ import anyio
 import anyio.abc
 import msgspec
 import structlog
+
+from runtime.errors import ConfigError
+from runtime.execution import running
 
 __all__ = ["LagMonitor", "Stall"]
 
@@ -58,14 +62,6 @@ def _inspect(frame: FrameType | None, loop: asyncio.AbstractEventLoop | None) ->
     if frame is not None:
         code = frame.f_code
         where = f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
-    f = frame
-    while f is not None:
-        if f.f_code.co_name == "_process" and f.f_globals.get("__name__") == "runtime.worker":
-            msg = f.f_locals.get("msg")
-            task = getattr(msg, "task", None)
-            task_id = getattr(msg, "id", None)
-            break
-        f = f.f_back
     asyncio_task = None
     if loop is not None:
         try:
@@ -73,6 +69,9 @@ def _inspect(frame: FrameType | None, loop: asyncio.AbstractEventLoop | None) ->
         except RuntimeError:
             current = None
         if current is not None:
+            msg = running.get(id(current))  # anyio's task id on asyncio
+            if msg is not None:
+                task, task_id = msg.task, msg.id
             coro = current.get_coro()
             asyncio_task = f"{current.get_name()} ({getattr(coro, '__qualname__', coro)})"
     return _Seen(task=task, task_id=task_id, asyncio_task=asyncio_task, where=where)
@@ -88,7 +87,8 @@ class LagMonitor:
     def __init__(self, threshold_s: float = 0.1, *, interval_s: float | None = None,
                  still_blocked_s: float | None = None, keep: int = 100) -> None:
         if threshold_s <= 0:
-            raise ValueError(f"the lag threshold must be positive seconds, got {threshold_s}")
+            raise ConfigError(f"the lag threshold must be positive seconds, got {threshold_s}; "
+                              "give e.g. 0.1")
         self.threshold_s = threshold_s
         self.interval_s = interval_s if interval_s is not None else max(threshold_s / 4, 0.005)
         self.still_blocked_s = still_blocked_s if still_blocked_s is not None else max(
