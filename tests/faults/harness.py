@@ -658,3 +658,33 @@ async def results_of(rt: Runtime, keys: Sequence[str], *, timeout: float) -> dic
         for key in keys:
             found[key] = await rt.results.wait(key, timeout)
     return found
+
+
+# -- TLS (issue 19 item 3) -------------------------------------------------------------
+
+
+class TlsRabbitNode(RabbitNode):
+    """A :class:`RabbitNode` with an SSL listener too, on :attr:`ssl_port`.
+
+    The server presents ``cert``/``key`` (signed by ``cacert``) and verifies a
+    client certificate when one is presented (``verify_peer``); with
+    ``require_client_cert`` a client without one is refused (mTLS).
+    """
+
+    def __init__(self, root: Path, *, cacert: Path, cert: Path, key: Path,
+                 require_client_cert: bool = False, **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        self.ssl_port = free_port(avoid=[self.port, self.dist_port])
+        with (self.dir / "rabbitmq.conf").open("a") as conf:
+            conf.write(
+                f"listeners.ssl.default = 127.0.0.1:{self.ssl_port}\n"
+                f"ssl_options.cacertfile = {cacert}\n"
+                f"ssl_options.certfile = {cert}\n"
+                f"ssl_options.keyfile = {key}\n"
+                "ssl_options.verify = verify_peer\n"
+                f"ssl_options.fail_if_no_peer_cert = "
+                f"{'true' if require_client_cert else 'false'}\n"
+            )
+
+    def tls_url(self, query: str = "") -> str:
+        return f"amqps://guest:guest@127.0.0.1:{self.ssl_port}/" + (f"?{query}" if query else "")

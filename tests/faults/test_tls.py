@@ -32,8 +32,8 @@ import redis
 import structlog
 
 from runtime import Runtime, TaskloomError
-from tests.conftest import require_tool
-from tests.faults.harness import HarnessError, free_port, tail
+from tests.conftest import REDIS_URL, require_tool
+from tests.faults.harness import HarnessError, TlsRabbitNode, free_port, tail
 
 pytestmark = [pytest.mark.redis, pytest.mark.fault, pytest.mark.timeout(120)]
 
@@ -87,6 +87,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
                                     "extendedKeyUsage=serverAuth\n")
     client = _leaf(d, "client", ca, "extendedKeyUsage=clientAuth\n")
     return Pki(d, ca[0], server[0], server[1], client[0], client[1], other[0])
+
+
+@pytest.fixture(scope="module")
+def tls_rabbit(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[TlsRabbitNode]:
+    """One RabbitMQ node with an SSL listener for the module (startup ~5-10 s)."""
+    node = TlsRabbitNode(tmp_path_factory.mktemp("rabbit-tls"), cacert=pki.ca,
+                         cert=pki.server_cert, key=pki.server_key)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.close()
 
 
 class TlsRedis:
@@ -160,8 +172,8 @@ def mtls_redis(tmp_path: Path, pki: Pki) -> Iterator[TlsRedis]:
         server.close()
 
 
-def build(url: str, namespace: str) -> Runtime:
-    rt = Runtime(broker=url, results=url, namespace=namespace)
+def build(url: str, namespace: str, results: str | None = None) -> Runtime:
+    rt = Runtime(broker=url, results=results or url, namespace=namespace)
 
     @rt.task(name="tls.add")
     async def add(x: int, y: int) -> int:
@@ -170,8 +182,8 @@ def build(url: str, namespace: str) -> Runtime:
     return rt
 
 
-async def round_trip(url: str, namespace: str) -> None:
-    rt = build(url, namespace)
+async def round_trip(url: str, namespace: str, results: str | None = None) -> None:
+    rt = build(url, namespace, results)
     with anyio.fail_after(60):
         async with rt, rt.worker(concurrency=4):
             assert await rt.run(rt.signature("tls.add", 2, 3), timeout=30) == 5
@@ -179,14 +191,15 @@ async def round_trip(url: str, namespace: str) -> None:
             assert await handle.result(timeout=30) == 42
 
 
-async def refused(url: str, namespace: str) -> str:
+async def refused(url: str, namespace: str, results: str | None = None,
+                  password: str = PASSWORD) -> str:
     """The error message of a runtime that cannot connect to ``url``."""
-    rt = build(url, namespace)
+    rt = build(url, namespace, results)
     with anyio.fail_after(60), pytest.raises((TaskloomError, OSError)) as caught:
         async with rt:
             await rt.run(rt.signature("tls.add", 1, 1), timeout=10)
     message = f"{type(caught.value).__name__}: {caught.value}"
-    assert PASSWORD not in message, message
+    assert password not in message, message
     log.info("tls.refused", message=message)
     return message
 
@@ -214,3 +227,32 @@ async def test_mtls_without_a_client_certificate_fails_clearly(mtls_redis: TlsRe
                                                                namespace: str) -> None:
     message = await refused(mtls_redis.url(ssl_ca_certs=pki.ca), namespace)
     assert f"127.0.0.1:{mtls_redis.port}" in message, message
+
+
+# -- RabbitMQ -----------------------------------------------------------------------------
+# Results go to the shared Redis under the test's namespace; the broker is the
+# test's node, reached over its SSL listener only. aio-pika's TLS parameters
+# (cafile, certfile, keyfile) pass through the broker URL.
+
+
+@pytest.mark.amqp
+async def test_amqps_round_trip_with_the_servers_ca(tls_rabbit: TlsRabbitNode, pki: Pki,
+                                                    namespace: str) -> None:
+    await round_trip(tls_rabbit.tls_url(urlencode({"cafile": pki.ca})), namespace, REDIS_URL)
+
+
+@pytest.mark.amqp
+async def test_amqps_mtls_round_trip_with_a_client_certificate(
+    tls_rabbit: TlsRabbitNode, pki: Pki, namespace: str,
+) -> None:
+    query = urlencode({"cafile": pki.ca, "certfile": pki.client_cert, "keyfile": pki.client_key})
+    await round_trip(tls_rabbit.tls_url(query), namespace, REDIS_URL)
+
+
+@pytest.mark.amqp
+async def test_amqps_with_a_wrong_ca_fails_clearly_with_the_password_redacted(
+    tls_rabbit: TlsRabbitNode, pki: Pki, namespace: str,
+) -> None:
+    url = tls_rabbit.tls_url(urlencode({"cafile": pki.other_ca}))
+    message = await refused(url, namespace, REDIS_URL, password="guest:guest")
+    assert f"127.0.0.1:{tls_rabbit.ssl_port}" in message, message
