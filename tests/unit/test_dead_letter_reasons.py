@@ -48,7 +48,7 @@ def _is_member(arg: ast.expr) -> bool:
 
 def test_every_dead_letter_call_in_the_runtime_passes_a_member() -> None:
     calls = {path: _dead_letter_calls(path) for path in sorted((ROOT / "runtime").rglob("*.py"))}
-    assert sum(map(len, calls.values())) >= 3  # the worker's: decode, fail, internal error
+    assert sum(map(len, calls.values())) >= 1  # the worker's one settle path (Worker._settle)
     bad = [f"{path.relative_to(ROOT)}:{call.lineno}: {ast.unparse(call)}"
            for path, found in calls.items() for call in found
            if not call.args or not _is_member(call.args[0])]
