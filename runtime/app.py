@@ -44,6 +44,7 @@ from runtime.errors import (
     TaskError,
     TaskloomError,
     TaskTimeLimitExceeded,
+    one_error,
 )
 from runtime.execution import ProcessRunner
 from runtime.logs import ensure_logging
@@ -62,47 +63,6 @@ R = TypeVar("R")
 DEFAULT_RESULT_TIMEOUT_S = 300.0
 
 log = structlog.get_logger("taskloom.runtime")
-
-
-class _OneError:
-    """At a public boundary, turn an ``ExceptionGroup`` holding exactly one
-    exception (however deeply nested) back into that exception, with its own
-    traceback and cause. Used only around the library's own task groups, never
-    around a user's code; a group of two or more is left as it is."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            leaf = sole_exception(exc)
-            if leaf is not None:
-                context = leaf.__context__
-                try:
-                    raise leaf
-                finally:
-                    leaf.__context__ = context  # not "during handling of the group"
-
-
-def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one exception inside ``group`` (through nested groups of one), else None."""
-    found: BaseException = group
-    while isinstance(found, BaseExceptionGroup):
-        if len(found.exceptions) != 1:
-            return None
-        found = found.exceptions[0]
-    return found
-
-
-#: ``with one_error: ...`` around library code at every public entry point.
-one_error = _OneError()
 
 
 #: the longest task id, in UTF-8 bytes (AMQP message ids are at most 255)

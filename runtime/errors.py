@@ -19,10 +19,14 @@
         └── TaskDeadLettered
 
 Raised inside task bodies (control flow, not errors): ``Retry`` and ``Reject``.
+
+Public entry points raise these types, never an ``ExceptionGroup`` of one:
+``with one_error:`` (below) around the library's own task groups unwraps it.
 """
 
 from __future__ import annotations
 
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 from brokers.base import (
@@ -189,3 +193,44 @@ class Reject(Exception):
     def __init__(self, reason: str = "rejected") -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class _OneError:
+    """At a public boundary, turn an ``ExceptionGroup`` holding exactly one
+    exception (however deeply nested) back into that exception, with its own
+    traceback and cause. Used only around the library's own task groups, never
+    around a user's code; a group of two or more is left as it is."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            leaf = sole_exception(exc)
+            if leaf is not None:
+                context = leaf.__context__
+                try:
+                    raise leaf
+                finally:
+                    leaf.__context__ = context  # not "during handling of the group"
+
+
+def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception inside ``group`` (through nested groups of one), else None."""
+    found: BaseException = group
+    while isinstance(found, BaseExceptionGroup):
+        if len(found.exceptions) != 1:
+            return None
+        found = found.exceptions[0]
+    return found
+
+
+#: ``with one_error: ...`` around library code at every public entry point.
+one_error = _OneError()
