@@ -2,6 +2,10 @@
 live in :mod:`runtime.cli.commands`, the demo pipeline in
 :mod:`runtime.cli.demo`. Nothing imports this package."""
 
+from runtime.cli import schedules
 from runtime.cli.commands import main
+
+for _module in (schedules,):
+    _module.register(main)
 
 __all__ = ["main"]

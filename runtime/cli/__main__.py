@@ -1,5 +1,5 @@
 """``python -m runtime.cli``: the ``taskloom`` command (how the supervisor starts its children)."""
 
-from runtime.cli.commands import main
+from runtime.cli import main
 
 main()

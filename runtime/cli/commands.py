@@ -25,146 +25,24 @@ import importlib
 import logging
 import os
 import sys
-import time
-import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import anyio
 import click
 import structlog
 
 from brokers.base import TaskloomError
-from runtime.app import Runtime
+from runtime.cli import common
 from runtime.errors import ConfigError
 from runtime.logs import LOG_LOCALS_ENV, configure_logging
 from runtime.process.loading import load_runtime as _load
-from runtime.process.serve import EXIT_CONFIG, ParentLink, WorkerOptions, parse_size
+from runtime.process.serve import EXIT_CONFIG, ParentLink, WorkerOptions
 
 __all__ = ["main"]
 
 log = structlog.get_logger("taskloom.cli")
-
-T = TypeVar("T")
-
-#: Client libraries that log a connection failure on their own (stdlib logging)
-#: before raising it; one-shot commands report the error once, themselves.
-_CHATTY_CLIENTS = ("aiormq", "aio_pika")
-
-
-class _DropTransportErrors(logging.Filter):
-    """aiormq logs "error when creating transport" and then raises the same
-    error, which taskloom maps and reports (or retries) itself: drop the echo."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("error when creating transport")
-
-
-def _command() -> str:
-    ctx = click.get_current_context(silent=True)
-    return f"taskloom {ctx.info_name}" if ctx is not None and ctx.info_name else "taskloom"
-
-
-def _operational(error: BaseException) -> BaseException | None:
-    """The error to report if ``error`` is operational (a server down or
-    unreachable, a bad URL or setting): a taskloom error or an OSError, alone or
-    as every leaf of an exception group; None for anything else (a bug)."""
-    if isinstance(error, BaseExceptionGroup):
-        leaves = [_operational(e) for e in error.exceptions]
-        if leaves and all(leaf is not None for leaf in leaves):
-            return leaves[0]
-        return None
-    if isinstance(error, (TaskloomError, OSError)):
-        return error
-    # a client's own error that escaped the mapping to taskloom's (a server down)
-    for module, name in (("redis.exceptions", "RedisError"), ("aiormq.exceptions", "AMQPError")):
-        loaded = sys.modules.get(module)
-        cls: type[BaseException] | None = getattr(loaded, name, None)
-        if cls is not None and isinstance(error, cls):
-            return error
-    return None
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    if isinstance(error, TaskloomError):
-        return text  # taskloom's errors say what to do
-    return (f"{type(error).__name__}: {text}; check that the servers named in the "
-            "application's URLs run and are reachable")
-
-
-def _fail(what: str, error: BaseException, **fields: Any) -> NoReturn:
-    """One error line (what failed, what to do), exit code 1; the traceback
-    only at --log-level DEBUG."""
-    log.debug("traceback of the error below", exc_info=error)
-    log.error(f"{_command()}: {what}", **fields, error=_describe(error))
-    sys.exit(EXIT_CONFIG)
-
-
-def load_runtime(spec: str) -> Runtime:
-    """``package.module:attr`` -> the Runtime it names; one error line and
-    exit code 1 if it cannot be loaded."""
-    try:
-        return _load(spec)
-    except TaskloomError as e:  # not importable, not a Runtime, a bad URL or setting
-        _fail("cannot load the application", e, app=spec)
-    except Exception as e:  # the application's module raised while being imported
-        where = ""
-        if isinstance(e, SyntaxError) and e.filename:
-            where = f"{e.filename}:{e.lineno}"
-        elif e.__traceback__ is not None:
-            last = traceback.extract_tb(e.__traceback__)[-1]
-            where = f"{last.filename}:{last.lineno}"
-        log.debug("traceback of the error below", exc_info=e)
-        log.error(f"{_command()}: cannot load the application: importing it raised "
-                  f"{type(e).__name__}", app=spec, error=str(e), at=where,
-                  hint="fix the module; --log-level DEBUG shows the traceback")
-        sys.exit(EXIT_CONFIG)
-
-
-def _run(what: str, fn: Callable[[], Awaitable[T]]) -> T:
-    """``anyio.run(fn)`` for a one-shot command: an operational error is one
-    line and exit code 1, never a traceback."""
-    for name in _CHATTY_CLIENTS:
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    try:
-        return anyio.run(fn, backend_options=_event_loop_backend())
-    except Exception as e:
-        reported = _operational(e)
-        if reported is None:
-            raise
-        _fail(what, reported)
-
-
-def _event_loop_backend() -> dict[str, Any]:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:  # pragma: no cover - uvloop is a dependency where it exists
-        return {}
-    return {"use_uvloop": True}
-
-
-class _Size(click.ParamType):  # type: ignore[type-arg, unused-ignore]
-    name = "size"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            size = parse_size(str(value))
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-        if size <= 0:
-            self.fail("must be more than 0 bytes", param, ctx)
-        return size
-
-
-def _queues(text: str | None) -> tuple[str, ...] | None:
-    if not text:
-        return None
-    names = tuple(q.strip() for q in text.split(",") if q.strip())
-    return names or None
 
 
 @click.group()
@@ -179,7 +57,7 @@ def main(ctx: click.Context, log_level: str, log_json: bool, log_locals: bool) -
     """taskloom: an asyncio-native task runtime."""
     ctx.obj = {"log_level": log_level, "log_json": log_json, "log_locals": log_locals}
     configure_logging(log_level, json=log_json, show_locals=log_locals)
-    logging.getLogger("aiormq.connection").addFilter(_DropTransportErrors())
+    logging.getLogger("aiormq.connection").addFilter(common.DropTransportErrors())
 
 
 @main.command()
@@ -196,7 +74,7 @@ def main(ctx: click.Context, log_level: str, log_json: bool, log_locals: bool) -
               help="Seconds in-flight tasks get to finish on SIGTERM.")
 @click.option("--max-tasks-per-child", default=None, type=click.IntRange(min=1),
               help="Recycle a worker process (drain, replace) after this many tasks.")
-@click.option("--max-memory-per-child", default=None, type=_Size(),
+@click.option("--max-memory-per-child", default=None, type=common.Size(),
               help="Recycle a worker process past this RSS, e.g. 512MiB.")
 @click.option("--pool-size", default=None, type=click.IntRange(min=0),
               help="Processes per worker process for kind='process' tasks (default: the CPU "
@@ -205,13 +83,15 @@ def main(ctx: click.Context, log_level: str, log_json: bool, log_locals: bool) -
               help="Warn when an async task blocks the event loop longer (seconds; 0: off).")
 @click.option("--heartbeat", default=5.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between liveness heartbeats (0: off).")
+@click.option("--scheduler", "with_scheduler", is_flag=True,
+              help="Also run a scheduler in each worker process (any number may; one leads).")
 @click.option("--child", is_flag=True, hidden=True,
               help="Run as a supervised child (internal).")
 @click.pass_context
 def worker(ctx: click.Context, app: str, processes: int, queues: str | None, concurrency: int,
            prefetch: int | None, shutdown_grace: float, max_tasks_per_child: int | None,
            max_memory_per_child: int | None, pool_size: int | None, lag_threshold: float,
-           heartbeat: float, child: bool) -> None:
+           heartbeat: float, with_scheduler: bool, child: bool) -> None:
     """Run workers for APP (module:runtime_attribute).
 
     \b
@@ -225,20 +105,20 @@ def worker(ctx: click.Context, app: str, processes: int, queues: str | None, con
     from runtime.process.serve import serve_worker
 
     opts = WorkerOptions(
-        app=app, queues=_queues(queues), concurrency=concurrency, prefetch=prefetch,
+        app=app, queues=common.queue_names(queues), concurrency=concurrency, prefetch=prefetch,
         shutdown_grace_s=shutdown_grace, pool_size=pool_size, max_tasks=max_tasks_per_child,
         max_memory_bytes=max_memory_per_child, lag_threshold_s=lag_threshold,
-        heartbeat_s=heartbeat)
+        heartbeat_s=heartbeat, scheduler=with_scheduler)
     if child:
         link = ParentLink.attach()
         try:
             rt = _load(app)
         except TaskloomError as e:  # a configuration error: the supervisor does not retry it
             link.send("fatal", error=str(e))
-            _fail("cannot load the application", e, app=app)
+            common.fail("cannot load the application", e, app=app)
         sys.exit(_serve(functools.partial(serve_worker, rt, opts, link=link), link))
     if processes == 1 and max_tasks_per_child is None and max_memory_per_child is None:
-        rt = load_runtime(app)
+        rt = common.load_runtime(app)
         sys.exit(_serve(functools.partial(serve_worker, rt, opts), None))
     module_name, _, attr = app.partition(":")
     if not module_name or not attr:
@@ -251,23 +131,24 @@ def worker(ctx: click.Context, app: str, processes: int, queues: str | None, con
     command = _child_command(ctx, app, queues=queues, concurrency=concurrency, prefetch=prefetch,
                              shutdown_grace=shutdown_grace, max_tasks=max_tasks_per_child,
                              max_memory=max_memory_per_child, pool_size=pool_size,
-                             lag_threshold=lag_threshold, heartbeat=heartbeat)
+                             lag_threshold=lag_threshold, heartbeat=heartbeat,
+                             scheduler=with_scheduler)
     supervisor = Supervisor(command, processes, shutdown_grace_s=shutdown_grace)
-    sys.exit(anyio.run(supervisor.run, backend_options=_event_loop_backend()))
+    sys.exit(anyio.run(supervisor.run, backend_options=common.event_loop_backend()))
 
 
 def _serve(run: Callable[[], Awaitable[int]], link: ParentLink | None) -> int:
     """Run one worker process; startup errors become a log line and exit code 1."""
     try:
-        return anyio.run(run, backend_options=_event_loop_backend())
+        return anyio.run(run, backend_options=common.event_loop_backend())
     except Exception as e:
-        reported = _operational(e)
+        reported = common.operational(e)
         if reported is None:
             raise
         if link is not None and isinstance(reported, ConfigError):
             link.send("fatal", error=str(reported))
         log.debug("traceback of the error below", exc_info=e)
-        log.error(f"{_command()}: the worker could not start", error=_describe(reported),
+        log.error(f"{common.command_name()}: the worker could not start", error=common.describe(reported),
                   error_type=type(reported).__name__)
         return EXIT_CONFIG
 
@@ -275,7 +156,7 @@ def _serve(run: Callable[[], Awaitable[int]], link: ParentLink | None) -> int:
 def _child_command(ctx: click.Context, app: str, *, queues: str | None, concurrency: int,
                    prefetch: int | None, shutdown_grace: float, max_tasks: int | None,
                    max_memory: int | None, pool_size: int | None, lag_threshold: float,
-                   heartbeat: float) -> list[str]:
+                   heartbeat: float, scheduler: bool) -> list[str]:
     root = ctx.find_root().obj or {}
     cmd = [sys.executable, "-m", "runtime.cli", "--log-level", str(root.get("log_level", "INFO"))]
     if root.get("log_json"):
@@ -285,6 +166,8 @@ def _child_command(ctx: click.Context, app: str, *, queues: str | None, concurre
     cmd += ["worker", app, "--child", "--concurrency", str(concurrency),
             "--shutdown-grace", repr(shutdown_grace), "--lag-threshold", repr(lag_threshold),
             "--heartbeat", repr(heartbeat)]
+    if scheduler:
+        cmd.append("--scheduler")
     optional: Sequence[tuple[str, object]] = (
         ("--queues", queues), ("--prefetch", prefetch), ("--max-tasks-per-child", max_tasks),
         ("--max-memory-per-child", max_memory), ("--pool-size", pool_size))
@@ -297,17 +180,6 @@ def _child_command(ctx: click.Context, app: str, *, queues: str | None, concurre
 # -- inspection and maintenance ----------------------------------------------------------
 
 
-def _age(ms: int) -> str:
-    if not ms:
-        return "-"
-    seconds = max(0.0, time.time() - ms / 1000)
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
 @main.command()
 @click.argument("app")
 @click.option("--queues", default=None, help="Comma-separated queues (default: all the app's).")
@@ -318,8 +190,8 @@ def status(app: str, queues: str | None) -> None:
 
     from runtime.process.liveness import store_for
 
-    rt = load_runtime(app)
-    names = list(_queues(queues) or rt.registry.queues() or [rt.default_queue])
+    rt = common.load_runtime(app)
+    names = list(common.queue_names(queues) or rt.registry.queues() or [rt.default_queue])
 
     async def gather() -> tuple[list[Any], list[Any]]:
         store = store_for(rt)
@@ -331,7 +203,7 @@ def status(app: str, queues: str | None) -> None:
             await store.aclose()
         return beats, stats
 
-    beats, stats = _run("could not read the workers and queues", gather)
+    beats, stats = common.run("could not read the workers and queues", gather)
     console = Console()
     workers = Table(title=f"workers ({len(beats)} live)")
     for column in ("worker", "host", "pid", "queues", "in flight", "processed", "failed",
@@ -340,8 +212,8 @@ def status(app: str, queues: str | None) -> None:
             "pid", "in flight", "processed", "failed", "lag ms") else "left")
     for b in beats:
         workers.add_row(b.id, b.host, str(b.pid), ",".join(b.queues), str(b.in_flight),
-                        str(b.processed), str(b.failed), f"{b.lag_ms:g}", _age(b.started_ms),
-                        f"{_age(b.last_seen_ms)} ago")
+                        str(b.processed), str(b.failed), f"{b.lag_ms:g}", common.age(b.started_ms),
+                        f"{common.age(b.last_seen_ms)} ago")
     console.print(workers)
     if not beats and type(rt.broker).__name__ == "MemoryBroker":
         console.print("(the memory broker lives inside one process: no other process's "
@@ -360,7 +232,7 @@ def status(app: str, queues: str | None) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def purge(app: str, queue: str, yes: bool) -> None:
     """Drop every ready and delayed message of a queue of APP."""
-    rt = load_runtime(app)
+    rt = common.load_runtime(app)
     if not yes:
         click.confirm(f"Drop every ready and delayed message of queue {queue!r}?", abort=True)
 
@@ -368,7 +240,7 @@ def purge(app: str, queue: str, yes: bool) -> None:
         async with rt.broker:
             return await rt.broker.purge(queue)
 
-    dropped = _run(f"could not purge queue {queue!r}", run)
+    dropped = common.run(f"could not purge queue {queue!r}", run)
     click.echo(f"purged {dropped} message(s) from {queue}")
 
 
@@ -381,13 +253,13 @@ def dlq(app: str, queue: str, limit: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    rt = load_runtime(app)
+    rt = common.load_runtime(app)
 
     async def run() -> list[Any]:
         async with rt.broker:
             return await rt.broker.dead_letters(queue, limit=limit)
 
-    letters = _run(f"could not read the dead letters of queue {queue!r}", run)
+    letters = common.run(f"could not read the dead letters of queue {queue!r}", run)
     table = Table(title=f"dead letters of {queue} ({len(letters)} shown)")
     for column in ("message id", "task", "reason", "deliveries", "args"):
         table.add_column(column)
@@ -412,7 +284,7 @@ def demo(broker: str) -> None:
     from runtime.cli.demo import run_demo
 
     configure_logging("ERROR")
-    _run("the demo failed", functools.partial(run_demo, click.echo, broker))
+    common.run("the demo failed", functools.partial(run_demo, click.echo, broker))
 
 
 def _bench_command() -> click.Command | None:

@@ -27,6 +27,7 @@ import structlog
 from runtime.app import Runtime
 from runtime.errors import BrokerConnectionError, ResultStoreUnavailable
 from runtime.execution import ProcessRunner
+from runtime.ops.scheduler import run_scheduler
 from runtime.process.lag import LagMonitor
 from runtime.process.liveness import publish_heartbeats, store_for
 from runtime.process.loading import die_with_parent
@@ -103,6 +104,8 @@ class WorkerOptions(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_s: float = 5.0
     #: seconds between checks of the recycling limits
     recycle_check_s: float = 0.5
+    #: also run a scheduler (any number of workers may; one leads)
+    scheduler: bool = False
 
 
 class ParentLink:
@@ -261,6 +264,9 @@ async def _serve_worker(rt: Runtime, opts: WorkerOptions, *, link: ParentLink | 
             if opts.max_tasks is not None or opts.max_memory_bytes is not None:
                 tg.start_soon(recycle, link)
             await tg.start(run_worker)
+            if opts.scheduler:
+                await tg.start(functools.partial(run_scheduler, rt, multiprocess=True,
+                                                 name=worker.name))
             if opts.heartbeat_s > 0:
                 store = store_for(rt)
                 stack.push_async_callback(store.aclose)
