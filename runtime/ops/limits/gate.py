@@ -1,0 +1,221 @@
+"""The worker side: ``LimitsGate``, a :class:`runtime.admission.Gate`.
+
+For a task with no limit ``admit`` returns ``None`` without I/O. For a limited
+task it makes ONE store call (one Lua round trip on Redis) that checks the
+debounce, takes a concurrency permit and spends a rate token together; ``done``
+gives the permit back (one round trip, only for concurrency-limited tasks);
+``serve`` renews the leases of running holders every third of the lease in one
+call. Run-time overrides are read at most once a second (one HGETALL per
+worker per second, not per task).
+
+A deferred task waits in the broker's delay store: for a rate, exactly until its
+GCRA slot (plus a little jitter so that waiters do not all come back at once);
+for a concurrency limit, ``retry_s`` with +-50 % jitter. Each key has its own
+semaphore and bucket, so a busy key never delays another key's tasks; within one
+key, waiting tasks are not ordered (whoever comes back first after a release
+wins), and the jitter spreads them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+import structlog
+
+from runtime.errors import ConfigError, TaskloomError
+from runtime.messages import TaskMessage
+from runtime.ops.limits.spec import Limits, key_value, parse_rate
+from runtime.ops.limits.store import ADMIT, CONCURRENCY, RATE, Check, LimitStore
+
+if TYPE_CHECKING:
+    from runtime.app import Runtime
+    from runtime.registry import Task
+
+__all__ = ["HEADER_CONCURRENCY", "HEADER_RATE", "LimitsGate", "Superseded", "call_headers",
+           "limits_of"]
+
+log = structlog.get_logger("taskloom.limits")
+
+#: Per-call overrides ride in the message's headers (no wire-format change).
+HEADER_RATE = "taskloom-rate-limit"
+HEADER_CONCURRENCY = "taskloom-concurrency-limit"
+
+
+class Superseded(TaskloomError):
+    """A debounced call that is not the latest of its key: it must not run.
+
+    The worker stores it as REVOKED (reason ``debounced``) and settles it."""
+
+    def __init__(self, task_id: str, latest_id: str) -> None:
+        self.task_id = task_id
+        self.latest_id = latest_id
+        super().__init__(f"task {task_id} was debounced: a later call ({latest_id}) of the same "
+                         f"key runs instead; await rt.handle({latest_id!r}) for its result")
+
+
+def call_headers(*, rate_limit: str | None = None,
+                 concurrency_limit: int | None = None) -> dict[str, str]:
+    """Headers that override a task's limits for one call (``.set(rate_limit=...)``)."""
+    out = {}
+    if rate_limit is not None:
+        out[HEADER_RATE] = str(parse_rate(rate_limit, what="rate_limit"))
+    if concurrency_limit is not None:
+        if not isinstance(concurrency_limit, int) or concurrency_limit < 1:
+            raise ConfigError(f"concurrency_limit must be an integer of at least 1, "
+                              f"not {concurrency_limit!r}")
+        out[HEADER_CONCURRENCY] = str(concurrency_limit)
+    return out
+
+
+def limits_of(task: Task[Any, Any] | None) -> Limits | None:
+    """The limits declared on a task (the ``limits`` attribute the registry
+    gives it), if any."""
+    found = getattr(task, "limits", None)
+    return found if isinstance(found, Limits) else None
+
+
+def effective(limits: Limits | None, override: dict[str, Any] | None,
+              headers: dict[str, str] | None) -> Limits | None:
+    """The limits that apply: the call's headers over the run-time override
+    over the declaration. A bad override is logged and ignored."""
+    changes: dict[str, Any] = {}
+    for source in (override or {}, _from_headers(headers or {})):
+        try:
+            if source.get("rate_limit") is not None:
+                changes["rate"] = parse_rate(str(source["rate_limit"]), burst=source.get("burst"))
+            if source.get("concurrency_limit") is not None:
+                n = int(source["concurrency_limit"])
+                if n < 1:
+                    raise ConfigError("concurrency_limit must be at least 1")
+                changes["concurrency"] = n
+        except (ConfigError, ValueError, TypeError) as e:
+            log.warning("a limit override cannot be read; ignoring it", error=str(e))
+    if not changes:
+        return limits
+    return msgspec.structs.replace(limits or Limits(), **changes)
+
+
+def _from_headers(headers: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if HEADER_RATE in headers:
+        out["rate_limit"] = headers[HEADER_RATE]
+    if HEADER_CONCURRENCY in headers:
+        out["concurrency_limit"] = headers[HEADER_CONCURRENCY]
+    return out
+
+
+class LimitsGate:
+    """Rate limits, concurrency limits and debounce for one worker."""
+
+    def __init__(
+        self,
+        rt: Runtime,
+        store: LimitStore | None = None,
+        *,
+        retry_s: float = 0.5,
+        overrides_ttl_s: float = 1.0,
+        limits: Callable[[str], Limits | None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        from runtime.ops.limits.api import store_for
+
+        self.rt = rt
+        self.store: LimitStore = store if store is not None else store_for(rt)
+        self.retry_s = retry_s
+        self.overrides_ttl_s = overrides_ttl_s
+        self._declared = limits or (lambda name: limits_of(rt.registry.get(name)))
+        self._rng = rng or random.Random()
+        #: task id -> (task, semaphore key, lease ms) of the permits this worker holds
+        self.holding: dict[str, tuple[str, str, int]] = {}
+        #: deferrals by reason ("rate", "concurrency") and debounced drops, for the stats
+        self.deferred: dict[str, int] = {"rate": 0, "concurrency": 0, "debounced": 0}
+        self._overrides: dict[str, dict[str, Any]] = {}
+        self._overrides_at = -math.inf
+
+    @property
+    def deferred_total(self) -> int:
+        return self.deferred["rate"] + self.deferred["concurrency"]
+
+    async def _current_overrides(self) -> dict[str, dict[str, Any]]:
+        now = anyio.current_time()
+        if now - self._overrides_at >= self.overrides_ttl_s:
+            self._overrides_at = now  # a failed read is not retried at every task
+            self._overrides = await self.store.overrides()
+        return self._overrides
+
+    def _fn(self, name: str) -> Callable[..., Any] | None:
+        task = self.rt.registry.get(name)
+        return None if task is None else task.fn
+
+    async def check_for(self, message: TaskMessage) -> Check | None:
+        """The store check a delivery needs (None: none)."""
+        overrides = await self._current_overrides()
+        limits = effective(self._declared(message.task), overrides.get(message.task),
+                           message.headers)
+        if limits is None or not limits.gated:
+            return None
+        fn = self._fn(message.task)
+        rate = limits.rate
+        return Check(
+            task=message.task, holder=message.id,
+            rate_key=None if rate is None else key_value(limits.rate_key, fn, message.args,
+                                                         message.kwargs),
+            interval_ms=0.0 if rate is None else rate.interval_ms,
+            burst=1 if rate is None else rate.burst,
+            sem_key=None if limits.concurrency is None else key_value(
+                limits.concurrency_key, fn, message.args, message.kwargs),
+            limit=limits.concurrency or 0, lease_ms=int(limits.lease_s * 1000),
+            retry_ms=int(self.retry_s * 1000),
+            debounce_key=None if limits.debounce_s is None else key_value(
+                limits.debounce_key, fn, message.args, message.kwargs))
+
+    async def admit(self, message: TaskMessage, /) -> float | None:
+        check = await self.check_for(message)
+        if check is None:
+            return None
+        status, value = await self.store.admit(check)
+        if status == ADMIT:
+            if check.sem_key is not None:
+                self.holding[message.id] = (check.task, check.sem_key, check.lease_ms)
+            return None
+        if status == RATE:
+            self.deferred["rate"] += 1
+            # never early; spread competing waiters over a fraction of an interval
+            return float(value) / 1000 + self._rng.uniform(0, min(check.interval_ms, 100) / 2000)
+        if status == CONCURRENCY:
+            self.deferred["concurrency"] += 1
+            return float(value) / 1000 * self._rng.uniform(0.5, 1.5)
+        self.deferred["debounced"] += 1
+        raise Superseded(message.id, str(value))
+
+    async def done(self, message: TaskMessage, /) -> None:
+        held = self.holding.pop(message.id, None)
+        if held is not None:
+            await self.store.release(held[0], held[1], message.id)
+
+    async def renew_once(self) -> None:
+        by_lease: dict[int, list[tuple[str, str, str]]] = {}
+        for task_id, (task, key, lease_ms) in list(self.holding.items()):
+            by_lease.setdefault(lease_ms, []).append((task, key, task_id))
+        for lease_ms, held in by_lease.items():
+            await self.store.renew(held, lease_ms)
+
+    async def serve(self) -> None:
+        """Renew the leases of running holders every third of the shortest
+        lease, until cancelled (the worker's stop)."""
+        try:
+            while True:
+                leases = [lease for _, _, lease in self.holding.values()]
+                await anyio.sleep(min(leases, default=3000) / 3000)
+                try:
+                    await self.renew_once()
+                except TaskloomError as e:
+                    log.warning("cannot renew concurrency permits; they lapse with their lease "
+                                "unless Redis comes back", error=str(e), held=len(self.holding))
+        finally:
+            await self.store.aclose()
