@@ -42,7 +42,7 @@ _BLOCK_MS = 5_000
 _READ_COUNT = 500
 
 
-class TaskEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag="task",
+class TaskEvent(msgspec.Struct, frozen=True, kw_only=True, tag="task",
                 tag_field="kind"):
     """A task moved to ``phase`` (the fields of ``runtime.lifecycle.Transition``)."""
 
@@ -62,7 +62,7 @@ class TaskEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, t
     v: int = EVENTS_VERSION
 
 
-class ProgressEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
+class ProgressEvent(msgspec.Struct, frozen=True, kw_only=True,
                     tag="progress", tag_field="kind"):
     id: str
     task: str
@@ -73,7 +73,7 @@ class ProgressEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     v: int = EVENTS_VERSION
 
 
-class WorkerEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag="worker",
+class WorkerEvent(msgspec.Struct, frozen=True, kw_only=True, tag="worker",
                   tag_field="kind"):
     worker: str
     what: Literal["online", "heartbeat", "offline"]
@@ -86,7 +86,7 @@ class WorkerEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
     v: int = EVENTS_VERSION
 
 
-class TickEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag="tick",
+class TickEvent(msgspec.Struct, frozen=True, kw_only=True, tag="tick",
                 tag_field="kind"):
     """A scheduler published (or skipped) one tick of a schedule."""
 
