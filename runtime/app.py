@@ -17,21 +17,19 @@ Settings left out are read from ``TASKLOOM_*`` environment variables
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Generic, ParamSpec, Self, TypeVar, cast, overload
-from urllib.parse import urlsplit
+from typing import Any, ParamSpec, Self, TypeVar, cast, overload
 
 import anyio
-import msgspec
 import structlog
 
 import brokers
 from brokers.base import Broker, Envelope
-from brokers.memory import MemoryBroker
 from runtime import canvas
+from runtime.admission import Gate
 from runtime.codec import DEFAULT_MAX_BYTES, Codec, Format
 from runtime.config import Environment
 from runtime.errors import (
@@ -39,20 +37,19 @@ from runtime.errors import (
     ConfigError,
     EnqueueError,
     ResultError,
-    TaskCancelled,
-    TaskDeadLettered,
-    TaskError,
     TaskloomError,
-    TaskTimeLimitExceeded,
     one_error,
 )
 from runtime.execution import ProcessRunner
+from runtime.handle import TaskHandle
+from runtime.lifecycle import Listener, Phase, Transition
 from runtime.logs import ensure_logging
-from runtime.messages import ErrorInfo, Result, State, TaskMessage, TaskOptions
+from runtime.messages import Result, TaskMessage, TaskOptions
 from runtime.middleware import Middleware
 from runtime.registry import Kind, Task, TaskDecorator, TaskRegistry
-from runtime.results import DEFAULT_TTL_S, MemoryResultStore, ResultStore
+from runtime.results import DEFAULT_TTL_S, ResultStore
 from runtime.retry import RetryPolicy
+from runtime.wiring import check_task_id, default_results, results_for
 from runtime.worker import Worker
 
 __all__ = ["Runtime", "TaskHandle", "run"]
@@ -63,123 +60,6 @@ R = TypeVar("R")
 DEFAULT_RESULT_TIMEOUT_S = 300.0
 
 log = structlog.get_logger("taskloom.runtime")
-
-
-#: the longest task id, in UTF-8 bytes (AMQP message ids are at most 255)
-MAX_TASK_ID_BYTES = 200
-
-
-def check_task_id(task_id: object) -> None:
-    """Refuse a task id that is empty, too long, or has spaces or unprintable
-    characters (EnqueueError saying which)."""
-    if not isinstance(task_id, str) or not task_id:
-        raise EnqueueError(f"task_id must be a non-empty string, not {task_id!r}; "
-                           "leave it out to get a generated one")
-    size = len(task_id.encode("utf-8", "surrogatepass"))
-    if size > MAX_TASK_ID_BYTES:
-        raise EnqueueError(f"task_id is {size} bytes long, over the limit of {MAX_TASK_ID_BYTES}; "
-                           "use a shorter key (e.g. a hash of the long one)")
-    bad = next((c for c in task_id if c.isspace() or not c.isprintable()), None)
-    if bad is not None:
-        raise EnqueueError(f"task_id {task_id!r} contains {bad!r}; use printable characters "
-                           "without spaces (e.g. letters, digits, '-', '_', ':', '.')")
-
-
-def _default_results(broker: Broker) -> str:
-    """Where results go when no store is named: the broker's own Redis, or
-    memory beside the memory broker; any other broker is refused."""
-    if isinstance(broker, MemoryBroker):
-        return "memory://"
-    url = getattr(broker, "url", None)
-    scheme = urlsplit(url).scheme.lower() if isinstance(url, str) else ""
-    if isinstance(url, str) and scheme in ("redis", "rediss", "unix"):
-        return url  # the broker's Redis, without its query options
-    kind = f"the {scheme}:// broker" if scheme else f"a {type(broker).__name__}"
-    raise ConfigError(
-        f"{kind} cannot carry results back to a caller, and no result store was given, so "
-        "a caller in another process would wait its whole timeout for a result it can never "
-        'see; pass results="redis://host:6379/0" (or set TASKLOOM_RESULTS_URL), or '
-        'results="memory://" if every caller runs in the worker\'s process'
-    )
-
-
-def _results_for(url: str, *, ttl_s: float, namespace: str) -> ResultStore:
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "memory":
-        return MemoryResultStore(ttl_s=ttl_s)
-    if scheme in ("redis", "rediss", "unix"):
-        from runtime.results.redis import RedisResultStore  # loads the Redis client only when used
-
-        store: ResultStore = RedisResultStore.from_url(url, ttl_s=ttl_s, namespace=namespace)
-        return store
-    raise ConfigError(
-        f"no result store handles {url!r}; use memory:// or redis://host:port/db"
-    )
-
-
-class TaskHandle(Generic[R]):
-    """A promise of one task's (or canvas's) outcome, by id."""
-
-    __slots__ = ("_return_type", "duplicate", "id", "runtime")
-
-    def __init__(self, runtime: Runtime, task_id: str, return_type: Any = Any, *,
-                 duplicate: bool = False) -> None:
-        self.runtime = runtime
-        self.id = task_id
-        self._return_type = return_type
-        #: True when ``enqueue(task_id=...)`` found that id already started or
-        #: finished: nothing was sent, this handle follows the existing task
-        self.duplicate = duplicate
-
-    async def result(self, timeout: float | None = None) -> R:
-        """The task's return value. Raises ``TaskError`` (or a subclass) if it
-        failed, ``ResultTimeout`` if none arrives within ``timeout`` seconds
-        (default: the runtime's ``result_timeout_s``)."""
-        rt = self.runtime
-        with one_error:
-            waited = await rt.results.wait(
-                self.id, rt.result_timeout_s if timeout is None else timeout)
-        return self._outcome(waited)
-
-    def _outcome(self, result: Result) -> R:
-        if result.state is State.SUCCESS:
-            if self._return_type is Any or result.value is None:
-                return result.value  # type: ignore[no-any-return]
-            try:
-                return msgspec.convert(result.value, self._return_type)  # type: ignore[no-any-return]
-            except msgspec.ValidationError:
-                return result.value  # type: ignore[no-any-return]
-        info = result.error or ErrorInfo(type="Unknown", message=f"state {result.state}")
-        if result.state is State.REVOKED:
-            raise TaskCancelled(info, self.id)
-        if info.type == "TaskTimeLimitExceeded":
-            raise TaskTimeLimitExceeded(info, self.id)
-        if info.reason in ("unknown_task", "bad_arguments", "rejected", "decode_error"):
-            raise TaskDeadLettered(info, self.id)
-        raise TaskError(info, self.id)
-
-    async def status(self) -> State:
-        """PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
-        with one_error:
-            found = await self.runtime.results.get(self.id)
-        return found.state if found is not None else State.PENDING
-
-    async def info(self) -> Result | None:
-        """The whole stored record (attempt, worker, timings), if any."""
-        with one_error:
-            return await self.runtime.results.get(self.id)
-
-    async def cancel(self) -> bool:
-        """Cancel the task if it has not finished: it will never run (or, if it
-        runs now, its outcome is discarded). Whether it was cancelled."""
-        with one_error:
-            return await self.runtime.results.revoke(self.id)
-
-    def __await__(self) -> Generator[Any, None, R]:
-        return self.result().__await__()
-
-    def __repr__(self) -> str:
-        return f"<TaskHandle {self.id}>"
 
 
 class Runtime:
@@ -201,6 +81,8 @@ class Runtime:
         result_timeout_s: float | None = None,
         default_queue: str | None = None,
         middleware: Sequence[Middleware] = (),
+        listeners: Sequence[Listener] = (),
+        gates: Sequence[Gate] = (),
     ) -> None:
         """Every argument left out (``None``) is read from its ``TASKLOOM_*``
         environment variable, else takes its default (see ``runtime.config``):
@@ -235,15 +117,21 @@ class Runtime:
             default_queue = env.text("TASKLOOM_DEFAULT_QUEUE") or "default"
         self.namespace = namespace
         self.middleware = list(middleware)
+        #: hear of task transitions; read when the runtime opens
+        self.listeners: list[Listener] = list(listeners)
+        #: asked before a task runs; read when a worker is built
+        self.gates: list[Gate] = list(gates)
+        self._listeners: tuple[Listener, ...] = ()
+        self._services: AsyncExitStack | None = None
         self._publish_hooks = [m for m in self.middleware
                                if type(m).before_publish is not Middleware.before_publish]
         self.broker: Broker = (
             brokers.from_url(broker, namespace=namespace) if isinstance(broker, str) else broker
         )
         if results is None:
-            results = _default_results(self.broker)
+            results = default_results(self.broker)
         self.results: ResultStore = (
-            _results_for(results, ttl_s=result_ttl_s, namespace=namespace)
+            results_for(results, ttl_s=result_ttl_s, namespace=namespace)
             if isinstance(results, str) else results
         )
         self.codec = Codec(codec, compress_over=compress_over, signing_keys=signing_keys,
@@ -377,7 +265,28 @@ class Runtime:
             except BaseException:
                 await self.broker.__aexit__(None, None, None)
                 raise
+            if self.listeners:
+                await self._start_listeners()
         self._entered += 1
+
+    async def _start_listeners(self) -> None:
+        """Run each listener's ``serve()`` in the runtime's task group until it
+        closes; then (after cancelling it) ``aclose()`` each."""
+        listeners = tuple(self.listeners)
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            for listener in listeners:
+                stack.push_async_callback(_close_listener, listener)
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(tg.cancel_scope.cancel)
+            for listener in listeners:
+                tg.start_soon(_serve_listener, listener)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._services = stack
+        self._listeners = listeners
 
     async def __aexit__(
         self,
@@ -389,9 +298,14 @@ class Runtime:
         if self._entered == 0:
             with one_error:
                 try:
-                    await self.results.__aexit__(exc_type, exc, tb)
+                    services, self._services, self._listeners = self._services, None, ()
+                    if services is not None:
+                        await services.aclose()
                 finally:
-                    await self.broker.__aexit__(exc_type, exc, tb)
+                    try:
+                        await self.results.__aexit__(exc_type, exc, tb)
+                    finally:
+                        await self.broker.__aexit__(exc_type, exc, tb)
 
     def _require_started(self) -> None:
         if not self._entered:
@@ -558,9 +472,12 @@ class Runtime:
         messages = canvas.start(node, self.registry, overrides=overrides)
         return messages, TaskHandle(self, canvas.final_id(node))
 
-    async def publish(self, messages: Sequence[TaskMessage], *, delay_s: float | None = None
-                      ) -> None:
-        """Encode and publish task messages (used by enqueue and by workers)."""
+    async def publish(self, messages: Sequence[TaskMessage], *, delay_s: float | None = None,
+                      announce: bool = True) -> None:
+        """Encode and publish task messages (used by enqueue and by workers).
+        Listeners hear ENQUEUED (SCHEDULED when delayed) of each, once the
+        broker has them, unless ``announce`` is false (a retry: the worker
+        reports RETRYING itself)."""
         if not messages:
             return
         now = time.time()
@@ -580,6 +497,45 @@ class Runtime:
             await self.broker.publish(envelopes[0])
         else:
             await self.broker.publish_many(envelopes)
+        if self._listeners and announce:
+            self._announce(messages, envelopes, now)
+
+    def _announce(self, messages: Sequence[TaskMessage], envelopes: Sequence[Envelope],
+                  now: float) -> None:
+        at = int(now * 1000)
+        for m, env in zip(messages, envelopes, strict=True):
+            delayed = env.delay_s > 0
+            t = Transition(id=m.id, task=m.task, queue=m.queue, attempt=m.attempt, at_ms=at,
+                           phase=Phase.SCHEDULED if delayed else Phase.ENQUEUED,
+                           eta_ms=at + int(env.delay_s * 1000) if delayed else None,
+                           parent_id=m.parent_id or "", root_id=m.root_id or "")
+            self.transition(t)
+
+    def transition(self, t: Transition) -> None:
+        """Tell every listener of ``t`` (a listener that raises is logged)."""
+        for listener in self._listeners:
+            try:
+                listener.transition(t)
+            except Exception as e:
+                log.error("a lifecycle listener raised; it must not", listener=type(listener).__name__,
+                          task_id=t.id, phase=t.phase.value, error_type=type(e).__name__,
+                          exc_info=e)
+
+
+async def _serve_listener(listener: Listener) -> None:
+    try:
+        await listener.serve()
+    except Exception as e:  # it must not take the runtime (and the caller's code) down
+        log.error("a lifecycle listener stopped serving", listener=type(listener).__name__,
+                  error_type=type(e).__name__, exc_info=e)
+
+
+async def _close_listener(listener: Listener) -> None:
+    try:
+        await listener.aclose()
+    except Exception as e:
+        log.error("a lifecycle listener failed to close", listener=type(listener).__name__,
+                  error_type=type(e).__name__, exc_info=e)
 
 
 async def run(target: canvas.Composable[R], *, timeout: float | None = None) -> R:

@@ -99,6 +99,9 @@ class Kind(enum.Enum):
     DEAD_LETTER = "dead_letter"
     #: Hand the delivery back to run after ``delay_s``.
     RELEASE = "release"
+    #: An admission gate said wait: publish the same message (same id and
+    #: attempt, not a retry) after ``delay_s``; store nothing; ack.
+    DEFERRED = "deferred"
 
 
 @dataclass(slots=True, frozen=True, kw_only=True)
@@ -154,6 +157,8 @@ class Flow:
             await self._end(msg, State.REVOKED, outcome.info)
             if kind is Kind.EXPIRED and msg.errbacks:
                 await self.errbacks(msg, msg.errbacks, outcome.info)
+        elif kind is Kind.DEFERRED:
+            await self.runtime.publish([msg], delay_s=outcome.delay_s, announce=False)
         elif kind is Kind.DUPLICATE and outcome.follow:
             # its worker may have died before sending what follows: send it
             # (what follows is idempotent: joins count ids, next steps claim)
@@ -187,7 +192,7 @@ class Flow:
                                 attempt=msg.attempt, delivery_count=count, worker=self.worker,
                                 started_ms=outcome.started))
         again = msgspec.structs.replace(msg, attempt=msg.attempt + 1)
-        await self.runtime.publish([again], delay_s=outcome.delay_s)
+        await self.runtime.publish([again], delay_s=outcome.delay_s, announce=False)
 
     async def _fail(self, msg: TaskMessage, outcome: Outcome, count: int) -> None:
         """A failure for good: store it (and on everything waiting downstream),

@@ -27,8 +27,9 @@ import math
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.abc
@@ -45,11 +46,15 @@ from runtime.middleware import CallNext, Middleware, TaskContext, build_chain
 from runtime.persist import StoreRetry, type_name
 from runtime.registry import Task
 from runtime.retry import next_delay
+from runtime.seams import Admission, end_transition, started
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "WorkerState"]
+
+#: starting (until consuming), running, draining (after stop()), stopped
+WorkerState = Literal["starting", "running", "draining", "stopped"]
 
 log = structlog.get_logger("taskloom.worker")
 
@@ -132,7 +137,16 @@ class Worker:
         self._receiving: set[anyio.CancelScope] = set()
         self._stopping = False
         self.in_flight = 0
+        #: deliveries handled (run, failed, dead-lettered, skipped), deferrals excepted
         self.processed = 0
+        #: tasks an admission gate sent back to wait in the broker
+        self.deferred = 0
+        self.state: WorkerState = "starting"
+        self._running: dict[str, tuple[str, int]] = {}
+        #: read-only: task id -> (task name, started at, ms since the epoch)
+        self.running: Mapping[str, tuple[str, int]] = MappingProxyType(self._running)
+        self._listeners = runtime._listeners
+        self._admission = Admission(runtime.gates, self.name) if runtime.gates else None
         self._changed: anyio.Event | None = None
         self._flow = Flow(runtime, self.name, StoreRetry(cap_s=_STORE_RETRY_MAX_S))
 
@@ -153,17 +167,27 @@ class Worker:
         :meth:`kill` cancels it at once.
         """
         rt = self.runtime
-        async with anyio.create_task_group() as services:
-            await services.start(rt.results.watch)
-            async with rt.broker.consume(self.queues, prefetch=self.prefetch) as consumer:
-                log.info("worker started", worker=self.name, queues=self.queues,
-                         concurrency=self.concurrency)
-                async with anyio.create_task_group() as runners:
-                    for _ in range(self.concurrency):
-                        runners.start_soon(self._runner, consumer)
-                    task_status.started()
-            services.cancel_scope.cancel()
-        log.info("worker stopped", worker=self.name, processed=self.processed, failed=self.failed)
+        self._listeners = rt._listeners
+        try:
+            async with anyio.create_task_group() as services:
+                await services.start(rt.results.watch)
+                if self._admission is not None:
+                    for gate in self._admission.gates:
+                        services.start_soon(gate.serve)
+                async with rt.broker.consume(self.queues, prefetch=self.prefetch) as consumer:
+                    log.info("worker started", worker=self.name, queues=self.queues,
+                             concurrency=self.concurrency)
+                    async with anyio.create_task_group() as runners:
+                        for _ in range(self.concurrency):
+                            runners.start_soon(self._runner, consumer)
+                        if not self._stopping:
+                            self.state = "running"
+                        task_status.started()
+                services.cancel_scope.cancel()
+        finally:
+            self.state = "stopped"
+        log.info("worker stopped", worker=self.name, processed=self.processed, failed=self.failed,
+                 deferred=self.deferred)
 
     async def _runner(self, consumer: Consumer) -> None:
         """Receive a delivery, run it, repeat: ``concurrency`` of these share the
@@ -198,6 +222,8 @@ class Worker:
         if self._stopping:
             return
         self._stopping = True
+        if self.state != "stopped":
+            self.state = "draining"
         deadline = anyio.current_time() + self.shutdown_grace_s
         for scope in list(self._scopes):
             if scope in self._receiving:
@@ -276,19 +302,49 @@ class Worker:
         running[runner] = msg
         task = self.runtime.registry.get(msg.task)
         outcome = self._screen(msg, task)
+        if outcome is not None:
+            await self._conclude(delivery, msg, outcome)
+            return
+        assert task is not None
+        try:
+            args, kwargs = task.bind(msg.args, msg.kwargs)
+        except ArgumentsError as e:
+            await self._conclude(delivery, msg,
+                                 Outcome.failure(error_info(e, Why.BAD_ARGUMENTS)))
+            return
+        if self._admission is None:
+            await self._start(delivery, msg, task, args, kwargs)
+            return
+        admitted, delay = await self._admission.admit(msg)
+        if delay is not None:
+            self.deferred += 1
+            self.processed -= 1  # a deferral is not counted as handled (see _handle)
+            await self._conclude(delivery, msg, Outcome(kind=Kind.DEFERRED, delay_s=delay))
+            return
+        try:
+            await self._start(delivery, msg, task, args, kwargs)
+        finally:
+            await self._admission.done(admitted, msg)
+
+    async def _start(self, delivery: Delivery, msg: TaskMessage, task: Task[Any, Any],
+                     args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Claim ``msg`` if it runs at most once, run it, conclude."""
         holder = ""
-        if outcome is None and msg.once:
+        if msg.once:
             holder = f"{self.name}:{uuid.uuid4().hex}"
             outcome = await self._flow.claim(msg, holder)
-        if outcome is None:
-            assert task is not None
-            try:
-                args, kwargs = task.bind(msg.args, msg.kwargs)
-            except ArgumentsError as e:
-                outcome = Outcome.failure(error_info(e, Why.BAD_ARGUMENTS))
-            else:
-                outcome = await self._run(delivery, msg, task, args, kwargs, holder)
-        await self._conclude(delivery, msg, outcome)
+            if outcome is not None:
+                await self._conclude(delivery, msg, outcome)
+                return
+        at = now_ms()
+        self._running[msg.id] = (msg.task, at)
+        try:
+            if self._listeners:
+                self.runtime.transition(started(msg, self.name, at))
+            outcome = await self._run(delivery, msg, task, args, kwargs, holder, at)
+            await self._conclude(delivery, msg, outcome)
+        finally:
+            self._running.pop(msg.id, None)
 
     def _decode(self, delivery: Delivery) -> TaskMessage | Outcome:
         """The task message of ``delivery``, or the dead letter it makes."""
@@ -328,9 +384,9 @@ class Worker:
         return None
 
     async def _run(self, delivery: Delivery, msg: TaskMessage, task: Task[Any, Any],
-                   args: tuple[Any, ...], kwargs: dict[str, Any], holder: str) -> Outcome:
+                   args: tuple[Any, ...], kwargs: dict[str, Any], holder: str, started: int
+                   ) -> Outcome:
         """Run the task body; what it returned or raised, judged once."""
-        started = now_ms()
         timeout = msg.timeout if msg.timeout is not None else task.timeout
         if timeout is None:
             timeout = self._default_limit
@@ -408,6 +464,8 @@ class Worker:
                 raise outcome.value  # the judging of what the task did failed
             if msg is not None and outcome.kind is not Kind.DEAD_LETTER:
                 outcome = await self._flow.carry_out(msg, outcome, _count(delivery))
+            if self._listeners:
+                self._report(delivery, msg, outcome)
             await self._settle(delivery, outcome)
         except Exception as e:
             if not outcome.ran:
@@ -426,6 +484,19 @@ class Worker:
                 # unsettled: the broker gives it back when the consumer's connection ends
                 log.warning("could not release a delivery; the broker will redeliver it",
                             task_id=msg.id, error=str(settle_error)[:300])
+
+    def _report(self, delivery: Delivery, msg: TaskMessage | None, outcome: Outcome) -> None:
+        """Tell the listeners how ``msg`` ended (stored, not yet settled)."""
+        queue = ""
+        if msg is None:
+            try:
+                queue = str(delivery.envelope.queue)[:_MAX_ID_IN_LOG]
+            except Exception:
+                queue = ""
+        t = end_transition(msg, outcome, self.name, message_id=_message_id(delivery),
+                           queue=queue)
+        if t is not None:
+            self.runtime.transition(t)
 
     @staticmethod
     async def _settle(delivery: Delivery, outcome: Outcome) -> None:

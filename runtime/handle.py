@@ -1,0 +1,89 @@
+"""``TaskHandle``: a promise of one task's (or canvas's) outcome, by id."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import msgspec
+
+from runtime.errors import (
+    TaskCancelled,
+    TaskDeadLettered,
+    TaskError,
+    TaskTimeLimitExceeded,
+    one_error,
+)
+from runtime.messages import ErrorInfo, Result, State
+
+if TYPE_CHECKING:
+    from runtime.app import Runtime
+
+__all__ = ["TaskHandle"]
+
+R = TypeVar("R")
+
+
+class TaskHandle(Generic[R]):
+    """A promise of one task's (or canvas's) outcome, by id."""
+
+    __slots__ = ("_return_type", "duplicate", "id", "runtime")
+
+    def __init__(self, runtime: Runtime, task_id: str, return_type: Any = Any, *,
+                 duplicate: bool = False) -> None:
+        self.runtime = runtime
+        self.id = task_id
+        self._return_type = return_type
+        #: True when ``enqueue(task_id=...)`` found that id already started or
+        #: finished: nothing was sent, this handle follows the existing task
+        self.duplicate = duplicate
+
+    async def result(self, timeout: float | None = None) -> R:
+        """The task's return value. Raises ``TaskError`` (or a subclass) if it
+        failed, ``ResultTimeout`` if none arrives within ``timeout`` seconds
+        (default: the runtime's ``result_timeout_s``)."""
+        rt = self.runtime
+        with one_error:
+            waited = await rt.results.wait(
+                self.id, rt.result_timeout_s if timeout is None else timeout)
+        return self._outcome(waited)
+
+    def _outcome(self, result: Result) -> R:
+        if result.state is State.SUCCESS:
+            if self._return_type is Any or result.value is None:
+                return result.value  # type: ignore[no-any-return]
+            try:
+                return msgspec.convert(result.value, self._return_type)  # type: ignore[no-any-return]
+            except msgspec.ValidationError:
+                return result.value  # type: ignore[no-any-return]
+        info = result.error or ErrorInfo(type="Unknown", message=f"state {result.state}")
+        if result.state is State.REVOKED:
+            raise TaskCancelled(info, self.id)
+        if info.type == "TaskTimeLimitExceeded":
+            raise TaskTimeLimitExceeded(info, self.id)
+        if info.reason in ("unknown_task", "bad_arguments", "rejected", "decode_error"):
+            raise TaskDeadLettered(info, self.id)
+        raise TaskError(info, self.id)
+
+    async def status(self) -> State:
+        """PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
+        with one_error:
+            found = await self.runtime.results.get(self.id)
+        return found.state if found is not None else State.PENDING
+
+    async def info(self) -> Result | None:
+        """The whole stored record (attempt, worker, timings), if any."""
+        with one_error:
+            return await self.runtime.results.get(self.id)
+
+    async def cancel(self) -> bool:
+        """Cancel the task if it has not finished: it will never run (or, if it
+        runs now, its outcome is discarded). Whether it was cancelled."""
+        with one_error:
+            return await self.runtime.results.revoke(self.id)
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self.result().__await__()
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.id}>"
