@@ -22,8 +22,8 @@ from runtime.ops.limits.api import (
 from runtime.ops.limits.gate import (
     HEADER_CONCURRENCY,
     HEADER_RATE,
+    SUPERSEDED_DELAY_S,
     LimitsGate,
-    Superseded,
     call_headers,
     limits_of,
 )
@@ -49,7 +49,7 @@ __all__ = [
     "MemoryLimitStore",
     "Rate",
     "RedisLimitStore",
-    "Superseded",
+    "SUPERSEDED_DELAY_S",
     "before_enqueue",
     "call_headers",
     "enqueue_paced",

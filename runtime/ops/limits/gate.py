@@ -14,6 +14,11 @@ for a concurrency limit, ``retry_s`` with +-50 % jitter. Each key has its own
 semaphore and bucket, so a busy key never delays another key's tasks; within one
 key, waiting tasks are not ordered (whoever comes back first after a release
 wins), and the jitter spreads them.
+
+Debounce: a call that is not the latest of its key is revoked in the result
+store (its handle raises ``TaskCancelled``; the latest call's id is logged) and
+sent back briefly, so that the worker's own revocation check settles it REVOKED
+without running it; the latest call runs after the quiet period.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ if TYPE_CHECKING:
     from runtime.app import Runtime
     from runtime.registry import Task
 
-__all__ = ["HEADER_CONCURRENCY", "HEADER_RATE", "LimitsGate", "Superseded", "call_headers",
+__all__ = ["HEADER_CONCURRENCY", "HEADER_RATE", "SUPERSEDED_DELAY_S", "LimitsGate", "call_headers",
            "limits_of"]
 
 log = structlog.get_logger("taskloom.limits")
@@ -44,18 +49,10 @@ log = structlog.get_logger("taskloom.limits")
 #: Per-call overrides ride in the message's headers (no wire-format change).
 HEADER_RATE = "taskloom-rate-limit"
 HEADER_CONCURRENCY = "taskloom-concurrency-limit"
-
-
-class Superseded(TaskloomError):
-    """A debounced call that is not the latest of its key: it must not run.
-
-    The worker stores it as REVOKED (reason ``debounced``) and settles it."""
-
-    def __init__(self, task_id: str, latest_id: str) -> None:
-        self.task_id = task_id
-        self.latest_id = latest_id
-        super().__init__(f"task {task_id} was debounced: a later call ({latest_id}) of the same "
-                         f"key runs instead; await rt.handle({latest_id!r}) for its result")
+#: A debounced call that is not its key's latest is revoked, then sent back for
+#: this long: the worker's revocation check (before the gates) then settles it
+#: REVOKED without running it, once the revocation has reached the worker.
+SUPERSEDED_DELAY_S = 0.2
 
 
 def call_headers(*, rate_limit: str | None = None,
@@ -191,7 +188,10 @@ class LimitsGate:
             self.deferred["concurrency"] += 1
             return float(value) / 1000 * self._rng.uniform(0.5, 1.5)
         self.deferred["debounced"] += 1
-        raise Superseded(message.id, str(value))
+        await self.rt.results.revoke(message.id)
+        log.info("dropping a debounced call: a later call of its key runs instead",
+                 task_id=message.id, task=message.task, latest_id=str(value))
+        return SUPERSEDED_DELAY_S
 
     async def done(self, message: TaskMessage, /) -> None:
         held = self.holding.pop(message.id, None)

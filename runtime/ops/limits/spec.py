@@ -7,10 +7,12 @@ A rate is ``"<count>/<unit>"`` with unit ``s``, ``m`` or ``h`` (``"20/s"``,
 ``"5/m"``, ``"100/h"``), optionally ``"20/s:burst=4"``. It is enforced as a
 GCRA (generic cell rate algorithm): starts are spaced by the emission interval
 ``period / count``, and up to ``burst`` may start back to back after a quiet
-spell. Any window of one period therefore holds at most ``count + burst - 1``
-starts (:attr:`Rate.window_max`). The default burst is a tenth of the count (at
-least 1): it absorbs the lateness of tasks coming back from the broker's delay
-store, which would otherwise be lost for good and pull the rate below the limit.
+spell. Any window of one period therefore holds at most ``count + burst``
+starts (:attr:`Rate.window_max`; ``count + burst - 1`` for a half-open window
+by Redis's clock, one more once the callers' clocks add their jitter). The
+default burst is a tenth of the count (at least 1): it absorbs the lateness of
+tasks coming back from the broker's delay store, which would otherwise be lost
+for good and pull the rate below the limit.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ class Rate(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def window_max(self) -> int:
-        """The most starts any window of one period can hold."""
-        return self.count + self.burst - 1
+        """The most starts any closed window of one period can hold (GCRA:
+        ``floor((period + (burst - 1) * interval) / interval) + 1``)."""
+        return self.count + self.burst
 
     def __str__(self) -> str:
         unit = {1.0: "s", 60.0: "m", 3600.0: "h", 86400.0: "d"}.get(self.period_s)
