@@ -113,3 +113,14 @@ def test_tokens_of_a_bucket() -> None:
     assert tokens(0, T0, 100, 4) == 4  # idle: full
     assert tokens(T0 + 100, T0, 100, 4) == 3  # one interval spent of a burst of 4
     assert tokens(T0 + 400, T0, 100, 4) == 0
+
+
+async def test_an_unreachable_redis_is_a_retryable_error_that_says_so() -> None:
+    from runtime.ops.limits import LimitsUnavailable, RedisLimitStore
+
+    store = RedisLimitStore("redis://127.0.0.1:1/0")  # nothing listens on port 1
+    try:
+        with pytest.raises(LimitsUnavailable, match=r"unreachable.*can be retried"):
+            await store.admit(rate_check("a"))
+    finally:
+        await store.aclose()

@@ -44,6 +44,7 @@ __all__ = ["ADMIT", "CONCURRENCY", "RATE", "SUPERSEDED", "Check", "LimitStore", 
 ADMIT, RATE, CONCURRENCY, SUPERSEDED = 0, 1, 2, 3
 #: A deferred task's waiting entry is dropped this long after it was due.
 _WAIT_KEEP_MS = 60_000
+_MAX_CONNECTIONS = 16
 #: An index entry (and its counter) is dropped this long after its last use.
 _INDEX_KEEP_MS = 86_400_000
 
@@ -370,8 +371,11 @@ class RedisLimitStore:
 
     def _client(self) -> aioredis.Redis:
         if self._redis is None:
-            self._redis = aioredis.Redis.from_url(self.url, protocol=2, socket_timeout=5,
-                                                  socket_connect_timeout=5)
+            # bounded, as the result store's: callers beyond it queue for a connection
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.url, max_connections=_MAX_CONNECTIONS, timeout=5, protocol=2,
+                socket_timeout=5, socket_connect_timeout=5)
+            self._redis = aioredis.Redis.from_pool(pool)
         return self._redis
 
     async def aclose(self) -> None:
