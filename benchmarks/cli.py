@@ -9,6 +9,7 @@ pulls in matplotlib or the peer frameworks (those run in their own venvs).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from pathlib import Path
@@ -19,9 +20,9 @@ import click
 __all__ = ["bench"]
 
 _CHOICES = {
-    "workloads": ("throughput", "enqueue", "latency", "io", "cpu", "memory"),
+    "workloads": ("throughput", "enqueue", "latency", "io", "cpu", "memory", "scale", "pool"),
     "brokers": ("memory", "redis", "amqp"),
-    "frameworks": ("taskloom", "celery", "taskiq", "dramatiq", "arq"),
+    "frameworks": ("taskloom", "raw", "celery", "taskiq", "dramatiq", "arq"),
 }
 
 
@@ -115,10 +116,14 @@ class _RichProgress:
 @click.option("--only", "brokers", default=None, callback=_listed("brokers"),
               metavar="BROKERS", help="Brokers to run: memory,redis,amqp (default: all).")
 @click.option("--frameworks", default=None, callback=_listed("frameworks"),
-              metavar="NAMES", help="taskloom,celery,taskiq,dramatiq,arq (default: all).")
+              metavar="NAMES",
+              help="taskloom,raw,celery,taskiq,dramatiq,arq (default: all; raw = the raw-client "
+                   "baselines every taskloom figure is divided by; peers off: taskloom,raw).")
 @click.option("--workloads", default=None, callback=_listed("workloads"),
               metavar="NAMES",
-              help="throughput,enqueue,latency,io,cpu,memory (default: all).")
+              help="throughput,enqueue,latency,io,cpu,memory,scale,pool (default: all; scale = "
+                   "1 -> 2 worker processes, pool = 40 tasks of 100 ms CPU in a process pool "
+                   "of 2).")
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1),
               help="Measurements of each figure; the table shows median and min-max.")
 @click.option("--scale", default=1.0, show_default=True, type=click.FloatRange(min=0.0001),
@@ -128,6 +133,9 @@ class _RichProgress:
               callback=_listed("frameworks"), metavar="NAMES",
               help="Frameworks whose producer RSS is measured while enqueuing 1,000,000 tasks "
                    "(slow for the peers).")
+@click.option("--queued", default=None, type=click.IntRange(min=1), metavar="N",
+              help="No-op tasks queued for the memory workload's producer and worker peak RSS "
+                   "(default 1,000,000, times --scale).")
 @click.option("--redis-url", envvar="TASKLOOM_BENCH_REDIS_URL",
               default="redis://127.0.0.1:6379/0", show_default=True,
               help="Redis for taskloom (keys under a per-run namespace, deleted after).")
@@ -143,7 +151,8 @@ class _RichProgress:
 @click.option("--no-chart", is_flag=True, help="Do not draw the PNG chart.")
 @click.option("--rebuild-venvs", is_flag=True, help="Make the peers' venvs again.")
 def bench(brokers: tuple[str, ...], frameworks: tuple[str, ...], workloads: tuple[str, ...],
-          repeat: int, scale: float, producer_frameworks: tuple[str, ...], redis_url: str,
+          repeat: int, scale: float, producer_frameworks: tuple[str, ...], queued: int | None,
+          redis_url: str,
           amqp_url: str, peer_redis_dbs: tuple[int, int], out_dir: Path | None, no_chart: bool,
           rebuild_venvs: bool) -> None:
     """Benchmark taskloom against its peers on the same servers, in one run.
@@ -162,6 +171,8 @@ def bench(brokers: tuple[str, ...], frameworks: tuple[str, ...], workloads: tupl
     params = config.Params()
     if scale != 1.0:
         params = params.scaled(scale)
+    if queued is not None:
+        params = dataclasses.replace(params, producer_n=queued)
     plan_args: dict[str, Any] = {
         "workloads": workloads, "brokers": brokers, "frameworks": frameworks,
         "repeat": repeat, "params": params,

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 __all__ = [
     "APPS_DIR",
     "BENCH_DIR",
+    "BASELINE",
     "BROKERS",
     "FRAMEWORKS",
     "METRICS",
@@ -30,9 +31,11 @@ APPS_DIR = BENCH_DIR / "apps"
 VENVS_DIR = BENCH_DIR / "venvs"
 RESULTS_DIR = BENCH_DIR / "results"
 
-WORKLOADS = ("throughput", "enqueue", "latency", "io", "cpu", "memory")
+WORKLOADS = ("throughput", "enqueue", "latency", "io", "cpu", "memory", "scale", "pool")
 BROKERS = ("memory", "redis", "amqp")
-FRAMEWORKS = ("taskloom", "celery", "taskiq", "dramatiq", "arq")
+#: ``raw``: the raw-client baselines (benchmarks/baselines.py), taskloom's ratios' denominators
+FRAMEWORKS = ("taskloom", "raw", "celery", "taskiq", "dramatiq", "arq")
+BASELINE = "raw"
 
 Status = Literal["ok", "failed", "n/a"]
 
@@ -51,6 +54,7 @@ class Metric:
 
 METRICS = (
     Metric("throughput", "tasks_per_s", "throughput", "tasks/s", True),
+    Metric("throughput", "cpu_us_per_task", "worker CPU per task", "µs", False),
     Metric("enqueue", "tasks_per_s", "enqueue", "tasks/s", True),
     Metric("latency", "p50_ms", "latency p50", "ms", False),
     Metric("latency", "p99_ms", "latency p99", "ms", False),
@@ -59,7 +63,16 @@ METRICS = (
     Metric("cpu", "tasks_per_s", "cpu (2 processes)", "tasks/s", True),
     Metric("cpu", "efficiency", "cpu efficiency", "%", True),
     Metric("memory", "worker_rss_mib", "worker peak RSS", "MiB", False, job="drain"),
-    Metric("memory", "producer_rss_mib", "producer peak RSS", "MiB", False, job="producer"),
+    Metric("memory", "producer_rss_mib", "producer peak RSS (queued)", "MiB", False,
+           job="producer"),
+    Metric("memory", "queued_worker_rss_mib", "worker peak RSS (queued)", "MiB", False,
+           job="producer"),
+    Metric("scale", "one_process_per_s", "1 worker process", "tasks/s", True),
+    Metric("scale", "tasks_per_s", "2 worker processes", "tasks/s", True),
+    Metric("scale", "speedup", "2 processes ÷ 1", "x", True),
+    Metric("pool", "wall_s", "pool of 2: wall", "s", False),
+    Metric("pool", "efficiency", "pool of 2: ideal ÷ wall", "%", True),
+    Metric("pool", "startup_s", "pool start-up (apart)", "s", False),
 )
 
 
@@ -77,6 +90,11 @@ class Params:
     cpu_task_ms: float = 20.0
     cpu_processes: int = 2
     producer_n: int = 1_000_000
+    #: the process-pool efficiency workload: tasks of pool_task_ms CPU in a pool of 2
+    pool_n: int = 40
+    pool_task_ms: float = 100.0
+    #: the raw Redis baseline's XREADGROUP loops in flight in its one process
+    raw_streams: int = 4
     #: messages per enqueue_many() call (taskloom) / concurrent calls (async peers)
     batch: int = 1_000
     #: how often the harness looks at the result store while a worker drains a queue
@@ -93,7 +111,8 @@ class Params:
         return dataclasses.replace(
             self, throughput_n=n(self.throughput_n), latency_n=n(self.latency_n),
             latency_warmup=max(1, n(self.latency_warmup)), io_n=n(self.io_n),
-            cpu_n=max(self.cpu_processes, n(self.cpu_n)), producer_n=n(self.producer_n))
+            cpu_n=max(self.cpu_processes, n(self.cpu_n)), producer_n=n(self.producer_n),
+            pool_n=max(self.cpu_processes, n(self.pool_n)))
 
 
 def _with_db(url: str, db: int) -> str:

@@ -50,7 +50,7 @@ class RunContext:
 
     @property
     def task_kind(self) -> str:
-        return {"io": "sleep", "cpu": "cpu"}.get(self.workload, "noop")
+        return {"io": "sleep", "cpu": "cpu", "pool": "cpu"}.get(self.workload, "noop")
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,8 @@ class Taskloom(Framework):
             "BENCH_SETTINGS": "{}",
             "BENCH_LOG_LEVEL": "WARNING",
             # kind="process" tasks (a process pool) only where they are used
-            "BENCH_PROCESS_TASKS": "1" if ctx.broker == "memory" and ctx.workload == "cpu" else "",
+            "BENCH_PROCESS_TASKS": ("1" if ctx.broker == "memory" and ctx.workload in ("cpu", "pool")
+                                    else ""),
             "PYTHONPATH": str(APPS_DIR),
         }
 
@@ -193,8 +194,10 @@ class Taskloom(Framework):
         p = ctx.params
         if ctx.workload == "io":
             return 1, p.io_concurrency, p.io_concurrency
-        if ctx.workload == "cpu":
+        if ctx.workload in ("cpu", "pool"):
             return p.cpu_processes, 1, 1
+        if ctx.workload == "scale":
+            return 2, 100, 100
         return 1, 100, 100
 
     def worker(self, ctx: RunContext) -> WorkerPlan | None:
@@ -263,6 +266,37 @@ class Taskloom(Framework):
             srv.reset_peer_dbs(ctx.servers, ctx.owner)
             queues, exchanges = self.amqp_names(ctx)
             srv.amqp_delete(ctx.servers.amqp_url, queues, exchanges)
+
+
+class Raw(Framework):
+    """The raw-client baselines (benchmarks/baselines.py): no framework, the
+    fastest loops redis-py and aio-pika do in one process; run by the harness
+    directly (``harness.measure_raw``), from the project's environment."""
+
+    name = "raw"
+    brokers = ("redis", "amqp")
+    distributions = ("redis", "hiredis", "aio-pika", "aiormq", "uvloop")
+    client_notes: ClassVar[dict[str, str]] = {
+        "enqueue": "redis: pipelined XADD, 1,000 a pipeline; amqp: persistent publishes with "
+                   "confirms, 1,000 in flight a batch",
+        "latency": "client subscribed (PSUBSCRIBE) on a held connection before publishing; "
+                   "redis: XADD -> worker XREADGROUP BLOCK -> SET + PUBLISH; amqp: confirmed "
+                   "publish -> consumer SET + PUBLISH in Redis + ack",
+    }
+
+    @property
+    def python(self) -> str:
+        return sys.executable
+
+    def worker(self, ctx: RunContext) -> WorkerPlan | None:
+        return None
+
+    def prepare(self, ctx: RunContext) -> None:
+        """The baselines clean up after themselves (keys and queue under the namespace)."""
+
+    def cleanup(self, ctx: RunContext) -> None:
+        srv.redis_delete_matching(ctx.servers.redis_url, ctx.namespace)
+        srv.redis_delete_matching(ctx.servers.peer_result_url, ctx.namespace)
 
 
 class Celery(Framework):
@@ -392,7 +426,7 @@ class Arq(Framework):
 
 
 FRAMEWORK_TYPES: dict[str, type[Framework]] = {
-    t.name: t for t in (Taskloom, Celery, Taskiq, Dramatiq, Arq)
+    t.name: t for t in (Taskloom, Raw, Celery, Taskiq, Dramatiq, Arq)
 }
 
 

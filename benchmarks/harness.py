@@ -11,11 +11,13 @@ connecting) is reported apart (``startup_s``), not mixed into tasks/s.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -25,7 +27,7 @@ from typing import Any
 import anyio
 import psutil
 
-from benchmarks.config import APPS_DIR, Run
+from benchmarks.config import APPS_DIR, BASELINE, BENCH_DIR, Run
 from benchmarks.frameworks import Framework, RunContext, WorkerPlan
 
 __all__ = ["BenchError", "Workers", "measure"]
@@ -121,6 +123,20 @@ class Workers:
                     total += p.memory_info().rss
         return total
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) of the worker processes and their children so far."""
+        total = 0.0
+        for handle in self._handles:
+            try:
+                tree = [handle, *handle.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for p in tree:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+        return total
+
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM each worker's process group, then SIGKILL what outlives ``grace_s``."""
         for proc in self.procs:
@@ -158,7 +174,8 @@ def _task_arg(ctx: RunContext) -> Any:
 
 def _drain_n(ctx: RunContext) -> int:
     p = ctx.params
-    return {"io": p.io_n, "cpu": p.cpu_n}.get(ctx.workload, p.throughput_n)
+    return {"io": p.io_n, "cpu": p.cpu_n, "pool": p.pool_n,
+            "memory": p.producer_n}.get(ctx.workload, p.throughput_n)
 
 
 async def _drain(fw: Framework, ctx: RunContext, *, drain: bool, cpu_task_s: float
@@ -169,7 +186,8 @@ async def _drain(fw: Framework, ctx: RunContext, *, drain: bool, cpu_task_s: flo
     config = {"task": ctx.task_kind, "arg": _task_arg(ctx), "n": n, "batch": p.batch}
     if plan is None:  # in-process (taskloom on the memory broker)
         processes, concurrency, prefetch = fw.options(ctx)
-        pool = processes if ctx.workload == "cpu" else 0  # kind="process" tasks in a pool
+        # kind="process" tasks in a pool
+        pool = processes if ctx.workload in ("cpu", "pool") else 0
         if pool:
             concurrency = prefetch = pool
         out = await run_driver(fw, ctx, "inproc_drain",
@@ -185,6 +203,9 @@ async def _drain(fw: Framework, ctx: RunContext, *, drain: bool, cpu_task_s: flo
                    "startup_s": out["startup_seconds"],
                    "worker_rss_mib": out["maxrss_kb"] / 1024,
                    "drain_s": took, "n": float(n)}
+        if ctx.workload == "pool":  # the pool's start-up apart: it is not in ``took``
+            metrics.update({"startup_s": out["pool_startup_seconds"], "wall_s": took,
+                            "worker_startup_s": out["startup_seconds"]})
         return _with_efficiency(ctx, metrics, concurrency, cpu_task_s)
     produced = await run_driver(fw, ctx, "enqueue", config, plan)
     metrics = {"enqueue_per_s": n / produced["seconds"], "n": float(n),
@@ -200,6 +221,7 @@ async def _drain(fw: Framework, ctx: RunContext, *, drain: bool, cpu_task_s: flo
         with Workers(plan, fw.env(ctx, plan)) as workers:
             t_spawn = time.perf_counter()
             first: tuple[float, int] | None = None
+            cpu_first = 0.0
             peak = 0
             sampled = 0.0
             count = 0
@@ -213,6 +235,7 @@ async def _drain(fw: Framework, ctx: RunContext, *, drain: bool, cpu_task_s: flo
                     count = await counting.exact()  # the cheap count may run ahead
                     if count > 0:
                         first = (now, count)
+                        cpu_first = workers.cpu_s()
                 if count >= n:
                     count = await counting.exact()
                     if count >= n:
@@ -227,11 +250,16 @@ async def _drain(fw: Framework, ctx: RunContext, *, drain: bool, cpu_task_s: flo
                     raise BenchError(f"timed out after {p.timeout_s:.0f}s with {count}/{n} "
                                      f"tasks done; worker log: {workers.log_tail()}")
             t_done = time.perf_counter()
+            cpu_done = workers.cpu_s()
             peak = max(peak, workers.rss_bytes())
     if count > n:
         raise BenchError(f"{count} results for {n} tasks: some ran twice")
     assert first is not None
     t1, d1 = first
+    # the worker processes' CPU per task from the first completion to the last; where all
+    # were done before the first look (tiny runs), from the start, start-up included
+    metrics["cpu_us_per_task"] = ((cpu_done - cpu_first) / (n - d1) if d1 < n
+                                  else cpu_done / n) * 1e6
     task_s = {"io": p.io_sleep_s, "cpu": cpu_task_s}.get(ctx.workload, 0.0)
     if task_s:
         # tasks that take time: from when the first finished ones started
@@ -254,6 +282,11 @@ def _with_efficiency(ctx: RunContext, metrics: dict[str, float], concurrency: in
         metrics["ideal_per_s"] = ideal
         metrics["efficiency"] = 100 * metrics["tasks_per_s"] / ideal
         metrics["concurrency"] = float(concurrency)
+    elif ctx.workload == "pool":  # wall for n tasks on the pool's processes, start-up apart
+        ideal_s = ctx.params.pool_n * cpu_task_s / p.cpu_processes
+        metrics["ideal_s"] = ideal_s
+        metrics["efficiency"] = 100 * ideal_s / metrics["wall_s"]
+        metrics["task_ms"] = cpu_task_s * 1000
     elif ctx.workload == "cpu":
         ideal = p.cpu_processes / cpu_task_s
         metrics["ideal_per_s"] = ideal
@@ -277,8 +310,18 @@ async def _latency(fw: Framework, ctx: RunContext) -> dict[str, float]:
     return _latency_metrics(out["latencies_ms"])
 
 
-async def _producer_memory(fw: Framework, ctx: RunContext) -> dict[str, float]:
+async def _producer_memory(fw: Framework, ctx: RunContext, cpu_task_s: float
+                           ) -> dict[str, float]:
     p = ctx.params
+    if fw.worker(ctx) is not None:
+        # a network broker: the producer queues producer_n tasks, then one worker
+        # drains them all while its peak RSS is sampled
+        metrics = await _drain(fw, ctx, drain=True, cpu_task_s=cpu_task_s)
+        out = {"producer_rss_mib": metrics["producer_rss_mib"],
+               "enqueue_per_s": metrics["enqueue_per_s"], "n": metrics["n"],
+               "queued_worker_rss_mib": metrics["worker_rss_mib"],
+               "queued_drain_per_s": metrics["tasks_per_s"]}
+        return out
     config = {"task": "noop", "arg": None, "n": p.producer_n, "batch": p.batch}
     out = await run_driver(fw, ctx, "enqueue", config)
     return {"producer_rss_mib": out["maxrss_kb"] / 1024,
@@ -286,14 +329,77 @@ async def _producer_memory(fw: Framework, ctx: RunContext) -> dict[str, float]:
             "enqueue_per_s": p.producer_n / out["seconds"], "n": float(p.producer_n)}
 
 
+async def _scale(fw: Framework, ctx: RunContext, cpu_task_s: float) -> dict[str, float]:
+    """The same no-op drain with 1 worker process, then with 2 (``ctx.workload`` "scale"
+    makes the framework start 2), each under a namespace of its own."""
+    one_ctx = dataclasses.replace(ctx, workload="throughput", namespace=f"{ctx.namespace}p1")
+    two_ctx = dataclasses.replace(ctx, namespace=f"{ctx.namespace}p2")
+    rates = []
+    for sub in (one_ctx, two_ctx):
+        # prepare and cleanup run event loops of their own (amqp_delete): in a thread
+        await anyio.to_thread.run_sync(fw.prepare, sub)
+        try:
+            rates.append((await _drain(fw, sub, drain=True, cpu_task_s=cpu_task_s))["tasks_per_s"])
+        finally:
+            await anyio.to_thread.run_sync(fw.cleanup, sub)
+    return {"one_process_per_s": rates[0], "tasks_per_s": rates[1],
+            "speedup": rates[1] / rates[0], "n": float(_drain_n(ctx))}
+
+
+def _raw_role(ctx: RunContext, job: str) -> tuple[str, dict[str, Any]]:
+    p = ctx.params
+    redis = ctx.servers.redis_url
+    if job == "drain":
+        if ctx.broker == "redis":
+            return "redis_throughput", {"url": redis, "ns": ctx.namespace, "n": p.throughput_n,
+                                        "batch": p.batch, "streams": p.raw_streams}
+        return "amqp_throughput", {"amqp_url": ctx.servers.amqp_url,
+                                   "redis_url": ctx.servers.peer_result_url,
+                                   "ns": ctx.namespace, "n": p.throughput_n, "batch": p.batch}
+    if job == "latency":
+        common = {"ns": ctx.namespace, "n": p.latency_n, "warmup": p.latency_warmup}
+        if ctx.broker == "redis":
+            return "redis_latency", {"url": redis, **common}
+        return "amqp_latency", {"amqp_url": ctx.servers.amqp_url,
+                                "redis_url": ctx.servers.peer_result_url, **common}
+    raise BenchError(f"no raw baseline for the {job} job")
+
+
+async def _raw(ctx: RunContext, job: str) -> dict[str, float]:
+    """One raw-client baseline (benchmarks/baselines.py) in a process of its own."""
+    role, config = _raw_role(ctx, job)
+    cmd = [sys.executable, "-m", "benchmarks.baselines", role, json.dumps(config)]
+    try:
+        with anyio.fail_after(ctx.params.timeout_s):
+            done = await anyio.run_process(cmd, cwd=BENCH_DIR.parent, check=False)
+    except TimeoutError:
+        raise BenchError(f"raw {role} did not finish within {ctx.params.timeout_s:.0f}s") from None
+    out = done.stdout.decode(errors="replace")
+    line = next((x for x in out.splitlines() if x.startswith(RESULT_PREFIX)), None)
+    if done.returncode != 0 or line is None:
+        raise BenchError(f"raw {role} exited with {done.returncode}: "
+                         f"{_tail(done.stderr.decode(errors='replace') or out)}")
+    result: dict[str, Any] = json.loads(line[len(RESULT_PREFIX):])
+    if job == "latency":
+        return _latency_metrics(result["latencies_ms"])
+    n = result["processed"]
+    return {"tasks_per_s": n / result["drain_seconds"],
+            "enqueue_per_s": n / result["enqueue_seconds"],
+            "cpu_us_per_task": result["cpu_us_per_task"], "n": float(n)}
+
+
 async def _measure(fw: Framework, ctx: RunContext, job: str, drain: bool,
                    cpu_task_s: float) -> dict[str, float]:
+    if fw.name == BASELINE:
+        return await _raw(ctx, job)
     if job == "drain":
         return await _drain(fw, ctx, drain=drain, cpu_task_s=cpu_task_s)
     if job == "latency":
         return await _latency(fw, ctx)
     if job == "producer":
-        return await _producer_memory(fw, ctx)
+        return await _producer_memory(fw, ctx, cpu_task_s)
+    if job == "scale":
+        return await _scale(fw, ctx, cpu_task_s)
     raise ValueError(f"unknown job {job!r}")
 
 
@@ -302,13 +408,18 @@ def measure(fw: Framework, ctx: RunContext, job: str, *, repeat: int, drain: boo
     """Run one job and return its record (failed, with the error, if it failed).
     The servers are cleaned of the run's queues and keys whatever happens."""
     plan = fw.worker(ctx) if job != "producer" else None
-    if plan is not None:
+    if fw.name == BASELINE:
+        role = _raw_role(ctx, job)[0]
+        worker = (f"python -m benchmarks.baselines {role}"
+                  + (f"  [streams={ctx.params.raw_streams}]" if role == "redis_throughput"
+                     else "  [prefetch=100]" if role == "amqp_throughput" else ""))
+    elif plan is not None:
         worker = plan.text()
     elif ctx.broker == "memory" and job != "producer":
         processes, concurrency, prefetch = fw.options(ctx)
         worker = (f"in-process worker (memory broker): rt.worker(concurrency={concurrency}, "
                   f"prefetch={prefetch})")
-        if ctx.workload == "cpu":
+        if ctx.workload in ("cpu", "pool"):
             worker = (f"in-process worker (memory broker), kind='process' tasks in "
                       f"ProcessPool(size={processes}): rt.worker(concurrency={processes}, "
                       f"processes=pool)")

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.config import BROKERS, FRAMEWORKS, METRICS, Metric, Run
+from benchmarks.config import BASELINE, BROKERS, FRAMEWORKS, METRICS, Metric, Run
 
 __all__ = ["chart", "format_value", "render", "settings_table", "summarize", "table"]
 
@@ -37,6 +37,8 @@ def summarize(runs: Sequence[Run]) -> list[dict[str, Any]]:
                     continue
                 values = [r.metrics[metric.key] for r in relevant
                           if r.status == "ok" and metric.key in r.metrics]
+                by_repeat = {r.repeat: r.metrics[metric.key] for r in relevant
+                             if r.status == "ok" and metric.key in r.metrics}
                 failed = [r for r in relevant if r.status == "failed"]
                 if not values and not failed and not any(r.status == "n/a" for r in relevant):
                     continue  # ran, but this figure is not one of its records
@@ -52,11 +54,23 @@ def summarize(runs: Sequence[Run]) -> list[dict[str, Any]]:
                     "runs": len(values), "failed": len(failed),
                     "errors": sorted({r.error for r in relevant if r.error}),
                     "ratio_to_taskloom": None,
+                    "ratio_to_baseline": None, "ratio_min": None, "ratio_max": None,
+                    "by_repeat": by_repeat,
                 })
             base = next((b["median"] for b in block if b["framework"] == "taskloom"), None)
+            raw = next((b for b in block if b["framework"] == BASELINE), None)
             for b in block:
-                if base and b["median"] is not None and b["framework"] != "taskloom":
+                if base and b["median"] is not None and b["framework"] not in ("taskloom",
+                                                                                BASELINE):
                     b["ratio_to_taskloom"] = b["median"] / base
+                if b["framework"] == "taskloom" and raw is not None and raw["median"] \
+                        and b["median"] is not None:
+                    b["ratio_to_baseline"] = b["median"] / raw["median"]
+                    # min-max of the ratio over the repeats, each repeat against its own
+                    paired = [v / raw["by_repeat"][k] for k, v in b["by_repeat"].items()
+                              if raw["by_repeat"].get(k)]
+                    if paired:
+                        b["ratio_min"], b["ratio_max"] = min(paired), max(paired)
             rows.extend(block)
     return rows
 
@@ -68,6 +82,12 @@ def format_value(value: float | None, unit: str) -> str:
         return f"{value:.0f}%"
     if unit == "ms":
         return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:,.0f}"
+    if unit == "x":
+        return f"{value:.2f}"
+    if unit == "s":
+        return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
+    if unit == "µs":
+        return f"{value:.1f}" if value < 100 else f"{value:,.0f}"
     if unit == "MiB":
         return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
     if value >= 100_000:
@@ -87,6 +107,11 @@ def _cell(row: dict[str, Any], notes: dict[str, int]) -> str:
     ratio = row["ratio_to_taskloom"]
     if ratio is not None:
         text += f" [cyan]x{ratio:.2f}[/cyan]" if ratio < 10 else f" [cyan]x{ratio:.0f}[/cyan]"
+    base = row.get("ratio_to_baseline")
+    if base is not None:
+        text += f" [magenta]={base:.2f}raw[/magenta]"
+        if row.get("ratio_min") is not None and row["runs"] > 1:
+            text += f" [dim magenta]({row['ratio_min']:.2f}-{row['ratio_max']:.2f})[/dim magenta]"
     if row["runs"] > 1:
         text += (f"\n[dim]{format_value(row['min'], row['unit'])}-"
                  f"{format_value(row['max'], row['unit'])}[/dim]")
@@ -105,7 +130,9 @@ def table(rows: Sequence[dict[str, Any]], *, title: str = "") -> tuple[Any, dict
     frameworks = _order((r["framework"] for r in rows), FRAMEWORKS)
     t = Table(title=title or None, box=box.SIMPLE_HEAVY, show_lines=False, pad_edge=False,
               caption="median over the repeats, min-max below; xr = the framework's median ÷ "
-                      "taskloom's, measured in the same run (frameworks alternating)",
+                      "taskloom's, measured in the same run (frameworks alternating); "
+                      "=r raw = taskloom's median ÷ the raw-client baseline's (raw column), "
+                      "with its min-max over the repeats (each repeat against its own)",
               caption_justify="left")
     t.add_column("figure", no_wrap=True)
     t.add_column("broker", no_wrap=True)
@@ -130,6 +157,62 @@ def table(rows: Sequence[dict[str, Any]], *, title: str = "") -> tuple[Any, dict
                   *[_cell(cells[fw], notes) if fw in cells else "[dim]—[/dim]"
                     for fw in frameworks])
     return t, notes
+
+
+def _find(rows: Sequence[dict[str, Any]], key: str, workload: str, broker: str,
+          framework: str = "taskloom") -> dict[str, Any] | None:
+    return next((r for r in rows if r["key"] == key and r["workload"] == workload
+                 and r["broker"] == broker and r["framework"] == framework
+                 and r["median"] is not None), None)
+
+
+def targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 18's targets, checked against this run's medians (only those measured)."""
+    out: list[dict[str, Any]] = []
+
+    def add(what: str, value: float | None, target: str, reached: bool | None) -> None:
+        if value is not None and reached is not None:
+            out.append({"target": what, "value": value, "goal": target, "reached": reached})
+
+    for broker, tput, enq in (("redis", 0.6, 0.9), ("amqp", 0.6, 0.7)):
+        for workload, goal, label in (("throughput", tput, "throughput"),
+                                      ("enqueue", enq, "enqueue_many")):
+            row = _find(rows, "tasks_per_s", workload, broker)
+            r = row["ratio_to_baseline"] if row else None
+            add(f"{broker} no-op {label} ÷ raw", r, f">= {goal}",
+                None if r is None else r >= goal)
+    p50 = _find(rows, "p50_ms", "latency", "redis")
+    p99 = _find(rows, "p99_ms", "latency", "redis")
+    if p50 is not None:
+        r = p50["ratio_to_baseline"]
+        add("redis run() p50 ÷ raw round trip", r, "<= 1.5", None if r is None else r <= 1.5)
+        if p99 is not None:
+            add("redis run() p99 ÷ its p50", p99["median"] / p50["median"], "<= 3",
+                p99["median"] <= 3 * p50["median"])
+    for key in ("p50_ms", "p99_ms"):
+        ours = _find(rows, key, "latency", "amqp")
+        peers = [r["median"] for r in rows if r["key"] == key and r["workload"] == "latency"
+                 and r["broker"] == "amqp" and r["median"] is not None
+                 and r["framework"] not in ("taskloom", BASELINE)]
+        if ours is not None and peers:
+            add(f"amqp run() {key[:3]} ÷ fastest peer's", ours["median"] / min(peers), "<= 1",
+                ours["median"] <= min(peers))
+    pool = _find(rows, "efficiency", "pool", "memory")
+    if pool is not None:
+        add("process pool of 2: wall ÷ ideal", 100 / pool["median"], "<= 1.15",
+            100 / pool["median"] <= 1.15)
+    for broker in ("redis", "amqp"):
+        sp = _find(rows, "speedup", "scale", broker)
+        if sp is not None:
+            add(f"{broker}: 2 worker processes ÷ 1", sp["median"], ">= 1.6", sp["median"] >= 1.6)
+    for broker in ("redis", "amqp", "memory"):
+        for key, limit, who in (("producer_rss_mib", 200, "producer"),
+                                ("queued_worker_rss_mib", 150, "worker")):
+            row = _find(rows, key, "memory", broker)
+            if row is not None:
+                add(f"{broker}: {who} peak RSS, tasks queued (MiB)", row["median"],
+                    f"< {limit}", row["median"] < limit)
+    return out
 
 
 def settings_table(runs: Sequence[Run]) -> Any:
@@ -170,6 +253,13 @@ def render(runs: Sequence[Run], meta: dict[str, Any], console: Any) -> None:
                         if error in r["errors"]})
         console.print(f"[red][{number}][/red] {', '.join(where)}: {error}", markup=True,
                       highlight=False, soft_wrap=True)
+    goals = targets(rows)
+    if goals:
+        console.print("issue 18 targets (this run's medians):", style="bold", highlight=False)
+        for g in goals:
+            mark = "[green]reached[/green]" if g["reached"] else "[red]not reached[/red]"
+            console.print(f"  {g['target']}: {g['value']:.2f} (target {g['goal']}) {mark}",
+                          highlight=False)
     console.print(settings_table(runs))
     versions = meta.get("versions", {})
     if versions:

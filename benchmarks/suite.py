@@ -24,6 +24,7 @@ import psutil
 from benchmarks import harness, servers
 from benchmarks.config import (
     APPS_DIR,
+    BASELINE,
     BROKERS,
     FRAMEWORKS,
     RESULTS_DIR,
@@ -96,13 +97,18 @@ def plan_jobs(workloads: Sequence[str]) -> list[Job]:
         jobs.append(Job("drain", "io", ("io",)))
     if "cpu" in wanted:
         jobs.append(Job("drain", "cpu", ("cpu",)))
+    if "scale" in wanted:
+        jobs.append(Job("scale", "scale", ("scale",)))
+    if "pool" in wanted:
+        jobs.append(Job("drain", "pool", ("pool",)))
     if "memory" in wanted:
         jobs.append(Job("producer", "memory", ("memory",), drain=False, once=True))
     return jobs
 
 
 _RECORD_KEYS = {
-    "throughput": ("tasks_per_s", "startup_s", "with_startup_per_s", "drain_s", "n"),
+    "throughput": ("tasks_per_s", "startup_s", "with_startup_per_s", "drain_s", "n",
+                   "cpu_us_per_task"),
     "enqueue": ("enqueue_per_s", "n"),
     "memory": ("worker_rss_mib", "producer_rss_mib", "producer_baseline_mib"),
 }
@@ -208,6 +214,10 @@ def run_suite(plan: Plan, progress: Progress | None = None,
     if "cpu" in plan.workloads:
         progress.phase("calibrating the CPU task")
         cpu_loops, cpu_task_s = calibrate_cpu(plan.params.cpu_task_ms)
+    pool_loops, pool_task_s = 0, plan.params.pool_task_ms / 1000
+    if "pool" in plan.workloads:
+        progress.phase("calibrating the process-pool task")
+        pool_loops, pool_task_s = calibrate_cpu(plan.params.pool_task_ms)
 
     jobs = plan_jobs(plan.workloads)
     work: list[tuple[int, Job, str, Framework]] = []
@@ -245,8 +255,11 @@ def run_suite(plan: Plan, progress: Progress | None = None,
 
     progress.start(len(work))
     meta = _meta(plan, suite_id, started, server_versions, versions, cpu_loops, cpu_task_s)
+    meta["pool_task"] = {"loops": pool_loops, "ms": round(pool_task_s * 1000, 2),
+                         "n": plan.params.pool_n}
     try:
         _run_all(plan, work, ctx_args=(suite_id, owner, cpu_loops, cpu_task_s),
+                 pool=(pool_loops, pool_task_s),
                  progress=progress, record=record)
     except KeyboardInterrupt:
         meta["interrupted"] = True
@@ -264,23 +277,33 @@ def run_suite(plan: Plan, progress: Progress | None = None,
 
 def _run_all(plan: Plan, work: list[tuple[int, Job, str, Framework]],
              ctx_args: tuple[str, str, int, float], progress: Progress,
-             record: Callable[[Run], None]) -> None:
+             record: Callable[[Run], None], pool: tuple[int, float] = (0, 0.1)) -> None:
     suite_id, owner, cpu_loops, cpu_task_s = ctx_args
     for repeat, job, broker, fw in work:
+        loops, task_s = pool if job.workload == "pool" else (cpu_loops, cpu_task_s)
         progress.begin(f"[{repeat}/{plan.repeat}] {' + '.join(job.yields)} · {broker} · "
                        f"{fw.name}")
         ctx = RunContext(workload=job.workload, broker=broker,
                          namespace=_ns(suite_id, job, broker, fw.name, repeat),
-                         servers=plan.servers, params=plan.params, cpu_loops=cpu_loops,
+                         servers=plan.servers, params=plan.params, cpu_loops=loops,
                          owner=owner)
         run = harness.measure(fw, ctx, job.name, repeat=repeat, drain=job.drain,
-                              cpu_task_s=cpu_task_s)
+                              cpu_task_s=task_s)
         for part in _split(job, run):
             record(part)
         progress.end()
 
 
 def _not_applicable(fw: Framework, job: Job, broker: str) -> str | None:
+    if fw.name == BASELINE and not (job.name == "latency"
+                                    or (job.name == "drain" and job.workload == "throughput")):
+        return "the raw baselines cover throughput, enqueue and latency"
+    if job.workload in ("scale", "pool") and fw.name != "taskloom":
+        return f"the {job.workload} workload is measured for taskloom only"
+    if job.workload == "pool" and broker != "memory":
+        return "the process-pool workload runs on the memory broker (the pool is the point)"
+    if job.workload == "scale" and broker == "memory":
+        return "the memory broker is in-process: one worker process only"
     if broker == "memory" and fw.name != "taskloom":
         return f"{fw.name} has no broker shared by processes in memory (taskloom's is in-process)"
     if not fw.supports(broker):

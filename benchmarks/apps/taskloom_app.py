@@ -112,14 +112,17 @@ def inproc_drain(task: str, arg: Any, n: int, batch: int, concurrency: int,
     async def go() -> dict[str, Any]:
         async with rt, contextlib.AsyncExitStack() as stack:
             processes = None
+            pool_startup = 0.0
             name = task
             if pool:
                 if "cpu_process" not in TASKS:
                     raise RuntimeError("set BENCH_PROCESS_TASKS=1 for a process pool")
                 from runtime.process.pool import ProcessPool
 
+                t_pool = time.perf_counter()
                 processes = await stack.enter_async_context(
                     ProcessPool("taskloom_app:rt", size=pool))
+                pool_startup = time.perf_counter() - t_pool
                 name = "cpu_process"
             baseline = rss_kb()
             enqueue_s = await _enqueue_all(name, arg, n, batch)
@@ -131,7 +134,8 @@ def inproc_drain(task: str, arg: Any, n: int, batch: int, concurrency: int,
                 done = time.perf_counter()
             return {"enqueue_seconds": enqueue_s, "startup_seconds": started - t0,
                     "drain_seconds": done - started, "processed": w.processed,
-                    "failed": w.failed, "baseline_rss_kb": baseline}
+                    "failed": w.failed, "baseline_rss_kb": baseline,
+                    "pool_startup_seconds": pool_startup}
 
     result: dict[str, Any] = _run(go)
     return result
