@@ -1,13 +1,15 @@
 """Worker liveness: each worker process publishes a heartbeat every few seconds.
 
-A heartbeat says who the worker is (id, host, pid, queues, concurrency), how
-busy it is (in flight, processed, failed, the largest event-loop lag since the
-last beat) and when it started and was last seen. Heartbeats run on the event
+A heartbeat says who the worker is (id, host, pid, queues, concurrency), what
+it is doing (state: starting, running, draining, stopped; the tasks it runs
+now, each with its id, name and start time), how busy it is (in flight,
+processed, failed, the largest event-loop lag since the last beat) and when it
+started and was last seen. Heartbeats run on the event
 loop beside the worker, independent of task code, and expire when they stop.
 
 Where they go: to Redis when the runtime's broker (or result store) is Redis
 (one hash per worker, ``<namespace>:taskloom:worker:<id>``, with a TTL of a
-few intervals), else to an in-memory store of the runtime (seen only inside
+few intervals; every field a string, ``queues`` comma-joined, ``tasks`` JSON), else to an in-memory store of the runtime (seen only inside
 the process). ``taskloom status APP`` lists them.
 """
 
@@ -32,10 +34,12 @@ if TYPE_CHECKING:
     from runtime.worker import Worker
 
 __all__ = [
+    "MAX_TASKS_LISTED",
     "Heartbeat",
     "LivenessStore",
     "MemoryLivenessStore",
     "RedisLivenessStore",
+    "RunningTask",
     "heartbeat_of",
     "publish_heartbeats",
     "store_for",
@@ -44,6 +48,16 @@ __all__ = [
 log = structlog.get_logger("taskloom.liveness")
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+#: A heartbeat lists at most this many running tasks (``in_flight`` has the count).
+MAX_TASKS_LISTED = 200
+
+
+class RunningTask(msgspec.Struct, frozen=True, array_like=True):
+    id: str
+    name: str
+    started_ms: int = 0
 
 
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,6 +73,9 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
     lag_ms: float = 0.0
     started_ms: int = 0
     last_seen_ms: int = 0
+    #: starting, running, draining or stopped
+    state: str = "running"
+    tasks: list[RunningTask] = []
 
 
 class LivenessStore(Protocol):
@@ -111,7 +128,8 @@ class RedisLivenessStore:
 
     async def put(self, beat: Heartbeat, ttl_s: float) -> None:
         fields = {k: ",".join(v) if isinstance(v, list) else str(v)
-                  for k, v in msgspec.structs.asdict(beat).items()}
+                  for k, v in msgspec.structs.asdict(beat).items() if k != "tasks"}
+        fields["tasks"] = _TASKS_ENC.encode(beat.tasks).decode()
         key = self._key(beat.id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=fields)
@@ -130,6 +148,7 @@ class RedisLivenessStore:
                 continue
             fields: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
             fields["queues"] = [q for q in fields.get("queues", "").split(",") if q]
+            fields["tasks"] = _tasks_of(fields.get("tasks", ""))
             try:
                 beats.append(msgspec.convert(fields, Heartbeat, strict=False))
             except msgspec.ValidationError as e:
@@ -138,6 +157,19 @@ class RedisLivenessStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+_TASKS_ENC = msgspec.json.Encoder()
+_TASKS_DEC = msgspec.json.Decoder(list[RunningTask])
+
+
+def _tasks_of(text: str) -> list[RunningTask]:
+    if not text:
+        return []  # a heartbeat of a worker before tasks were listed
+    try:
+        return _TASKS_DEC.decode(text)
+    except msgspec.MsgspecError:
+        return []
 
 
 _memory_stores: weakref.WeakKeyDictionary[Runtime, MemoryLivenessStore] = (
@@ -168,15 +200,34 @@ def store_for(rt: Runtime) -> LivenessStore:
     return store
 
 
+def _running_tasks(worker: Worker) -> list[RunningTask]:
+    """What ``worker`` runs now: its ``running_tasks()`` ((id, name, started_ms)
+    tuples) when it has one, else the process's running messages (no start time)."""
+    listed = getattr(worker, "running_tasks", None)
+    if callable(listed):
+        return [RunningTask(i, n, int(ms)) for i, n, ms in list(listed())[:MAX_TASKS_LISTED]]
+    from runtime.execution import running
+
+    return [RunningTask(m.id, m.task) for m in list(running.values())[:MAX_TASKS_LISTED]]
+
+
+def _state_of(worker: Worker, state: str | None) -> str:
+    if state is not None:
+        return state
+    value = getattr(worker, "state", None)
+    return str(getattr(value, "value", value)) if value is not None else "running"
+
+
 def heartbeat_of(worker: Worker, *, started_ms: int, lag: LagMonitor | None = None,
-                 queues: Sequence[str] | None = None) -> Heartbeat:
+                 queues: Sequence[str] | None = None, state: str | None = None) -> Heartbeat:
     return Heartbeat(
         id=worker.name, host=socket.gethostname(), pid=os.getpid(),
         queues=list(queues if queues is not None else worker.queues),
         concurrency=worker.concurrency, in_flight=worker.in_flight,
         processed=worker.processed, failed=worker.failed,
         lag_ms=round(lag.take_max() * 1000, 1) if lag is not None else 0.0,
-        started_ms=started_ms, last_seen_ms=int(time.time() * 1000))
+        started_ms=started_ms, last_seen_ms=int(time.time() * 1000),
+        state=_state_of(worker, state), tasks=_running_tasks(worker))
 
 
 async def publish_heartbeats(
