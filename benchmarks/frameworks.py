@@ -9,6 +9,7 @@ same payloads, same servers for all.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from typing import ClassVar
 import redis.asyncio as aredis
 
 from benchmarks import servers as srv
-from benchmarks.config import APPS_DIR, VENVS_DIR, Params, Servers
+from benchmarks.config import APPS_DIR, BENCH_DIR, VENVS_DIR, Params, Servers
 
 __all__ = ["FRAMEWORK_TYPES", "Framework", "RunContext", "Counting", "WorkerPlan", "make_frameworks"]
 
@@ -183,7 +184,8 @@ class Taskloom(Framework):
             # kind="process" tasks (a process pool) only where they are used
             "BENCH_PROCESS_TASKS": ("1" if ctx.broker == "memory" and ctx.workload in ("cpu", "pool")
                                     else ""),
-            "PYTHONPATH": str(APPS_DIR),
+            # the checkout the suite runs from, not whatever taskloom is installed
+            "PYTHONPATH": os.pathsep.join((str(APPS_DIR), str(BENCH_DIR.parent))),
         }
 
     def queue(self, ctx: RunContext) -> str:
