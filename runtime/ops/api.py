@@ -156,8 +156,12 @@ class Operations:
     async def tasks(self, *, state: str | Phase | Iterable[str | Phase] | None = None,
                     queue: str | None = None, name: str | None = None,
                     since_ms: int | None = None, until_ms: int | None = None,
-                    limit: int = 50, cursor: str | None = None) -> Page:
-        """Tasks newest first, filtered; pass ``page.next_cursor`` for the next page."""
+                    limit: int = 50, cursor: str | None = None,
+                    since: int | None = None, until: int | None = None) -> Page:
+        """Tasks newest first, filtered; pass ``page.next_cursor`` for the next page.
+        Times are ms since the epoch (``since``/``until`` are aliases)."""
+        since_ms = since_ms if since_ms is not None else since
+        until_ms = until_ms if until_ms is not None else until
         if limit < 1:
             raise ConfigError(f"limit must be at least 1, got {limit}")
         return await self._need_index().query(Query(
@@ -197,18 +201,29 @@ class Operations:
 
     async def replay(self, queue: str, *, reason: str | None = None, name: str | None = None,
                      since_ms: int | None = None, until_ms: int | None = None,
+                     ids: Sequence[str] | None = None, limit: int | None = None,
                      dry_run: bool = False) -> DeadReport:
-        f = DeadFilter(reason=reason, task=name, since_ms=since_ms, until_ms=until_ms)
+        """Publish again (as new attempts) the dead letters of ``queue`` that match;
+        ``dry_run`` only counts them."""
+        f = DeadFilter(reason=reason, task=name, since_ms=since_ms, until_ms=until_ms,
+                       ids=tuple(ids) if ids else None, limit=limit)
         return await replay(self.rt, queue, f, dry_run=dry_run)
 
     async def purge_dead(self, queue: str, *, reason: str | None = None,
                          name: str | None = None, since_ms: int | None = None,
-                         until_ms: int | None = None, dry_run: bool = False) -> DeadReport:
-        f = DeadFilter(reason=reason, task=name, since_ms=since_ms, until_ms=until_ms)
+                         until_ms: int | None = None, ids: Sequence[str] | None = None,
+                         limit: int | None = None, dry_run: bool = False) -> DeadReport:
+        """Remove the dead letters of ``queue`` that match; ``dry_run`` only counts."""
+        f = DeadFilter(reason=reason, task=name, since_ms=since_ms, until_ms=until_ms,
+                       ids=tuple(ids) if ids else None, limit=limit)
         return await purge_dead(self.rt, queue, f, dry_run=dry_run)
 
-    async def cancel(self, ids: Sequence[str] = (), *, name: str | None = None,
+    async def cancel(self, ids: Sequence[str] | str = (), *, name: str | None = None,
                      queue: str | None = None) -> CancelReport:
+        """Cancel the tasks ``ids`` (one id or many), or every pending task
+        (enqueued, scheduled, retrying) of task ``name`` or ``queue``."""
+        if isinstance(ids, str):
+            ids = [ids]
         if not ids and name is None and queue is None:
             raise ConfigError("cancel needs ids, a task name or a queue: with none it would "
                               "cancel nothing (or everything)")

@@ -57,6 +57,9 @@ class DeadFilter(msgspec.Struct, frozen=True, kw_only=True):
     task: str | None = None
     since_ms: int | None = None
     until_ms: int | None = None
+    ids: tuple[str, ...] | None = None
+    #: at most this many (the oldest first)
+    limit: int | None = None
 
 
 class DeadReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -104,6 +107,8 @@ def _decode(rt: Runtime, e: DeadEntry) -> TaskMessage | None:
 
 
 def _matches(rt: Runtime, e: DeadEntry, f: DeadFilter) -> tuple[bool, TaskMessage | None]:
+    if f.ids is not None and e.letter.envelope.id not in f.ids:
+        return False, None
     if f.reason is not None and e.letter.reason != f.reason:
         return False, None
     if (f.since_ms is not None or f.until_ms is not None) and e.at_ms is None:
@@ -126,6 +131,8 @@ async def replay(rt: Runtime, queue: str, f: DeadFilter | None = None, *,
         ok, msg = _matches(rt, e, f or DeadFilter())
         if ok:
             chosen.append((e, msg))
+    if f is not None and f.limit is not None:
+        chosen = chosen[:f.limit]
     undecodable = sum(1 for _, m in chosen if m is None)
     if dry_run:
         return DeadReport(queue=queue, matched=len(chosen), undecodable=undecodable,
@@ -143,6 +150,8 @@ async def purge_dead(rt: Runtime, queue: str, f: DeadFilter | None = None, *,
                      dry_run: bool = False) -> DeadReport:
     admin = admin_for(rt.broker)
     keys = [e.key for e in await admin.entries(queue) if _matches(rt, e, f or DeadFilter())[0]]
+    if f is not None and f.limit is not None:
+        keys = keys[:f.limit]
     if dry_run:
         return DeadReport(queue=queue, matched=len(keys), dry_run=True)
     return DeadReport(queue=queue, matched=len(keys), done=await admin.remove(queue, keys))
