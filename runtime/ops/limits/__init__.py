@@ -17,7 +17,6 @@ from runtime.ops.limits.api import (
     enqueue_paced,
     limits_state,
     set_limit,
-    store_for,
 )
 from runtime.ops.limits.gate import (
     HEADER_CONCURRENCY,
@@ -34,6 +33,7 @@ from runtime.ops.limits.store import (
     LimitsUnavailable,
     MemoryLimitStore,
     RedisLimitStore,
+    store_for,
 )
 
 __all__ = [

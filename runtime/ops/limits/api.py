@@ -8,10 +8,8 @@ published at a rate), ``set_limit`` (change a task's limits at run time) and
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import anyio
 import msgspec
@@ -20,38 +18,17 @@ from runtime.errors import ConfigError
 from runtime.messages import TaskMessage
 from runtime.ops.limits.gate import effective, limits_of
 from runtime.ops.limits.spec import Limits, Rate, key_value, parse_rate
-from runtime.ops.limits.store import LimitStore, MemoryLimitStore, RedisLimitStore, tokens
+from runtime.ops.limits.store import store_for, tokens
 
 if TYPE_CHECKING:
     from runtime.app import Runtime, TaskHandle
     from runtime.canvas import Composable
 
-__all__ = ["Decision", "LimitState", "before_enqueue", "enqueue_paced", "limits_state",
-           "set_limit", "store_for"]
-
-_STORES: weakref.WeakKeyDictionary[Any, LimitStore] = weakref.WeakKeyDictionary()
 #: A debounce record outlives its countdown by this much (late deliveries still see it).
 _DEBOUNCE_MARGIN_MS = 60_000
 
-
-def store_for(rt: Runtime) -> LimitStore:
-    """The limiter store of ``rt`` (one per runtime): its result store's Redis,
-    else its Redis broker's, else memory (limits hold within this process)."""
-    found = _STORES.get(rt)
-    if found is None:
-        from runtime.results.redis import RedisResultStore
-
-        results = rt.results
-        url = getattr(rt.broker, "url", None)
-        if isinstance(results, RedisResultStore):
-            found = RedisLimitStore(results.url, namespace=results.namespace)
-        elif isinstance(url, str) and urlsplit(url).scheme in ("redis", "rediss", "unix"):
-            found = RedisLimitStore(url, namespace=rt.namespace)
-        else:
-            found = MemoryLimitStore()
-        _STORES[rt] = found
-    return found
-
+__all__ = ["Decision", "LimitState", "before_enqueue", "enqueue_paced", "limits_state",
+           "set_limit", "store_for"]
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
     """What ``before_enqueue`` decided: publish ``message`` (maybe delayed), or

@@ -35,7 +35,7 @@ import structlog
 from runtime.errors import ConfigError, TaskloomError
 from runtime.messages import TaskMessage
 from runtime.ops.limits.spec import Limits, key_value, parse_rate
-from runtime.ops.limits.store import ADMIT, CONCURRENCY, RATE, Check, LimitStore
+from runtime.ops.limits.store import ADMIT, CONCURRENCY, RATE, Check, LimitStore, store_for
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -119,8 +119,6 @@ class LimitsGate:
         limits: Callable[[str], Limits | None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        from runtime.ops.limits.api import store_for
-
         self.rt = rt
         self.store: LimitStore = store if store is not None else store_for(rt)
         self.retry_s = retry_s

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 import anyio
 import msgspec
@@ -37,8 +39,11 @@ import redis.exceptions as rex
 
 from runtime.errors import ConfigError, ResultStoreUnavailable
 
+if TYPE_CHECKING:
+    from runtime.app import Runtime
+
 __all__ = ["ADMIT", "CONCURRENCY", "RATE", "SUPERSEDED", "Check", "LimitStore", "LimitsUnavailable",
-           "MemoryLimitStore", "RedisLimitStore", "Snapshot"]
+           "MemoryLimitStore", "RedisLimitStore", "Snapshot", "store_for"]
 
 #: Statuses of :meth:`LimitStore.admit`.
 ADMIT, RATE, CONCURRENCY, SUPERSEDED = 0, 1, 2, 3
@@ -508,3 +513,25 @@ def tokens(tat_ms: float, now_ms: float, interval_ms: float, burst: int) -> floa
         return float(burst)
     free = (now_ms - (max(tat_ms, now_ms) - burst * interval_ms)) / interval_ms
     return max(0.0, min(float(burst), math.floor(free + 1e-9)))
+
+
+_STORES: weakref.WeakKeyDictionary[Any, LimitStore] = weakref.WeakKeyDictionary()
+
+
+def store_for(rt: Runtime) -> LimitStore:
+    """The limiter store of ``rt`` (one per runtime): its result store's Redis,
+    else its Redis broker's, else memory (limits hold within this process)."""
+    found = _STORES.get(rt)
+    if found is None:
+        from runtime.results.redis import RedisResultStore
+
+        results = rt.results
+        url = getattr(rt.broker, "url", None)
+        if isinstance(results, RedisResultStore):
+            found = RedisLimitStore(results.url, namespace=results.namespace)
+        elif isinstance(url, str) and urlsplit(url).scheme in ("redis", "rediss", "unix"):
+            found = RedisLimitStore(url, namespace=rt.namespace)
+        else:
+            found = MemoryLimitStore()
+        _STORES[rt] = found
+    return found
