@@ -79,3 +79,25 @@ async def test_limits_change_at_run_time_and_per_call(rt: Runtime) -> None:
     states = {(s.kind, s.task, s.key): s for s in await limits_state(rt)}
     assert states[("concurrency", "free", "")].held == 1
     assert states[("rate", "free", "")].deferred == 1
+
+
+async def test_a_key_that_cannot_be_computed_runs_the_task_rather_than_loop(rt: Runtime) -> None:
+    task = rt.registry["free"]
+    task.limits = Limits.of(concurrency_limit=1, concurrency_key=lambda: 1 / 0)  # type: ignore[attr-defined]
+    gate = LimitsGate(rt, MemoryLimitStore())
+    assert await gate.admit(msg("free")) is None
+    assert await gate.admit(msg("free")) is None  # unlimited, logged
+
+
+@pytest.mark.redis
+async def test_an_unreachable_store_defers_limited_tasks_only(rt: Runtime) -> None:
+    from runtime.ops.limits import LimitsUnavailable, RedisLimitStore
+
+    store = RedisLimitStore("redis://127.0.0.1:1/0")  # nothing listens on port 1
+    gate = LimitsGate(rt, store)
+    try:
+        assert await gate.admit(msg("free")) is None  # needs no limiter: runs
+        with pytest.raises(LimitsUnavailable):  # the worker defers it and logs
+            await gate.admit(msg("rebuild", "t1"))
+    finally:
+        await store.aclose()

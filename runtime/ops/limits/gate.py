@@ -35,7 +35,15 @@ import structlog
 from runtime.errors import ConfigError, TaskloomError
 from runtime.messages import TaskMessage
 from runtime.ops.limits.spec import Limits, key_value, parse_rate
-from runtime.ops.limits.store import ADMIT, CONCURRENCY, RATE, Check, LimitStore, store_for
+from runtime.ops.limits.store import (
+    ADMIT,
+    CONCURRENCY,
+    RATE,
+    Check,
+    LimitStore,
+    LimitsUnavailable,
+    store_for,
+)
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -140,7 +148,13 @@ class LimitsGate:
         now = anyio.current_time()
         if now - self._overrides_at >= self.overrides_ttl_s:
             self._overrides_at = now  # a failed read is not retried at every task
-            self._overrides = await self.store.overrides()
+            try:
+                self._overrides = await self.store.overrides()
+            except LimitsUnavailable as e:
+                # keep the last known overrides: a task without limits must not
+                # wait on a limiter store it does not need
+                log.warning("cannot read the limit overrides; keeping the last known ones",
+                            error=str(e))
         return self._overrides
 
     def _fn(self, name: str) -> Callable[..., Any] | None:
@@ -170,7 +184,15 @@ class LimitsGate:
                 limits.debounce_key, fn, message.args, message.kwargs))
 
     async def admit(self, message: TaskMessage, /) -> float | None:
-        check = await self.check_for(message)
+        try:
+            check = await self.check_for(message)
+        except ConfigError as e:
+            # a key the call cannot give (a key callable that raised, an argument
+            # that is missing): deferring would loop forever, so it runs unlimited
+            log.error("the limiter key of a task cannot be computed; running it without "
+                      "its limits (fix the task's rate_key/concurrency_key/debounce_key)",
+                      task_id=message.id, task=message.task, error=str(e))
+            return None
         if check is None:
             return None
         status, value = await self.store.admit(check)

@@ -219,7 +219,11 @@ def key_value(key: KeySpec, fn: Callable[..., Any] | None, args: list[Any],
     if key is None:
         return ""
     if callable(key):
-        value = key(*args, **kwargs)
+        try:
+            value = key(*args, **kwargs)
+        except Exception as e:
+            raise ConfigError(f"the limiter key callable {key!r} raised {type(e).__name__}: "
+                              f"{e}; make it accept the task's arguments") from e
     else:
         if fn is None:
             if key in kwargs:
