@@ -9,8 +9,8 @@ from pathlib import Path
 import anyio
 import pytest
 from click.testing import CliRunner
-from structlog.testing import capture_logs
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from runtime.cli.dashboard import dashboard, keys
 from runtime.dashboard import MetricsListener, load_keys
@@ -38,7 +38,8 @@ async def test_scrape_shows_counters_moving(env: Env) -> None:
     with anyio.fail_after(30):  # the watcher publishes after the result lands; shared machine
         while True:
             after = samples((await env.client.get("/metrics", headers=env.read)).text)
-            if after.get(key, 0.0) >= 3:
+            depth = any(name == "taskloom_queue_depth" for name, _ in after)
+            if after.get(key, 0.0) >= 3 and depth:   # depth: the next 2 s snapshot
                 break
             await anyio.sleep(0.05)
     assert after[("taskloom_tasks_enqueued_total", key[1])] >= 3
