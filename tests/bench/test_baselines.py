@@ -79,6 +79,8 @@ def test_bench_runs_the_raw_baselines_beside_taskloom_and_prints_the_ratios(
         "--only", "redis,amqp", "--frameworks", "taskloom,raw",
         "--workloads", "throughput,enqueue,latency", "--repeat", "1", "--scale", "0.005",
         "--out", str(tmp_path), "--no-chart",
+        # not the default 5,6: a full `taskloom bench` may be holding those right now
+        "--peer-redis-dbs", "13,14",
     ])
     assert result.exit_code == 0, result.output
     assert "raw" in result.output and "issue 18 targets" in result.output
