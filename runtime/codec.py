@@ -195,6 +195,9 @@ class Codec:
             raise DecodeError(_DECODE_ERROR, str(e)) from None
         except RecursionError:
             raise DecodeError(_DECODE_ERROR, "the message is nested too deeply") from None
+        except UnicodeDecodeError as e:  # text in the body that is not UTF-8
+            raise DecodeError(_DECODE_ERROR, f"the body holds text that is not UTF-8 ({e.reason})"
+                              ) from None
         return message
 
     def _verify(self, body: bytes, headers: Mapping[str, str]) -> None:

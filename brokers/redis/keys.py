@@ -36,7 +36,16 @@ BANDS: Final = 10
 encode: Final[Callable[[Envelope], bytes]] = msgspec.msgpack.Encoder().encode
 #: The envelope of an ``e`` field; raises ``msgspec.DecodeError`` or
 #: ``msgspec.ValidationError`` when it is not one.
-decode: Final[Callable[[bytes], Envelope]] = msgspec.msgpack.Decoder(Envelope).decode
+_decode: Final[Callable[[bytes], Envelope]] = msgspec.msgpack.Decoder(Envelope).decode
+
+
+def decode(data: bytes) -> Envelope:
+    """An entry's envelope; ``msgspec.DecodeError`` for anything else, including
+    string fields that are not UTF-8 (msgspec raises UnicodeDecodeError for those)."""
+    try:
+        return _decode(data)
+    except UnicodeDecodeError as e:
+        raise msgspec.DecodeError(f"a string field is not UTF-8 ({e.reason})") from None
 
 
 class Stream:

@@ -167,19 +167,15 @@ redis_envelope_st = st.one_of(
     st.builds(lambda e: ("raw", {b"e": e}), st.binary(min_size=1, max_size=512).map(
         lambda b: bytes([0x80 | (b[0] & 0x0F)]) + b[1:])),
 )
-#: Today the Redis consumer lets a UnicodeDecodeError out of ``decode`` (an envelope
-#: string field that is not UTF-8), and the worker dies: brokers/redis/consumer.py
-#: ``_accept`` catches only msgspec.DecodeError/ValidationError. Strict: once the
-#: broker catches it too, this xfail fails and the marker goes.
-ENVELOPE_BUG = pytest.mark.xfail(
-    strict=True, raises=UnicodeDecodeError,
-    reason="brokers/redis/consumer.py _accept does not catch UnicodeDecodeError from decode()")
+#: ``envelopes`` found that an envelope string field that is not UTF-8 raised a
+#: UnicodeDecodeError out of the Redis consumer and killed the worker; it is now a
+#: ``malformed_entry`` dead letter.
 
 
 @pytest.mark.redis
 @pytest.mark.parametrize("entries", [
     pytest.param(redis_body_st, id="bodies"),
-    pytest.param(redis_envelope_st, id="envelopes", marks=ENVELOPE_BUG),
+    pytest.param(redis_envelope_st, id="envelopes"),
 ])
 async def test_hostile_stream_entries_are_dead_lettered_and_the_worker_carries_on(
     namespace: str, entries: st.SearchStrategy[Any],

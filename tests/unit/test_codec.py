@@ -411,3 +411,14 @@ def test_decode_error_is_never_a_raw_msgspec_error() -> None:
 def test_error_info_is_plain_data() -> None:
     info = ErrorInfo(type="builtins.ValueError", message="m")
     assert msgspec.json.decode(msgspec.json.encode(info), type=ErrorInfo) == info
+
+
+@pytest.mark.parametrize("ct", ["json", "msgpack"])
+def test_text_that_is_not_utf8_is_a_decode_error(ct: str) -> None:
+    codec = Codec(ct)
+    body, headers = codec.encode(TaskMessage(id="x", task="t", args=("é",)))
+    broken = body.replace("é".encode(), b"\xc3\x28")  # an invalid UTF-8 sequence
+    assert broken != body
+    with pytest.raises(DecodeError) as caught:
+        codec.decode(broken, headers)
+    assert caught.value.reason == "decode_error"
