@@ -9,8 +9,8 @@ loop beside the worker, independent of task code, and expire when they stop.
 
 Where they go: to Redis when the runtime's broker (or result store) is Redis
 (one hash per worker, ``<namespace>:taskloom:worker:<id>``, with a TTL of a
-few intervals; every field a string, ``queues`` comma-joined, ``tasks`` JSON), else to an in-memory store of the runtime (seen only inside
-the process). ``taskloom status APP`` lists them.
+few intervals; every field a string, ``queues`` comma-joined, ``tasks`` JSON),
+else to an in-memory store of the runtime (seen only inside the process). ``taskloom status APP`` lists them.
 """
 
 from __future__ import annotations

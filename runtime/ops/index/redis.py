@@ -47,15 +47,38 @@ _SOURCE = (resources.files("runtime.ops") / "lua" / "index.lua").read_text(encod
 _SHA = hashlib.sha1(_SOURCE.encode()).hexdigest()
 #: Transitions kept while Redis is away; past it the oldest are dropped (logged).
 _MAX_PENDING = 200_000
+#: How long ``serve`` lets transitions gather before writing them (fewer, larger
+#: round trips keep the cost to the worker's event loop small).
+_LINGER_S = 0.05
 _RETRY_MAX_S = 2.0
+_JSON = msgspec.json.Encoder()
 _ENTERING = {Phase.ENQUEUED: "1", Phase.SCHEDULED: "1", Phase.STARTED: "2"}
 
 
-def _args(t: Transition) -> list[Any]:
-    return [t.id, t.task, t.queue, t.phase.value, t.at_ms, t.attempt, t.worker,
-            "" if t.eta_ms is None else t.eta_ms, t.error_type, t.error[:500], t.reason,
-            t.parent_id, t.root_id, order_of(t),
-            "3" if t.phase.final else _ENTERING.get(t.phase, "0")]
+def _args(t: Transition, enq: int | None, started: int | None) -> list[str]:
+    # strings only: Lua would print big numbers in exponent form
+    return [t.id, t.task, t.queue, t.phase.value, str(t.at_ms), str(t.attempt), t.worker,
+            "" if t.eta_ms is None else str(t.eta_ms), t.error_type, t.error[:500], t.reason,
+            t.parent_id, t.root_id, str(order_of(t)),
+            "3" if t.phase.final else _ENTERING.get(t.phase, "0"),
+            "" if enq is None else str(enq), "" if started is None else str(started)]
+
+
+def coalesce(batch: list[Transition]) -> list[tuple[Transition, int | None, int | None]]:
+    """One write per task of a batch: its latest step, with the enqueue and start
+    times of the steps it replaces (a fast task's three steps often share a batch)."""
+    merged: dict[str, list[Any]] = {}
+    for t in batch:
+        cur = merged.get(t.id)
+        if cur is None:
+            cur = merged[t.id] = [t, order_of(t), None, None]
+        elif (order := order_of(t)) >= cur[1]:
+            cur[0], cur[1] = t, order
+        if t.phase is Phase.ENQUEUED or t.phase is Phase.SCHEDULED:
+            cur[2] = t.at_ms if cur[2] is None else min(cur[2], t.at_ms)
+        elif t.phase is Phase.STARTED:
+            cur[3] = t.at_ms if cur[3] is None else max(cur[3], t.at_ms)
+    return [(t, enq, started) for t, _, enq, started in merged.values()]
 
 
 class RedisIndex:
@@ -86,6 +109,8 @@ class RedisIndex:
         delay = 0.05
         while True:
             await self._wake.wait()
+            # gather a batch: one round trip per linger, not one per transition
+            await anyio.sleep(_LINGER_S)
             self._wake = anyio.Event()
             try:
                 await self.flush()
@@ -119,12 +144,11 @@ class RedisIndex:
             ttl = int(s.max_age_s * 1000) + 86_400_000
             head = [self.prefix, s.max_per_state, cutoff, ttl]
             try:
+                writes = coalesce(batch)
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for i in range(0, len(batch), s.batch):
-                        argv: list[Any] = list(head)
-                        for t in batch[i:i + s.batch]:
-                            argv.extend(_args(t))
-                        pipe.evalsha(_SHA, 0, *argv)
+                    for i in range(0, len(writes), s.batch):
+                        rows = _JSON.encode([_args(*w) for w in writes[i:i + s.batch]])
+                        pipe.evalsha(_SHA, 0, *head, rows)
                     try:
                         await pipe.execute()
                     except rex.NoScriptError:

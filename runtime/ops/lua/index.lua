@@ -1,7 +1,9 @@
 -- The task index: apply a batch of transitions (see runtime/ops/index/redis.py).
--- ARGV: prefix, max_per_state, cutoff_ms, ttl_ms, then 15 fields per transition:
+-- ARGV: prefix, max_per_state, cutoff_ms, ttl_ms, then a JSON array of transitions, each an
+-- array of 17 strings:
 -- id, name, queue, state, at_ms, attempt, worker, eta_ms, error_type, error, reason,
--- parent_id, root_id, order, entering (1 for enqueued/scheduled, 2 for started, 3 final, 0 else)
+-- parent_id, root_id, order, entering (1 for enqueued/scheduled, 2 for started, 3 final, 0 else),
+-- enqueued_ms, started_ms (seen earlier in the same batch, which the caller coalesced; or '')
 local P = ARGV[1]
 local max = tonumber(ARGV[2])
 local cutoff = tonumber(ARGV[3])
@@ -38,24 +40,26 @@ local function trim(main)
   end
 end
 
-for i = 5, #ARGV, 15 do
-  local id, name, queue, state, at = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local order, entering = tonumber(ARGV[i + 13]), ARGV[i + 14]
+for _, A in ipairs(cjson.decode(ARGV[5])) do
+  local id, name, queue, state, at = A[1], A[2], A[3], A[4], A[5]
+  local order, entering = tonumber(A[14]), A[15]
   local h = P .. 't:' .. id
   local old = redis.call('HMGET', h, 'o', 'state', 'queue', 'name', 'enqueued_ms', 'started_ms', 'worker')
   if not old[1] or tonumber(old[1]) <= order then
     if old[2] then unlink(id, old[2], old[3], old[4]) end
-    local enq, started, worker = old[5], old[6], ARGV[i + 6]
+    local enq, started, worker = old[5], old[6], A[7]
+    if not enq and A[16] ~= '' then enq = A[16] end
     if entering == '1' and not enq then enq = at end
+    if A[17] ~= '' then started = A[17] end
     if entering == '2' then started = at end
     if worker == '' then worker = old[7] or '' end
     redis.call('DEL', h)
     local f = {'id', id, 'name', name, 'queue', queue, 'state', state, 'at_ms', at,
-               'attempt', ARGV[i + 5], 'o', order}
+               'attempt', A[6], 'o', A[14]}
     local function opt(k, v) if v and v ~= '' then f[#f + 1] = k; f[#f + 1] = v end end
-    opt('worker', worker); opt('eta_ms', ARGV[i + 7]); opt('error_type', ARGV[i + 8])
-    opt('error', ARGV[i + 9]); opt('reason', ARGV[i + 10]); opt('parent_id', ARGV[i + 11])
-    opt('root_id', ARGV[i + 12]); opt('enqueued_ms', enq); opt('started_ms', started)
+    opt('worker', worker); opt('eta_ms', A[8]); opt('error_type', A[9])
+    opt('error', A[10]); opt('reason', A[11]); opt('parent_id', A[12])
+    opt('root_id', A[13]); opt('enqueued_ms', enq); opt('started_ms', started)
     if entering == '3' then opt('finished_ms', at) end
     redis.call('HSET', h, unpack(f))
     redis.call('PEXPIRE', h, ttl)
