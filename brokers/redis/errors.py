@@ -82,37 +82,47 @@ def backoff(failures: int) -> float:
 
 class Outage:
     """One log line when a consumer loses Redis, one when it is back; the attempts
-    in between go to the debug log."""
+    in between go to the debug log. A single failure that the next attempt cures
+    (a pooled connection that went stale in the outage just healed) is a blip,
+    logged at debug only: the outage is announced at its second failure in a row."""
 
-    __slots__ = ("consumer", "failures", "since")
+    __slots__ = ("announced", "consumer", "failures", "since")
 
     def __init__(self, consumer: str) -> None:
         self.consumer = consumer
         self.since: float | None = None
         self.failures = 0
+        self.announced = False
 
     def down(self, error: BrokerError) -> float:
         """Note a failure; how long to pause before the next attempt."""
         self.failures += 1
         if self.since is None:
             self.since = anyio.current_time()
+        if self.failures >= 2 and not self.announced:
+            self.announced = True
             log.warning("lost the connection to Redis; reconnecting with backoff until it "
                         "is back (held deliveries keep running; their settlements are sent "
                         "once it is)", consumer=self.consumer, error=str(error))
         else:
-            log.debug("Redis still unreachable", consumer=self.consumer, error=str(error),
+            log.debug("Redis unreachable", consumer=self.consumer, error=str(error),
                       failures=self.failures)
         return backoff(self.failures)
 
     def up(self) -> bool:
-        """Note a success; whether it ended an outage."""
+        """Note a success; whether it ended an outage (a blip included)."""
         if self.since is None:
             return False
-        log.warning("Redis is reachable again; resuming", consumer=self.consumer,
-                    down_s=round(anyio.current_time() - self.since, 2),
-                    failed_attempts=self.failures)
+        down_s = round(anyio.current_time() - self.since, 2)
+        if self.announced:
+            log.warning("Redis is reachable again; resuming", consumer=self.consumer,
+                        down_s=down_s, failed_attempts=self.failures)
+        else:
+            log.debug("Redis answered again after one failed attempt", consumer=self.consumer,
+                      down_s=down_s)
         self.since = None
         self.failures = 0
+        self.announced = False
         return True
 
 
