@@ -21,6 +21,7 @@ import typing
 
 from runtime.app import Runtime, TaskHandle, run
 from runtime.canvas import Signature, chain, chord, chunks, group, map, starmap
+from runtime.context import CurrentTask, current_task
 from runtime.deadletters import DeadLetterReason
 from runtime.errors import (
     ArgumentsError,
@@ -43,7 +44,7 @@ from runtime.errors import (
     UnknownTaskError,
 )
 from runtime.logs import configure_logging
-from runtime.messages import Result, State, TaskOptions
+from runtime.messages import Progress, Result, State, TaskOptions
 from runtime.middleware import CallNext, Middleware, TaskContext
 from runtime.registry import Task
 from runtime.results import MemoryResultStore, ResultStore, results_from_url
@@ -59,6 +60,7 @@ __all__ = [
     "ArgumentsError",
     "CallNext",
     "ConfigError",
+    "CurrentTask",
     "DeadLetterReason",
     "DecodeError",
     "EncodeError",
@@ -67,6 +69,7 @@ __all__ = [
     "Middleware",
     "PayloadTooLarge",
     "ProcessPool",
+    "Progress",
     "Reject",
     "Result",
     "ResultError",
@@ -95,6 +98,7 @@ __all__ = [
     "chord",
     "chunks",
     "configure_logging",
+    "current_task",
     "group",
     "map",
     "results_from_url",

@@ -42,11 +42,12 @@ from runtime.errors import (
 )
 from runtime.execution import ProcessRunner
 from runtime.handle import TaskHandle
+from runtime.hooks import Hooks
 from runtime.lifecycle import Listener, Phase, Transition
 from runtime.logs import ensure_logging
 from runtime.messages import Result, TaskMessage, TaskOptions
 from runtime.middleware import Middleware
-from runtime.registry import Kind, Task, TaskDecorator, TaskRegistry
+from runtime.registry import Hook, Kind, Task, TaskDecorator, TaskRegistry
 from runtime.results import DEFAULT_TTL_S, ResultStore
 from runtime.retry import RetryPolicy
 from runtime.wiring import check_task_id, default_results, results_for
@@ -62,7 +63,7 @@ DEFAULT_RESULT_TIMEOUT_S = 300.0
 log = structlog.get_logger("taskloom.runtime")
 
 
-class Runtime:
+class Runtime(Hooks):
     """A task runtime. ``async with runtime:`` connects the broker and the
     result store; constructing one has no side effects."""
 
@@ -117,6 +118,7 @@ class Runtime:
             default_queue = env.text("TASKLOOM_DEFAULT_QUEUE") or "default"
         self.namespace = namespace
         self.middleware = list(middleware)
+        Hooks.__init__(self)
         #: hear of task transitions; read when the runtime opens
         self.listeners: list[Listener] = list(listeners)
         #: asked before a task runs; read when a worker is built
@@ -170,6 +172,14 @@ class Runtime:
         timeout: float | None = None,
         expires: float | None = None,
         kind: Kind | None = None,
+        retry_intervals: Sequence[float] | None = None,
+        soft_timeout: float | None = None,
+        result_ttl: float | None = None,
+        failure_ttl: float | None = None,
+        on_success: Hook | None = None,
+        on_failure: Hook | None = None,
+        on_retry: Hook | None = None,
+        on_cancel: Hook | None = None,
     ) -> TaskDecorator: ...
 
     def task(  # type: ignore[misc]  # mypy cannot match ParamSpec overloads here
@@ -189,18 +199,38 @@ class Runtime:
         timeout: float | None = None,
         expires: float | None = None,
         kind: Kind | None = None,
+        retry_intervals: Sequence[float] | None = None,
+        soft_timeout: float | None = None,
+        result_ttl: float | None = None,
+        failure_ttl: float | None = None,
+        on_success: Hook | None = None,
+        on_failure: Hook | None = None,
+        on_retry: Hook | None = None,
+        on_cancel: Hook | None = None,
     ) -> Task[P, R] | TaskDecorator:
         """Register a task. ``async def`` runs on the event loop, a plain
         ``def`` in a thread, ``kind="process"`` in a process pool.
 
         The task is typed ``Task[P, R]``: ``P`` the function's parameters, ``R``
         its result (an ``async def``'s awaited result), which ``.s()``,
-        ``run()`` and ``TaskHandle.result()`` carry to the caller."""
+        ``run()`` and ``TaskHandle.result()`` carry to the caller.
+
+        ``retry_intervals=[1, 5, 30]``: seconds before each retry (the last
+        repeats) instead of the exponential backoff; ``retries`` defaults to
+        their number. ``soft_timeout``: ``SoftTimeLimitExceeded`` is raised in
+        the task (async) this long after it starts, before ``timeout``.
+        ``result_ttl`` / ``failure_ttl``: how long its result / failure is
+        kept (default: the runtime's ``result_ttl_s``). ``on_success(ctx,
+        value)``, ``on_failure(ctx, error)``, ``on_retry(ctx, error, delay_s)``,
+        ``on_cancel(ctx)``: hooks (sync or async) called once per outcome on
+        the worker, after it is stored; one that raises is logged."""
 
         def register(f: Callable[P, R]) -> Task[P, R]:
             try:
-                policy = RetryPolicy(retries=retries, backoff_s=backoff, factor=backoff_factor,
-                                     max_delay_s=max_backoff, jitter=jitter)
+                intervals = tuple(retry_intervals or ())
+                policy = RetryPolicy(retries=retries or len(intervals), backoff_s=backoff,
+                                     factor=backoff_factor, max_delay_s=max_backoff,
+                                     jitter=jitter, intervals=intervals)
             except ValueError as e:
                 raise ConfigError(f"task {f.__qualname__}: {e}") from None
             t: Task[P, R] = Task(
@@ -214,6 +244,13 @@ class Runtime:
                 expires=expires,
                 kind=kind,
                 owner=self,
+                soft_timeout=soft_timeout,
+                result_ttl=result_ttl,
+                failure_ttl=failure_ttl,
+                on_success=on_success,
+                on_failure=on_failure,
+                on_retry=on_retry,
+                on_cancel=on_cancel,
             )
             self._check_time_limit(t)
             self.registry.add(t)

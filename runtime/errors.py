@@ -13,6 +13,7 @@
     │   ├── ResultTimeout           no result within the timeout
     │   ├── ResultExpired
     │   └── ResultStoreUnavailable  the result store cannot be reached
+    ├── NotInTaskError              current_task() called outside a task body
     └── TaskError                   the task failed; ``.info`` says how
         ├── TaskTimeLimitExceeded
         ├── TaskCancelled
@@ -176,6 +177,10 @@ class TaskCancelled(TaskError):
 
 class TaskDeadLettered(TaskError):
     """The task was dead-lettered (rejected, undecodable, or out of retries)."""
+
+
+class NotInTaskError(TaskloomError, LookupError):
+    """``current_task()`` was called where no task runs."""
 
 
 class Retry(Exception):

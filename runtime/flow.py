@@ -37,10 +37,12 @@ import msgspec
 import structlog
 
 from runtime import canvas
+from runtime.context import CurrentTask
 from runtime.deadletters import DeadLetterReason as Why
 from runtime.errors import EncodeError, EnqueueError, PayloadTooLarge
 from runtime.messages import ChordRef, ErrorInfo, Result, SigNode, State, TaskMessage
 from runtime.persist import StoreRetry, type_name
+from runtime.states import StateWriter
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -121,6 +123,10 @@ class Outcome:
     started: int | None = None
     #: the task has run: an unexpected error from here releases the delivery
     ran: bool = False
+    #: the task's context, when it left meta or progress to store, or has hooks
+    ctx: CurrentTask | None = None
+    #: what the body raised (for on_failure / on_retry hooks)
+    exc: BaseException | None = None
 
     @classmethod
     def failure(cls, info: ErrorInfo, *, started: int | None = None, ran: bool = False
@@ -129,13 +135,23 @@ class Outcome:
                    started=started, ran=ran)
 
 
+def _extra(outcome: Outcome) -> dict[str, Any]:
+    """The meta and last progress of the task's context, to store with its outcome."""
+    ctx = outcome.ctx
+    if ctx is None:
+        return {}
+    return {"meta": ctx.meta, "progress": ctx.last_progress}
+
+
 class Flow:
     """Stores outcomes and sends what follows them, for one worker."""
 
-    def __init__(self, runtime: Runtime, worker: str, persist: StoreRetry) -> None:
+    def __init__(self, runtime: Runtime, worker: str, persist: StoreRetry, *,
+                 states: StateWriter | None = None) -> None:
         self.runtime = runtime
         self.worker = worker
         self.persist = persist
+        self.states = states
         #: failures for good so far (``Worker.failed``)
         self.failed = 0
 
@@ -145,6 +161,8 @@ class Flow:
         cannot be sent, becomes a failure (``bad_result``, ``bad_follow_up``).
         ``count`` is the broker's delivery count, recorded in the result."""
         kind = outcome.kind
+        if self.states is not None:
+            self.states.discard(msg.id)  # a STARTED/progress record must not follow it
         if kind is Kind.SUCCESS or kind is Kind.REPLACE:
             outcome = await self._succeed(msg, outcome, count)
             kind = outcome.kind
@@ -173,7 +191,8 @@ class Flow:
                 return outcome
             result = Result(id=msg.id, task=msg.task, state=State.SUCCESS, value=outcome.value,
                             attempt=msg.attempt, delivery_count=count, worker=self.worker,
-                            started_ms=started, finished_ms=now_ms())
+                            started_ms=started, finished_ms=now_ms(),
+                            ttl_s=self._ttl(msg, failed=False), **_extra(outcome))
             try:
                 await self.store(result)
             except (PayloadTooLarge, EncodeError) as e:
@@ -190,7 +209,7 @@ class Flow:
     async def _retry(self, msg: TaskMessage, outcome: Outcome, count: int) -> None:
         await self.store(Result(id=msg.id, task=msg.task, state=State.RETRY, error=outcome.info,
                                 attempt=msg.attempt, delivery_count=count, worker=self.worker,
-                                started_ms=outcome.started))
+                                started_ms=outcome.started, **_extra(outcome)))
         again = msgspec.structs.replace(msg, attempt=msg.attempt + 1)
         await self.runtime.publish([again], delay_s=outcome.delay_s, announce=False)
 
@@ -203,13 +222,16 @@ class Flow:
         log.warning("task failed", task_id=msg.id, task=msg.task, attempt=msg.attempt,
                     reason=outcome.reason.value, error=f"{info.type}: {info.message[:300]}")
         now = now_ms()
+        ttl = self._ttl(msg, failed=True)
         failure = Result(id=msg.id, task=msg.task, state=State.FAILURE, error=info,
                          attempt=msg.attempt, delivery_count=count, worker=self.worker,
-                         started_ms=outcome.started, finished_ms=now)
+                         started_ms=outcome.started, finished_ms=now, ttl_s=ttl,
+                         **_extra(outcome))
         upstream = ErrorInfo(type=info.type, message=info.message, traceback=info.traceback,
                              reason=f"upstream:{msg.id}")
         results = [failure] + [
-            Result(id=i, state=State.FAILURE, error=upstream, worker=self.worker, finished_ms=now)
+            Result(id=i, state=State.FAILURE, error=upstream, worker=self.worker, finished_ms=now,
+                   ttl_s=ttl)
             for i in msg.downstream
         ]
         await self.store_many(results)
@@ -226,6 +248,13 @@ class Flow:
                     worker=self.worker, finished_ms=now)]
             + [Result(id=i, state=state, error=upstream, worker=self.worker, finished_ms=now)
                for i in msg.downstream])
+
+    def _ttl(self, msg: TaskMessage, *, failed: bool) -> float | None:
+        """The task's ``failure_ttl`` (failed) or ``result_ttl``; None: the store's."""
+        task = self.runtime.registry.get(msg.task)
+        if task is None:
+            return None
+        return task.failure_ttl if failed else task.result_ttl
 
     # -- what follows ------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import AsyncIterator, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
@@ -75,6 +75,16 @@ class TaskHandle(Generic[R]):
         """The whole stored record (attempt, worker, timings), if any."""
         with one_error:
             return await self.runtime.results.get(self.id)
+
+    async def updates(self) -> AsyncIterator[Result]:
+        """The task's record each time it changes (STARTED, progress, RETRY),
+        ending with its terminal result; pushed by the result store (pub/sub
+        on Redis), never polled. Changes close together may coalesce into the
+        latest. A task that never ends keeps this waiting: bound it with
+        ``anyio.fail_after``."""
+        with one_error:
+            async for update in self.runtime.results.updates(self.id):
+                yield update
 
     async def cancel(self) -> bool:
         """Cancel the task if it has not finished: it will never run (or, if it

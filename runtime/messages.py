@@ -29,6 +29,7 @@ __all__ = [
     "ErrorInfo",
     "GroupNode",
     "Node",
+    "Progress",
     "Result",
     "SigNode",
     "State",
@@ -219,6 +220,16 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
 
 
+class Progress(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How far a running task says it is (``current_task().progress(...)``)."""
+
+    done: float
+    total: float | None = None
+    message: str | None = None
+    meta: dict[str, Any] = {}
+    at_ms: int = 0
+
+
 class Result(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
              tag_field="v", tag=VERSION):
     """The state (and, when terminal, the outcome) of one task id."""
@@ -233,3 +244,10 @@ class Result(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
     worker: str = ""
     started_ms: int | None = None
     finished_ms: int | None = None
+    #: what the task put in ``current_task().meta``
+    meta: dict[str, Any] = {}
+    #: the latest ``ctx.progress(...)``: done, total, message and its own meta
+    progress: Progress | None = None
+    #: how long the store keeps this record (the task's result_ttl/failure_ttl),
+    #: None for the store's own ttl
+    ttl_s: float | None = None

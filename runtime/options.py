@@ -39,6 +39,9 @@ def check_options(
     expires: object = None,
     timeout: object = None,
     retries: object = None,
+    soft_timeout: object = None,
+    result_ttl: object = None,
+    failure_ttl: object = None,
 ) -> None:
     """Raise ``error`` (saying what is wrong, where, and what to give
     instead) if an option given (not None) is out of its range:
@@ -47,7 +50,8 @@ def check_options(
     - ``countdown``: finite seconds, 0 or more;
     - ``expires``, ``timeout``: finite seconds, more than 0 (at most ~31
       years for ``timeout``); leave them out for none;
-    - ``retries``: an int, 0 or more.
+    - ``retries``: an int, 0 or more;
+    - ``soft_timeout``, ``result_ttl``, ``failure_ttl``: finite seconds, more than 0.
     """
     if priority is not None and not (_is_int(priority) and 0 <= priority <= MAX_PRIORITY):  # type: ignore[operator]
         raise error(f"{where}: priority must be an int within 0..{MAX_PRIORITY}, not "
@@ -59,7 +63,9 @@ def check_options(
         if countdown < 0:  # type: ignore[operator]
             raise error(f"{where}: countdown must not be negative, got {countdown}; give 0 "
                         "to run it now")
-    for field, value in (("expires", expires), ("timeout", timeout)):
+    for field, value in (("expires", expires), ("timeout", timeout),
+                         ("soft_timeout", soft_timeout), ("result_ttl", result_ttl),
+                         ("failure_ttl", failure_ttl)):
         if value is None:
             continue
         if not _is_seconds(value) or value <= 0:  # type: ignore[operator]

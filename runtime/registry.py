@@ -18,6 +18,10 @@ from runtime.errors import ArgumentsError, ConfigError, UnknownTaskError
 from runtime.options import check_options
 from runtime.retry import RetryPolicy
 
+#: A lifecycle hook: ``on_success(ctx, value)``, ``on_failure(ctx, error)``,
+#: ``on_retry(ctx, error, delay_s)``, ``on_cancel(ctx)``; sync or async.
+Hook = Callable[..., Any]
+
 if TYPE_CHECKING:
     from runtime.canvas import Signature
 
@@ -39,6 +43,18 @@ class _FilledLater:
 
 
 _FILLED_LATER: Any = _FilledLater()
+
+
+def _check_limits_and_hooks(name: str, timeout: float | None, soft_timeout: float | None,
+                            **hooks: Hook | None) -> None:
+    if soft_timeout is not None and timeout is not None and soft_timeout >= timeout:
+        raise ConfigError(f"task {name!r}: soft_timeout={soft_timeout} must be below "
+                          f"timeout={timeout} (the soft limit warns the task before the "
+                          "hard one stops it); lower it or raise timeout")
+    for hook_name, hook in hooks.items():
+        if hook is not None and not callable(hook):
+            raise ConfigError(f"task {name!r}: {hook_name} must be a function (sync or "
+                              f"async), not {hook!r}")
 
 
 class Task(Generic[P, R]):
@@ -63,6 +79,13 @@ class Task(Generic[P, R]):
         expires: float | None = None,
         kind: Kind | None = None,
         owner: Any = None,
+        soft_timeout: float | None = None,
+        result_ttl: float | None = None,
+        failure_ttl: float | None = None,
+        on_success: Hook | None = None,
+        on_failure: Hook | None = None,
+        on_retry: Hook | None = None,
+        on_cancel: Hook | None = None,
     ) -> None:
         is_async = inspect.iscoroutinefunction(fn)
         if kind is None:
@@ -78,7 +101,10 @@ class Task(Generic[P, R]):
         if not queue or not isinstance(queue, str):
             raise ConfigError(f"task {name!r}: queue must be a non-empty string, not {queue!r}")
         check_options(f"task {name!r}", ConfigError, priority=priority, timeout=timeout,
-                      expires=expires)
+                      expires=expires, soft_timeout=soft_timeout, result_ttl=result_ttl,
+                      failure_ttl=failure_ttl)
+        _check_limits_and_hooks(name, timeout, soft_timeout, on_success=on_success,
+                                on_failure=on_failure, on_retry=on_retry, on_cancel=on_cancel)
         self.fn = fn
         self.name = name
         self.queue = queue
@@ -87,6 +113,16 @@ class Task(Generic[P, R]):
         self.retry_on = retry_on
         self.timeout = timeout
         self.expires = expires
+        self.soft_timeout = soft_timeout
+        #: how long its result (success) / failure is kept; None: the store's ttl
+        self.result_ttl = result_ttl
+        self.failure_ttl = failure_ttl
+        self.on_success = on_success
+        self.on_failure = on_failure
+        self.on_retry = on_retry
+        self.on_cancel = on_cancel
+        #: whether it has any hook (the worker does no hook work otherwise)
+        self.hooked = any(h is not None for h in (on_success, on_failure, on_retry, on_cancel))
         self.kind: Kind = kind
         self.owner = owner
         self.__doc__ = fn.__doc__

@@ -13,7 +13,10 @@ __all__ = ["Backoff", "RetryPolicy", "next_delay"]
 
 
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
-    """Exponential backoff with full jitter and a cap.
+    """Exponential backoff with full jitter and a cap, or a schedule.
+
+    With ``intervals`` (``retry_intervals=[1, 5, 30]``) the delay before retry
+    ``n`` is ``intervals[n - 1]`` exactly, the last one repeating.
 
     The delay before retry ``n`` (1-based) is drawn uniformly from
     ``[base * factor**(n-1) * (1 - jitter), base * factor**(n-1)]``, capped at
@@ -25,9 +28,15 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     factor: float = 2.0
     max_delay_s: float = 300.0
     jitter: float = 0.5
+    #: seconds before each retry (the last repeats), instead of the backoff
+    intervals: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         check_options("retry policy", ConfigError, retries=self.retries)
+        if any(not (isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d < 1e9)
+               for d in self.intervals):
+            raise ConfigError(f"retry policy: retry_intervals must be seconds, each 0 or more "
+                              f"and finite, got {list(self.intervals)!r}; e.g. [1, 5, 30]")
         if not (self.backoff_s >= 0 and self.max_delay_s >= 0):
             raise ConfigError(f"retry policy: backoff_s and max_delay_s must be 0 or more seconds, "
                               f"got {self.backoff_s} and {self.max_delay_s}; give 0 for no wait")
@@ -44,6 +53,8 @@ def next_delay(attempt: int, policy: RetryPolicy, rng: random.Random | None = No
     if attempt < 1:
         raise ConfigError(f"next_delay: attempt counts from 1 (the attempt that failed), got "
                           f"{attempt}; pass the failed attempt's number")
+    if policy.intervals:
+        return float(policy.intervals[min(attempt, len(policy.intervals)) - 1])
     try:
         raw = min(policy.backoff_s * policy.factor ** (attempt - 1), policy.max_delay_s)
     except OverflowError:

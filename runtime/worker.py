@@ -23,9 +23,12 @@ list, documented in the README.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import math
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -37,16 +40,19 @@ import structlog
 
 from brokers.base import BrokerConnectionError, Consumer, Delivery
 from runtime import canvas
+from runtime.context import CurrentTask, current
 from runtime.deadletters import DeadLetterReason as Why
-from runtime.errors import ArgumentsError, ConfigError, DecodeError, Reject, Retry
-from runtime.execution import ProcessRunner, TimeLimit, execute, running
+from runtime.errors import ArgumentsError, ConfigError, DecodeError
+from runtime.execution import ProcessRunner, execute, running
 from runtime.flow import Flow, Kind, Outcome, error_info, now_ms
-from runtime.messages import MAX_COUNT, ErrorInfo, TaskMessage, check_references
+from runtime.hooks import after_outcome
+from runtime.judging import judge
+from runtime.messages import MAX_COUNT, ErrorInfo, Result, State, TaskMessage, check_references
 from runtime.middleware import CallNext, Middleware, TaskContext, build_chain
 from runtime.persist import StoreRetry, type_name
 from runtime.registry import Task
-from runtime.retry import next_delay
 from runtime.seams import Admission, end_transition, started
+from runtime.states import StateWriter
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -62,6 +68,8 @@ log = structlog.get_logger("taskloom.worker")
 _STORE_RETRY_MAX_S = 5.0
 #: How long a delivery released after an unexpected error stays invisible.
 _RELEASE_DELAY_S = 5.0
+#: How long a stopping worker tries to mark a handed-back task PENDING.
+_HAND_BACK_WRITE_S = 2.0
 #: Longest message id (set by whoever published) written to a log line.
 _MAX_ID_IN_LOG = 200
 #: What a task returns to be replaced by a canvas.
@@ -146,9 +154,13 @@ class Worker:
         #: read-only: task id -> (task name, started at, ms since the epoch)
         self.running: Mapping[str, tuple[str, int]] = MappingProxyType(self._running)
         self._listeners = runtime._listeners
+        self._hooked = any(runtime.hooks.values())
         self._admission = Admission(runtime.gates, self.name) if runtime.gates else None
         self._changed: anyio.Event | None = None
-        self._flow = Flow(runtime, self.name, StoreRetry(cap_s=_STORE_RETRY_MAX_S))
+        self._states = StateWriter(runtime.results)
+        self._home: tuple[asyncio.AbstractEventLoop, int] | None = None
+        self._flow = Flow(runtime, self.name, StoreRetry(cap_s=_STORE_RETRY_MAX_S),
+                          states=self._states)
 
     @property
     def failed(self) -> int:
@@ -168,9 +180,15 @@ class Worker:
         """
         rt = self.runtime
         self._listeners = rt._listeners
+        self._hooked = any(rt.hooks.values())
+        try:
+            self._home = (asyncio.get_running_loop(), threading.get_ident())
+        except RuntimeError:  # not asyncio: progress from threads is not supported
+            self._home = None
         try:
             async with anyio.create_task_group() as services:
                 await services.start(rt.results.watch)
+                services.start_soon(self._states.serve)
                 if self._admission is not None:
                     for gate in self._admission.gates:
                         services.start_soon(gate.serve)
@@ -337,12 +355,25 @@ class Worker:
                 await self._conclude(delivery, msg, outcome)
                 return
         at = now_ms()
+        count = _count(delivery)
         self._running[msg.id] = (msg.task, at)
         try:
+            self._states.note(Result(id=msg.id, task=msg.task, state=State.STARTED,
+                                     attempt=msg.attempt, delivery_count=count,
+                                     worker=self.name, started_ms=at))
             if self._listeners:
                 self.runtime.transition(started(msg, self.name, at))
-            outcome = await self._run(delivery, msg, task, args, kwargs, holder, at)
-            await self._conclude(delivery, msg, outcome)
+            ctx = CurrentTask(msg, delivery_count=count, worker=self.name, states=self._states,
+                              started_ms=at, home=self._home)
+            token = current.set(ctx)
+            try:
+                outcome = await self._run(delivery, msg, task, args, kwargs, holder, at)
+            finally:
+                current.reset(token)
+            hooked = task.hooked or self._hooked
+            if hooked or ctx.meta or ctx.last_progress is not None:
+                outcome = dataclasses.replace(outcome, ctx=ctx)
+            await self._conclude(delivery, msg, outcome, task if hooked else None)
         finally:
             self._running.pop(msg.id, None)
 
@@ -412,49 +443,32 @@ class Worker:
             error = e
         except anyio.get_cancelled_exc_class() as e:
             if anyio.current_effective_deadline() == -math.inf:
+                await self._handed_back(msg)
                 raise  # cancelled from outside: shutdown; the broker gets it back
             error = e  # the task body raised CancelledError by itself: a failure
         # the task has run: from here on, nothing may dead-letter it but its own outcome
         try:
-            return self._judge(msg, task, value, error, started)
+            outcome = judge(msg, task, value, error, started)
+            return outcome if error is None else dataclasses.replace(outcome, exc=error)
         except Exception as e:
             return Outcome(kind=Kind.RELEASE, value=e, delay_s=_RELEASE_DELAY_S, ran=True)
 
-    def _judge(self, msg: TaskMessage, task: Task[Any, Any], value: Any,
-               error: BaseException | None, started: int) -> Outcome:
-        if error is None:
-            kind = Kind.REPLACE if isinstance(value, _CANVASES) else Kind.SUCCESS
-            return Outcome(kind=kind, value=value, started=started, ran=True)
-        if isinstance(error, Reject):
-            return Outcome.failure(error_info(error, Why.REJECTED), started=started, ran=True)
-        if isinstance(error, Retry):
-            return self._retry_or_fail(msg, task, error, error.delay_s, started)
-        if isinstance(error, TimeLimit):
-            return self._retry_or_fail(msg, task, error, None, started,
-                                       type_name="TaskTimeLimitExceeded")
-        if isinstance(error, Exception) and isinstance(error, task.retry_on):
-            return self._retry_or_fail(msg, task, error, None, started)
-        return Outcome.failure(error_info(error, Why.FAILED), started=started, ran=True)
-
-    def _retry_or_fail(self, msg: TaskMessage, task: Task[Any, Any], exc: BaseException,
-                       delay_s: float | None, started: int, *,
-                       type_name: str | None = None) -> Outcome:
-        retries = msg.retries if msg.retries is not None else task.retry.retries
-        info = error_info(exc, Why.FAILED)
-        if type_name is not None:
-            info = ErrorInfo(type=type_name, message=info.message, traceback=info.traceback,
-                             reason=Why.TIME_LIMIT.value)
-        if msg.attempt > retries:
-            return Outcome.failure(info, started=started, ran=True)
-        delay = delay_s if delay_s is not None else next_delay(msg.attempt, task.retry)
-        log.info("retrying a task", task_id=msg.id, task=msg.task, attempt=msg.attempt,
-                 retries=retries, delay_s=round(delay, 3), error=f"{info.type}: {info.message[:300]}")
-        return Outcome(kind=Kind.RETRY, info=info, delay_s=delay, started=started, ran=True)
+    async def _handed_back(self, msg: TaskMessage) -> None:
+        """A running task cancelled by a stop goes back to the broker: its
+        record says PENDING again rather than STARTED (best effort, bounded)."""
+        self._states.discard(msg.id)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_HAND_BACK_WRITE_S):
+            try:
+                await self.runtime.results.put(Result(id=msg.id, task=msg.task,
+                                                      state=State.PENDING, attempt=msg.attempt))
+            except Exception as e:
+                log.debug("could not mark a handed-back task PENDING", task_id=msg.id,
+                          error=str(e)[:300])
 
     # -- the one settle path -------------------------------------------------------
 
     async def _conclude(self, delivery: Delivery, msg: TaskMessage | None,
-                        outcome: Outcome) -> None:
+                        outcome: Outcome, hooked: Task[Any, Any] | None = None) -> None:
         """Store ``outcome``, publish what follows, and only then settle: the
         late-ack order, kept here for every delivery. After the task ran, an
         unexpected error (a bug, a broker error while sending what follows or
@@ -466,6 +480,8 @@ class Worker:
                 outcome = await self._flow.carry_out(msg, outcome, _count(delivery))
             if self._listeners:
                 self._report(delivery, msg, outcome)
+            if hooked is not None:
+                await after_outcome(self.runtime.hooks, hooked, outcome)
             await self._settle(delivery, outcome)
         except Exception as e:
             if not outcome.ran:

@@ -36,8 +36,10 @@ import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from runtime.context import current
 from runtime.errors import ConfigError, Reject, Retry
 from runtime.execution import TimeLimit
+from runtime.messages import ChordRef
 from runtime.process.pool_child import MAX_FRAME, Call, Done, Failed, Ready, Reply
 
 __all__ = ["PoolProcessDied", "ProcessPool", "RemoteTaskError"]
@@ -330,7 +332,16 @@ class ProcessPool:
         if self._idle_recv is None:
             raise RuntimeError("the process pool is not started; use `async with ProcessPool(...)`")
         name = self._name_of(fn)
-        body = _encoder.encode(Call(task=name, args=list(args), kwargs=kwargs))
+        ctx = current.get()
+        if ctx is None:
+            body = _encoder.encode(Call(task=name, args=list(args), kwargs=kwargs))
+        else:  # the child's current_task(): the message without its payload and canvas
+            m = ctx.message
+            chord = m.chord and ChordRef(id=m.chord.id, index=m.chord.index, size=m.chord.size)
+            slim = msgspec.structs.replace(m, args=[], kwargs={}, links=[], errbacks=[],
+                                           downstream=[], chord=chord)
+            body = _encoder.encode(Call(task=name, args=list(args), kwargs=kwargs, context=slim,
+                                        delivery_count=ctx.delivery_count, worker=ctx.worker))
         try:
             proc = await self._idle_recv.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
@@ -365,6 +376,11 @@ class ProcessPool:
                     await proc.close(1.0)
             else:
                 await self._discard(proc)
+        if ctx is not None and isinstance(reply, (Done, Failed)):
+            if reply.meta:
+                ctx.meta.update(reply.meta)
+            if reply.progress is not None:
+                ctx.last_progress = reply.progress
         return _outcome(reply)
 
 

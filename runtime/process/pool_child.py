@@ -24,6 +24,9 @@ from typing import Any
 
 import msgspec
 
+from runtime.context import CurrentTask, current
+from runtime.messages import Progress, TaskMessage
+
 __all__ = ["Call", "Done", "Failed", "Ready", "Reply", "main", "read_frame", "write_frame"]
 
 _HEADER = struct.Struct(">I")
@@ -36,6 +39,10 @@ class Call(msgspec.Struct, tag="call", tag_field="op", frozen=True):
     task: str
     args: list[Any]
     kwargs: dict[str, Any]
+    #: the message (without arguments and canvas) for ``current_task()`` in the child
+    context: TaskMessage | None = None
+    delivery_count: int = 0
+    worker: str = ""
 
 
 class Ready(msgspec.Struct, tag="ready", tag_field="op", frozen=True):
@@ -46,6 +53,9 @@ class Ready(msgspec.Struct, tag="ready", tag_field="op", frozen=True):
 
 class Done(msgspec.Struct, tag="done", tag_field="op", frozen=True):
     value: Any = None
+    #: what the task left in ``current_task().meta`` and its last progress
+    meta: dict[str, Any] = {}
+    progress: Progress | None = None
 
 
 class Failed(msgspec.Struct, tag="failed", tag_field="op", frozen=True):
@@ -58,6 +68,8 @@ class Failed(msgspec.Struct, tag="failed", tag_field="op", frozen=True):
     delay_s: float | None = None
     #: for runtime.errors.Retry and Reject
     reason: str = ""
+    meta: dict[str, Any] = {}
+    progress: Progress | None = None
 
 
 Reply = Ready | Done | Failed
@@ -127,14 +139,27 @@ def serve(spec: str, proto_in: int, proto_out: int) -> int:
             return 0
         call = decoder.decode(body)
         reply: Done | Failed
+        ctx = None if call.context is None else CurrentTask(
+            call.context, delivery_count=call.delivery_count, worker=call.worker)
+        token = current.set(ctx)
         try:
             task = rt.registry[call.task]
             args, kwargs = task.bind(call.args, call.kwargs)
             value = task.fn(*args, **kwargs)
             reply = Done(value=value)
+            if ctx is not None and (ctx.meta or ctx.last_progress is not None):
+                reply = Done(value=value, meta=ctx.meta, progress=ctx.last_progress)
             out = encoder.encode(reply)
         except BaseException as e:  # the task's failure is the caller's to handle
-            out = encoder.encode(_failure(e))
+            failed = _failure(e)
+            if ctx is not None and (ctx.meta or ctx.last_progress is not None):
+                failed = msgspec.structs.replace(failed, meta=ctx.meta, progress=ctx.last_progress)
+            try:
+                out = encoder.encode(failed)
+            except (TypeError, ValueError):  # meta that cannot be encoded: leave it out
+                out = encoder.encode(_failure(e))
+        finally:
+            current.reset(token)
         write_frame(proto_out, out)
 
 

@@ -18,7 +18,7 @@ Rules every store keeps (tested in tests/results_contract):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self
 
@@ -78,6 +78,11 @@ class ResultStore(Protocol):
 
     async def wait(self, task_id: str, timeout: float) -> Result:
         """The terminal result of ``task_id``; ``ResultTimeout`` after ``timeout`` s."""
+        ...
+
+    def updates(self, task_id: str) -> AsyncIterator[Result]:
+        """Each new record of ``task_id`` (STARTED, progress, RETRY...) as it is
+        stored, ending with the terminal one; no polling."""
         ...
 
     async def revoke(self, task_id: str) -> bool:

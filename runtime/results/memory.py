@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -33,6 +33,7 @@ class MemoryResultStore:
         self._revoked: set[str] = set()
         self._joins: dict[str, tuple[float, dict[int, Any]]] = {}
         self._claims: dict[str, tuple[float, str]] = {}
+        self._changes: dict[str, anyio.Event] = {}  # ids watched by updates()
 
     @classmethod
     def from_url(cls, url: str = "memory://", *, ttl_s: float = DEFAULT_TTL_S,
@@ -64,7 +65,11 @@ class MemoryResultStore:
         if entry is not None and entry[0] >= time.monotonic() and entry[1].state.terminal:
             return False
         data = encode_result(result, self.max_result_bytes)
-        self._results[result.id] = (time.monotonic() + self.ttl_s, result, data)
+        self._results[result.id] = (time.monotonic() + (result.ttl_s or self.ttl_s), result, data)
+        if self._changes:
+            changed = self._changes.pop(result.id, None)
+            if changed is not None:
+                changed.set()
         if result.state.terminal:
             event = self._waiters.pop(result.id, None)
             if event is not None:
@@ -92,6 +97,21 @@ class MemoryResultStore:
                 await event.wait()
         current = self._live(task_id)
         raise ResultTimeout(task_id, timeout, current.state if current else State.PENDING)
+
+    async def updates(self, task_id: str) -> AsyncIterator[Result]:
+        """Each new record of ``task_id`` (state, progress) until a terminal one."""
+        last: Result | None = None
+        while True:
+            changed = self._changes.get(task_id)
+            if changed is None:
+                changed = self._changes[task_id] = anyio.Event()
+            current = self._live(task_id)
+            if current is not None and current != last:
+                last = current
+                yield current
+                if current.state.terminal:
+                    return
+            await changed.wait()
 
     async def revoke(self, task_id: str) -> bool:
         stored = self._put(Result(id=task_id, state=State.REVOKED, error=CANCELLED,

@@ -8,6 +8,7 @@ Keys (``ns`` is the namespace, ``taskloom`` by default)::
     {ns}:claim:{<id>}    string   SET NX PX
     {ns}:revoked         zset     task id -> expiry (epoch ms), trimmed on revoke
     {ns}:done:<id>       channel  PUBLISHed once, when the first terminal result lands
+    {ns}:update:<id>     channel  PUBLISHed (empty) on every stored record: updates()
     {ns}:revoke          channel  PUBLISHed with the id of each revoked task
 
 Ids are hash-tagged (``{<id>}``) so that the keys of one id share a Redis
@@ -34,7 +35,7 @@ import hashlib
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from types import TracebackType
@@ -83,7 +84,8 @@ _INLINE_NOTIFY = b"%d" % _INLINE_NOTIFY_BYTES
 _TRANSIENT = ("LOADING", "READONLY", "OOM", "MISCONF", "BUSY", "MASTERDOWN", "TRYAGAIN",
               "CLUSTERDOWN")
 
-_Write = tuple[bytes, bytes, bytes]  # result key, completion channel, mark + msgpack
+# result key, completion channel, update channel, mark + msgpack, ttl ms
+_Write = tuple[bytes, bytes, bytes, bytes, bytes]
 
 _ENCODER = msgspec.msgpack.Encoder()
 _RESULT_DECODER = msgspec.msgpack.Decoder(Result)
@@ -157,6 +159,7 @@ class RedisResultStore:
             raise ConfigError(f"a Redis result store URL starts with redis://, rediss:// or "
                               f"unix://, not {url!r}")
         self.ttl_s = ttl_s
+        self._ttl_ms = b"%d" % max(1, int(ttl_s * 1000))
         self.max_result_bytes = max_result_bytes
         self.namespace = namespace
         self._url = url
@@ -299,8 +302,10 @@ class RedisResultStore:
     def _encode(self, result: Result) -> _Write:
         body = encode_result(result, self.max_result_bytes)
         ns, task_id = self._ns, result.id
+        ttl = self._ttl_ms if result.ttl_s is None else b"%d" % max(1, int(result.ttl_s * 1000))
         return (f"{ns}:result:{{{task_id}}}".encode(), f"{ns}:done:{task_id}".encode(),
-                (b"T" if result.state.terminal else b"N") + body)
+                f"{ns}:update:{task_id}".encode(),
+                (b"T" if result.state.terminal else b"N") + body, ttl)
 
     async def put(self, result: Result) -> bool:
         return (await self._writes.submit([self._encode(result)]))[0]
@@ -314,7 +319,6 @@ class RedisResultStore:
         """One EVALSHA per chunk of results, all chunks in one write (packed here:
         redis-py's per-command overhead would cost more than Redis itself)."""
         client = self._client()
-        ttl = b"%d" % max(1, int(self.ttl_s * 1000))
         chunks = [items[i:i + _WRITES_PER_SCRIPT]
                   for i in range(0, len(items), _WRITES_PER_SCRIPT)]
         replies: list[Any] = [None] * len(chunks)
@@ -324,10 +328,10 @@ class RedisResultStore:
             for c in todo:
                 chunk = chunks[c]
                 args: list[bytes] = [b"EVALSHA", _PUT.sha.encode(), b"%d" % len(chunk)]
-                args.extend(key for key, _, _ in chunk)
-                args += (ttl, _INLINE_NOTIFY)
-                for _, channel, data in chunk:
-                    args += (data, channel)
+                args.extend(key for key, _, _, _, _ in chunk)
+                args.append(_INLINE_NOTIFY)
+                for _, channel, update, data, ttl in chunk:
+                    args += (data, channel, update, ttl)
                 commands.append(_pack(args))
             with self._errors("store results"):
                 for c, reply in zip(todo, await self._roundtrip(client, commands), strict=True):
@@ -415,6 +419,28 @@ class RedisResultStore:
             finally:
                 self._notify.unsubscribe(channel, waiters)
         return current
+
+    async def updates(self, task_id: str) -> AsyncIterator[Result]:
+        """Each new record of ``task_id`` (state, progress) until a terminal one:
+        woken by the id's update channel, then one GET (records written
+        between two wake-ups coalesce into the latest)."""
+        last: Result | None = None
+        channel = f"{self._ns}:update:{task_id}".encode()
+        while True:
+            waiters = await self._notify.subscribe(channel, self._client(), self._tg_())
+            try:
+                await waiters.ready.wait()
+                waiters.check()
+                current = await self.get(task_id)
+                if current is not None and current != last:
+                    last = current
+                    yield current
+                    if current.state.terminal:
+                        return
+                await waiters.fired.wait()
+                waiters.check()
+            finally:
+                self._notify.unsubscribe(channel, waiters)
 
     # -- revocation ------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
-
--- KEYS: result keys. ARGV[1] ttl ms, ARGV[2] inline limit, then per key:
--- mark + msgpack, completion channel. Returns 1 (stored) or 0 per key.
-local ttl, limit, out = ARGV[1], tonumber(ARGV[2]), {}
+-- KEYS: result keys. ARGV[1] inline limit, then per key: mark + msgpack,
+-- completion channel, update channel, ttl ms. Returns 1 (stored) or 0 per key.
+-- Every stored record pings the update channel (handle.updates()); the first
+-- terminal one also goes to the completion channel (handle.result()).
+local limit, out = tonumber(ARGV[1]), {}
 for i, key in ipairs(KEYS) do
-  local data, channel = ARGV[2 * i + 1], ARGV[2 * i + 2]
+  local j = 4 * i - 2
+  local data, channel, update, ttl = ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3]
   if redis.call('GETRANGE', key, 0, 0) == 'T' then
     out[i] = 0
   else
@@ -12,6 +14,7 @@ for i, key in ipairs(KEYS) do
       if #data <= limit then redis.call('PUBLISH', channel, data)
       else redis.call('PUBLISH', channel, '') end
     end
+    redis.call('PUBLISH', update, '')
     out[i] = 1
   end
 end
