@@ -9,7 +9,6 @@ install. (It is imported by name: the layers contract keeps ``cli`` and
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import sys
 from typing import Any
@@ -24,12 +23,15 @@ __all__ = ["register"]
 _LOOPBACK_NAMES = ("localhost",)
 
 
-def _dashboard(module: str = "runtime.dashboard") -> Any:
+def _dashboard() -> Any:
+    """The dashboard package, or one line saying how to install it (an extra)."""
     try:
-        return importlib.import_module(module)
+        import runtime.dashboard
+        import runtime.dashboard.keys
     except ImportError as e:
         fail("the dashboard is not installed", ConfigError(
             f"{e}; install the extra: pip install 'taskloom[dashboard]'"))
+    return runtime.dashboard
 
 
 def is_loopback(host: str) -> bool:
@@ -86,7 +88,7 @@ def keys() -> None:
               help="The TOML key file (created 0600 if missing).")
 def add(name: str, scope: str, path: str) -> None:
     """Make a key NAME; prints it once (the file keeps only its hash)."""
-    module = _dashboard("runtime.dashboard.keys")
+    module = _dashboard().keys
     try:
         secret = module.add_key(path, name, scope)
     except ConfigError as e:
