@@ -45,7 +45,7 @@ from runtime.ops.workers import HeartbeatSource, RedisHeartbeats, WorkerInfo, or
 if TYPE_CHECKING:
     from runtime.app import Runtime
 
-__all__ = ["Operations", "listeners_for", "pauses_for"]
+__all__ = ["Operations", "events_of", "listeners_for", "pauses_for", "use_heartbeats"]
 
 EventStream = MemoryEventStream | RedisEventStream
 
@@ -55,6 +55,7 @@ class _Parts:
         self.index: TaskIndex | None = None
         self.events: EventStream | None = None
         self.pauses: Pauses | None = None
+        self.heartbeats: HeartbeatSource | None = None
 
 
 _parts: weakref.WeakKeyDictionary[Runtime, _Parts] = weakref.WeakKeyDictionary()
@@ -87,6 +88,18 @@ def listeners_for(rt: Runtime, *, index: bool | IndexSettings = True, events: bo
         parts.events = _new_events(rt, events_max_len)
         out.append(parts.events)
     return out
+
+
+def events_of(rt: Runtime) -> EventStream | None:
+    """The event stream ``listeners_for(rt)`` opened, if any (workers publish
+    their online/heartbeat/offline events to it)."""
+    return _parts_of(rt).events
+
+
+def use_heartbeats(rt: Runtime, source: HeartbeatSource) -> None:
+    """Where ``Operations(rt).workers()`` reads heartbeats when ``rt`` keeps them
+    in this process (``runtime.process.liveness`` registers its memory store)."""
+    _parts_of(rt).heartbeats = source
 
 
 def pauses_for(rt: Runtime) -> Pauses:
@@ -131,6 +144,7 @@ class Operations:
         self._pauses = pauses_for(rt)
         self._redis_beats = RedisHeartbeats(url, namespace=rt.namespace) if url else None
         self._heartbeats = heartbeats
+        self._parts = parts
 
     async def __aenter__(self) -> Self:
         return self
@@ -179,8 +193,9 @@ class Operations:
         """The live workers (their heartbeats not yet expired), by id."""
         if self._redis_beats is not None:
             return await self._redis_beats.list()
-        if self._heartbeats is not None:
-            return [to_info(b) for b in await self._heartbeats.list()]
+        source = self._heartbeats or self._parts.heartbeats
+        if source is not None:
+            return [to_info(b) for b in await source.list()]
         return []
 
     async def orphans(self, *, limit: int = 1000) -> list[TaskSummary]:

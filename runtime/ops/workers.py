@@ -27,6 +27,8 @@ log = structlog.get_logger("taskloom.ops.workers")
 
 
 class RunningTask(msgspec.Struct, frozen=True, array_like=True):
+    """A task a worker runs now (a heartbeat's ``tasks`` entry, JSON ``[id, name, ms]``)."""
+
     id: str
     name: str
     started_ms: int = 0

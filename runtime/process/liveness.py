@@ -20,13 +20,17 @@ import socket
 import time
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
 import msgspec
 import structlog
+
+from runtime.ops.api import events_of, use_heartbeats
+from runtime.ops.events import WorkerEvent
+from runtime.ops.workers import RunningTask
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -52,12 +56,6 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 #: A heartbeat lists at most this many running tasks (``in_flight`` has the count).
 MAX_TASKS_LISTED = 200
-
-
-class RunningTask(msgspec.Struct, frozen=True, array_like=True):
-    id: str
-    name: str
-    started_ms: int = 0
 
 
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
@@ -197,6 +195,7 @@ def store_for(rt: Runtime) -> LivenessStore:
     store = _memory_stores.get(rt)
     if store is None:
         store = _memory_stores[rt] = MemoryLivenessStore()
+        use_heartbeats(rt, store)  # Operations(rt).workers() reads it
     return store
 
 
@@ -230,6 +229,12 @@ def heartbeat_of(worker: Worker, *, started_ms: int, lag: LagMonitor | None = No
         state=_state_of(worker, state), tasks=_running_tasks(worker))
 
 
+def _event(beat: Heartbeat, what: Literal["online", "heartbeat", "offline"]) -> WorkerEvent:
+    return WorkerEvent(worker=beat.id, what=what, at_ms=beat.last_seen_ms, state=beat.state,
+                       in_flight=beat.in_flight, processed=beat.processed, failed=beat.failed,
+                       lag_ms=beat.lag_ms)
+
+
 async def publish_heartbeats(
     store: LivenessStore,
     worker: Worker,
@@ -240,14 +245,21 @@ async def publish_heartbeats(
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Publish ``worker``'s heartbeat every ``interval_s`` until cancelled, then
-    remove it. A store that is down is logged and tried again next beat."""
+    remove it; with the runtime's event stream open (``runtime.ops``), also a
+    worker event: online, then heartbeat each beat, offline at the end. A store
+    that is down is logged and tried again next beat."""
     ttl = ttl_s if ttl_s is not None else interval_s * 3
     started_ms = int(time.time() * 1000)
+    stream = events_of(worker.runtime)
+    what: Literal["online", "heartbeat", "offline"] = "online"
     task_status.started()
     failing_since: float | None = None  # one log line per outage, not one per beat
     try:
         while True:
             beat = heartbeat_of(worker, started_ms=started_ms, lag=lag)
+            if stream is not None:
+                stream.publish(_event(beat, what))
+                what = "heartbeat"
             try:
                 with anyio.fail_after(max(interval_s, 1.0)):
                     await store.put(beat, ttl)
@@ -267,6 +279,9 @@ async def publish_heartbeats(
                     failing_since = None
             await anyio.sleep(interval_s)
     finally:
+        if stream is not None:
+            stream.publish(_event(heartbeat_of(worker, started_ms=started_ms, state="stopped"),
+                                  "offline"))
         with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
             try:
                 await store.remove(worker.name)

@@ -20,7 +20,6 @@ from runtime.process.liveness import Heartbeat, RunningTask, publish_heartbeats,
 from tests.conftest import REDIS_URL
 from tests.ops.conftest import purge_ops, redis_up, tr
 
-pytestmark = pytest.mark.redis
 LIMIT = 30.0  # generous: a loaded 2-core machine
 
 
@@ -36,6 +35,7 @@ async def rt(namespace: str) -> AsyncIterator[Runtime]:
     await purge_ops(namespace)
 
 
+@pytest.mark.redis
 async def test_workers_show_what_they_run_and_the_dead_leave_orphans(rt: Runtime) -> None:
     gate = anyio.Event()
 
@@ -85,6 +85,7 @@ def _cli(namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120, env=env, check=False)
 
 
+@pytest.mark.redis
 async def test_the_commands_say_what_they_did(namespace: str) -> None:
     await redis_up()
     app = "tests.ops.cli_app:rt"
@@ -106,3 +107,28 @@ async def test_the_commands_say_what_they_did(namespace: str) -> None:
         assert dry.returncode == 0 and json.loads(dry.stdout)["matched"] == 0, dry.stderr
     finally:
         await purge_ops(namespace)
+
+
+async def test_an_embedded_worker_is_inspected_in_memory_and_its_events_stream() -> None:
+    from runtime.ops.events import WorkerEvent
+
+    rt = Runtime("memory://")
+    rt.listeners.extend(listeners_for(rt))
+    async with rt, Operations(rt) as ops:
+        store = store_for(rt)
+        with anyio.fail_after(LIMIT):
+            async with rt.worker(queues=["m"]) as w, anyio.create_task_group() as tg:
+                await tg.start(lambda task_status: publish_heartbeats(
+                    store, w, interval_s=0.05, task_status=task_status))
+                while not await ops.workers():
+                    await anyio.sleep(0.02)
+                assert [x.id for x in await ops.workers()] == [w.name]
+                tg.cancel_scope.cancel()
+            kinds = []
+            async for rec in ops.events(since="0"):
+                if isinstance(rec.event, WorkerEvent):
+                    kinds.append(rec.event.what)
+                    if rec.event.what == "offline":
+                        break
+        assert kinds[0] == "online" and kinds[-1] == "offline"
+        assert await ops.workers() == []
