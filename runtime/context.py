@@ -106,6 +106,10 @@ class CurrentTask:
         """Whether ``handle.cancel()`` reached this task (a thread task checks it)."""
         return self._cancelled
 
+    def cancel(self) -> None:
+        """Mark the task cancelled (the worker does, on ``handle.cancel()``)."""
+        self._cancelled = True
+
     def raise_if_cancelled(self) -> None:
         """Raise ``TaskCancelled`` if the task was cancelled (thread tasks call
         it between steps: Python cannot interrupt a thread)."""

@@ -151,6 +151,7 @@ class Worker:
         self.deferred = 0
         self.state: WorkerState = "starting"
         self._running: dict[str, tuple[str, int]] = {}
+        self._live: dict[str, tuple[anyio.CancelScope, CurrentTask, str]] = {}
         #: read-only: task id -> (task name, started at, ms since the epoch)
         self.running: Mapping[str, tuple[str, int]] = MappingProxyType(self._running)
         self._listeners = runtime._listeners
@@ -185,6 +186,8 @@ class Worker:
             self._home = (asyncio.get_running_loop(), threading.get_ident())
         except RuntimeError:  # not asyncio: progress from threads is not supported
             self._home = None
+        listen = getattr(rt.results, "listen_revoked", None)
+        unlisten = listen(self._revoked) if listen is not None else None
         try:
             async with anyio.create_task_group() as services:
                 await services.start(rt.results.watch)
@@ -204,6 +207,8 @@ class Worker:
                 services.cancel_scope.cancel()
         finally:
             self.state = "stopped"
+            if unlisten is not None:
+                unlisten()
         log.info("worker stopped", worker=self.name, processed=self.processed, failed=self.failed,
                  deferred=self.deferred)
 
@@ -366,10 +371,17 @@ class Worker:
             ctx = CurrentTask(msg, delivery_count=count, worker=self.name, states=self._states,
                               started_ms=at, home=self._home)
             token = current.set(ctx)
+            ran: Outcome | None = None
             try:
-                outcome = await self._run(delivery, msg, task, args, kwargs, holder, at)
+                with anyio.CancelScope() as scope:  # cancelled by handle.cancel()
+                    self._live[msg.id] = (scope, ctx, task.kind)
+                    if self.runtime.results.is_revoked(msg.id):  # revoked as it started
+                        self._revoked(msg.id)
+                    ran = await self._run(delivery, msg, task, args, kwargs, holder, at)
             finally:
                 current.reset(token)
+                self._live.pop(msg.id, None)
+            outcome = _cancelled(msg, at) if ctx.cancelled or ran is None else ran
             hooked = task.hooked or self._hooked
             if hooked or ctx.meta or ctx.last_progress is not None:
                 outcome = dataclasses.replace(outcome, ctx=ctx)
@@ -443,8 +455,10 @@ class Worker:
             error = e
         except anyio.get_cancelled_exc_class() as e:
             if anyio.current_effective_deadline() == -math.inf:
-                await self._handed_back(msg)
-                raise  # cancelled from outside: shutdown; the broker gets it back
+                ctx = current.get()
+                if ctx is None or not ctx.cancelled:
+                    await self._handed_back(msg)
+                raise  # cancelled from outside: shutdown (the broker gets it back) or revoked
             error = e  # the task body raised CancelledError by itself: a failure
         # the task has run: from here on, nothing may dead-letter it but its own outcome
         try:
@@ -452,6 +466,20 @@ class Worker:
             return outcome if error is None else dataclasses.replace(outcome, exc=error)
         except Exception as e:
             return Outcome(kind=Kind.RELEASE, value=e, delay_s=_RELEASE_DELAY_S, ran=True)
+
+    def _revoked(self, task_id: str) -> None:
+        """A revocation reached this worker: stop the tasks running under that
+        id or waited on by it (a canvas): an async or process task at once
+        (its scope is cancelled: the next await / the pool process is
+        killed), a thread task is told (``ctx.cancelled``). Never raises."""
+        for live_id, (scope, ctx, kind) in list(self._live.items()):
+            if live_id == task_id or task_id in ctx.message.downstream:
+                if not ctx.cancelled:
+                    log.info("cancelling a running task", task_id=live_id, task=ctx.name,
+                             revoked=task_id)
+                ctx.cancel()
+                if kind != "thread":
+                    scope.cancel()
 
     async def _handed_back(self, msg: TaskMessage) -> None:
         """A running task cancelled by a stop goes back to the broker: its
@@ -526,6 +554,12 @@ class Worker:
             await delivery.nack(delay_s=outcome.delay_s or 0.0)
         else:
             await delivery.ack()
+
+
+def _cancelled(msg: TaskMessage, started: int) -> Outcome:
+    return Outcome(kind=Kind.REVOKED, started=started, ran=True, info=ErrorInfo(
+        type="TaskCancelled", reason="cancelled",
+        message="cancelled by TaskHandle.cancel() while it ran"))
 
 
 def _named(msg: TaskMessage, call: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:

@@ -18,7 +18,7 @@ Rules every store keeps (tested in tests/results_contract):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self
 
@@ -88,6 +88,11 @@ class ResultStore(Protocol):
     async def revoke(self, task_id: str) -> bool:
         """Mark ``task_id`` REVOKED unless it has a terminal result; tell every
         worker (``is_revoked``). Whether it was revoked."""
+        ...
+
+    def listen_revoked(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(task_id)`` (cheap, sync) on each revocation the store
+        learns of (workers stop running tasks with it); returns the way to stop."""
         ...
 
     def is_revoked(self, task_id: str) -> bool:

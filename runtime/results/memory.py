@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -34,6 +34,7 @@ class MemoryResultStore:
         self._joins: dict[str, tuple[float, dict[int, Any]]] = {}
         self._claims: dict[str, tuple[float, str]] = {}
         self._changes: dict[str, anyio.Event] = {}  # ids watched by updates()
+        self._on_revoked: list[Callable[[str], None]] = []
 
     @classmethod
     def from_url(cls, url: str = "memory://", *, ttl_s: float = DEFAULT_TTL_S,
@@ -118,7 +119,14 @@ class MemoryResultStore:
                                   finished_ms=int(time.time() * 1000)))
         if stored:
             self._revoked.add(task_id)
+            for callback in list(self._on_revoked):
+                callback(task_id)
         return stored
+
+    def listen_revoked(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(task_id)`` on each revocation; returns the way to stop."""
+        self._on_revoked.append(callback)
+        return lambda: self._on_revoked.remove(callback)
 
     def is_revoked(self, task_id: str) -> bool:
         return task_id in self._revoked

@@ -35,7 +35,7 @@ import hashlib
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from types import TracebackType
@@ -178,6 +178,7 @@ class RedisResultStore:
         self._notify = Notifications(self._where, self._errors)
         # revocations: id -> monotonic expiry
         self._revoked: dict[str, float] = {}
+        self._on_revoked: list[Callable[[str], None]] = []
         self._prune_revoked_at = 1024
 
     @classmethod
@@ -467,8 +468,17 @@ class RedisResultStore:
     def is_revoked(self, task_id: str) -> bool:
         return task_id in self._revoked
 
+    def listen_revoked(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(task_id)`` on each revocation this store learns of
+        (its own ``revoke`` and, while ``watch`` runs, every other process's);
+        returns the way to stop."""
+        self._on_revoked.append(callback)
+        return lambda: self._on_revoked.remove(callback)
+
     def _note_revoked(self, task_id: str, ttl_s: float) -> None:
         self._revoked[task_id] = time.monotonic() + ttl_s
+        for callback in self._on_revoked:
+            callback(task_id)
         if len(self._revoked) >= self._prune_revoked_at:
             now = time.monotonic()
             self._revoked = {k: t for k, t in self._revoked.items() if t > now}
