@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.lowlevel
 
-from runtime.errors import NotInTaskError, TaskCancelled
+from runtime.errors import NotInTaskError, SoftTimeLimitExceeded, TaskCancelled
 from runtime.messages import ErrorInfo, Progress, Result, State, TaskMessage
 
 if TYPE_CHECKING:
@@ -35,13 +35,14 @@ __all__ = ["CurrentTask", "current_task"]
 class CurrentTask:
     """What a running task knows of itself. ``meta`` is stored with its result."""
 
-    __slots__ = ("_cancelled", "_flush_pending", "_home", "_states", "delivery_count",
+    __slots__ = ("_cancelled", "_flush_pending", "_home", "_soft", "_states", "delivery_count",
                  "last_progress", "message", "meta", "started_ms", "worker")
 
     def __init__(self, message: TaskMessage, *, delivery_count: int = 0, worker: str = "",
                  meta: dict[str, Any] | None = None, states: StateWriter | None = None,
                  started_ms: int | None = None,
-                 home: tuple[asyncio.AbstractEventLoop, int] | None = None) -> None:
+                 home: tuple[asyncio.AbstractEventLoop, int] | None = None,
+                 soft: tuple[float, float] | None = None) -> None:
         self.message = message
         self.delivery_count = delivery_count
         self.worker = worker
@@ -55,6 +56,8 @@ class CurrentTask:
         self._home = home
         self._flush_pending = False
         self._cancelled = False
+        #: a thread task's soft time limit: (its seconds, its monotonic deadline)
+        self._soft = soft
 
     # -- progress ------------------------------------------------------------------
 
@@ -111,8 +114,13 @@ class CurrentTask:
         self._cancelled = True
 
     def raise_if_cancelled(self) -> None:
-        """Raise ``TaskCancelled`` if the task was cancelled (thread tasks call
-        it between steps: Python cannot interrupt a thread)."""
+        """Raise ``TaskCancelled`` if the task was cancelled, and (once)
+        ``SoftTimeLimitExceeded`` past a thread task's ``soft_timeout``: thread
+        tasks call it between steps, as Python cannot interrupt a thread."""
+        soft = self._soft
+        if soft is not None and time.monotonic() >= soft[1]:
+            self._soft = None
+            raise SoftTimeLimitExceeded(soft[0])
         if self._cancelled:
             raise TaskCancelled(ErrorInfo(type="TaskCancelled", reason="cancelled",
                                           message="cancelled by TaskHandle.cancel() while "

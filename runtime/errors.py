@@ -19,7 +19,8 @@
         ├── TaskCancelled
         └── TaskDeadLettered
 
-Raised inside task bodies (control flow, not errors): ``Retry`` and ``Reject``.
+Raised inside task bodies (control flow, not errors): ``Retry`` and ``Reject``;
+``SoftTimeLimitExceeded`` is raised *into* a task body at its ``soft_timeout``.
 
 Public entry points raise these types, never an ``ExceptionGroup`` of one:
 ``with one_error:`` (below) around the library's own task groups unwraps it.
@@ -181,6 +182,16 @@ class TaskDeadLettered(TaskError):
 
 class NotInTaskError(TaskloomError, LookupError):
     """``current_task()`` was called where no task runs."""
+
+
+class SoftTimeLimitExceeded(Exception):
+    """Raised inside a task body when it runs past its ``soft_timeout``: catch
+    it to clean up (or return early) before the hard ``timeout`` stops it."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        super().__init__(f"the task ran past its soft time limit of {limit:g}s; finish up or "
+                         "it is stopped at its hard timeout")
 
 
 class Retry(Exception):

@@ -29,6 +29,7 @@ import math
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -368,8 +369,11 @@ class Worker:
                                      worker=self.name, started_ms=at))
             if self._listeners:
                 self.runtime.transition(started(msg, self.name, at))
+            soft = task.soft_timeout
             ctx = CurrentTask(msg, delivery_count=count, worker=self.name, states=self._states,
-                              started_ms=at, home=self._home)
+                              started_ms=at, home=self._home,
+                              soft=(soft, time.monotonic() + soft) if soft and task.kind == "thread"
+                              else None)
             token = current.set(ctx)
             ran: Outcome | None = None
             try:
