@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from datetime import datetime
 from types import TracebackType
 from typing import Any, ParamSpec, Self, TypeVar, cast, overload
@@ -32,11 +32,13 @@ from runtime import canvas
 from runtime.admission import Gate
 from runtime.codec import DEFAULT_MAX_BYTES, Codec, Format
 from runtime.config import Environment
+from runtime.context import current
 from runtime.errors import (
     BrokerConnectionError,
     ConfigError,
     EnqueueError,
     ResultError,
+    ResultTimeout,
     TaskloomError,
     one_error,
 )
@@ -458,7 +460,9 @@ class Runtime(Hooks):
             except Exception as e:  # raised below, outside the task group
                 failed.append(e)
 
-        with one_error:
+        ctx = current.get()  # inside a task: lend its slot while it waits (README)
+        with one_error, (ctx.lend() if ctx is not None and ctx.lend is not None
+                         else nullcontext()):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(wait)
                 try:
@@ -467,7 +471,12 @@ class Runtime(Hooks):
                     failed.append(e)
                     tg.cancel_scope.cancel()
         if failed:
-            raise failed[0]
+            first = failed[0]
+            if ctx is not None and isinstance(first, ResultTimeout):
+                raise ResultTimeout(first.task_id, first.timeout, first.state,
+                                    task=messages[-1].task,
+                                    waiter=f"{ctx.name} {ctx.id}") from None
+            raise first
         typed: TaskHandle[R] = handle
         return typed._outcome(outcome[0])
 

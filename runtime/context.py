@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -35,14 +37,27 @@ __all__ = ["CurrentTask", "current_task"]
 class CurrentTask:
     """What a running task knows of itself. ``meta`` is stored with its result."""
 
-    __slots__ = ("_cancelled", "_flush_pending", "_home", "_soft", "_states", "delivery_count",
-                 "last_progress", "message", "meta", "started_ms", "worker")
+    __slots__ = (
+        "_cancelled",
+        "_flush_pending",
+        "_home",
+        "_soft",
+        "_states",
+        "delivery_count",
+        "last_progress",
+        "lend",
+        "message",
+        "meta",
+        "started_ms",
+        "worker",
+    )
 
     def __init__(self, message: TaskMessage, *, delivery_count: int = 0, worker: str = "",
                  meta: dict[str, Any] | None = None, states: StateWriter | None = None,
                  started_ms: int | None = None,
                  home: tuple[asyncio.AbstractEventLoop, int] | None = None,
-                 soft: tuple[float, float] | None = None) -> None:
+                 soft: tuple[float, float] | None = None,
+                 lend: Callable[[], AbstractContextManager[None]] | None = None) -> None:
         self.message = message
         self.delivery_count = delivery_count
         self.worker = worker
@@ -58,6 +73,8 @@ class CurrentTask:
         self._cancelled = False
         #: a thread task's soft time limit: (its seconds, its monotonic deadline)
         self._soft = soft
+        #: the worker's way to lend this task's slot while it awaits a nested run
+        self.lend = lend
 
     # -- progress ------------------------------------------------------------------
 

@@ -137,11 +137,18 @@ class ResultError(TaskloomError):
 class ResultTimeout(ResultError, TimeoutError):
     """No terminal result arrived within the timeout."""
 
-    def __init__(self, task_id: str, timeout: float, state: str = "PENDING") -> None:
+    def __init__(self, task_id: str, timeout: float, state: str = "PENDING", *,
+                 task: str = "", waiter: str = "") -> None:
         self.task_id = task_id
         self.timeout = timeout
+        self.state = state
+        #: the name of the task waited on, and of the task that waited (nested), if known
+        self.task = task
+        self.waiter = waiter
+        named = f" ({task})" if task else ""
+        inside = f", awaited inside task {waiter}" if waiter else ""
         super().__init__(
-            f"task {task_id} has no result after {timeout:g}s (state {state}); "
+            f"task {task_id}{named} has no result after {timeout:g}s (state {state}{inside}); "
             "is a worker consuming its queue? wait longer or check `taskloom status`"
         )
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Generator
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 
+from runtime.context import current
 from runtime.errors import (
+    ResultTimeout,
     TaskCancelled,
     TaskDeadLettered,
     TaskError,
@@ -43,9 +46,17 @@ class TaskHandle(Generic[R]):
         failed, ``ResultTimeout`` if none arrives within ``timeout`` seconds
         (default: the runtime's ``result_timeout_s``)."""
         rt = self.runtime
-        with one_error:
-            waited = await rt.results.wait(
-                self.id, rt.result_timeout_s if timeout is None else timeout)
+        ctx = current.get()  # inside a task: lend its slot while it waits
+        with one_error, (ctx.lend() if ctx is not None and ctx.lend is not None
+                         else nullcontext()):
+            try:
+                waited = await rt.results.wait(
+                    self.id, rt.result_timeout_s if timeout is None else timeout)
+            except ResultTimeout as e:
+                if ctx is None:
+                    raise
+                raise ResultTimeout(e.task_id, e.timeout, e.state,
+                                    waiter=f"{ctx.name} {ctx.id}") from None
         return self._outcome(waited)
 
     def _outcome(self, result: Result) -> R:

@@ -31,7 +31,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -47,8 +48,8 @@ from runtime.errors import ArgumentsError, ConfigError, DecodeError
 from runtime.execution import ProcessRunner, execute, running
 from runtime.flow import Flow, Kind, Outcome, error_info, now_ms
 from runtime.hooks import after_outcome
-from runtime.judging import judge
-from runtime.messages import MAX_COUNT, ErrorInfo, Result, State, TaskMessage, check_references
+from runtime.judging import cancelled, count_of, judge, message_id, named, reason
+from runtime.messages import ErrorInfo, Result, State, TaskMessage, check_references
 from runtime.middleware import CallNext, Middleware, TaskContext, build_chain
 from runtime.persist import StoreRetry, type_name
 from runtime.registry import Task
@@ -79,32 +80,14 @@ _CANVASES = (canvas.Signature, canvas.Chain, canvas.Group, canvas.Chord)
 _DEAD = (Kind.FAILURE, Kind.DEAD_LETTER)
 
 
-def _count(delivery: Delivery) -> int:
-    """The broker's delivery count, whatever the broker handed over, as an int
-    in 0..MAX_COUNT (it is not signed: recorded in results, never decided on)."""
-    try:
-        count = delivery.delivery_count
-    except Exception:
-        return 0
-    if not isinstance(count, int) or isinstance(count, bool):
-        return 0
-    return min(max(count, 0), MAX_COUNT)
+class _Lent:
+    """A runner lent to a task awaiting a nested run."""
 
+    __slots__ = ("done", "scope")
 
-def _message_id(delivery: Delivery) -> str:
-    """The envelope id for a log line (not signed: any string, cut short)."""
-    try:
-        value = delivery.envelope.id
-    except Exception:
-        return "?"
-    return value[:_MAX_ID_IN_LOG] if isinstance(value, str) else "?"
-
-
-def _reason(value: str, default: Why) -> Why:
-    try:
-        return Why(value)
-    except ValueError:
-        return default
+    def __init__(self) -> None:
+        self.done = False
+        self.scope: anyio.CancelScope | None = None
 
 
 class Worker:
@@ -125,6 +108,7 @@ class Worker:
         threads: int = 40,
         processes: ProcessRunner | None = None,
         name: str | None = None,
+        nested_waits: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
@@ -135,6 +119,12 @@ class Worker:
         if self.prefetch < 1:
             raise ConfigError(f"prefetch must be at least 1, got {self.prefetch}")
         self.shutdown_grace_s = shutdown_grace_s
+        #: tasks that may lend their slot while they await a nested run() (see README)
+        self.nested_waits = max(1, concurrency // 10) if nested_waits is None else nested_waits
+        if self.nested_waits < 0:
+            raise ConfigError(f"nested_waits must be 0 or more, got {nested_waits}")
+        self._lent = 0
+        self._spawn: Callable[[_Lent], None] | None = None
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.processes = processes
         self._threads = anyio.CapacityLimiter(threads)
@@ -196,12 +186,17 @@ class Worker:
                 if self._admission is not None:
                     for gate in self._admission.gates:
                         services.start_soon(gate.serve)
-                async with rt.broker.consume(self.queues, prefetch=self.prefetch) as consumer:
+                async with rt.broker.consume(self.queues, prefetch=self.prefetch + self.nested_waits
+                                             ) as consumer:
                     log.info("worker started", worker=self.name, queues=self.queues,
                              concurrency=self.concurrency)
                     async with anyio.create_task_group() as runners:
                         for _ in range(self.concurrency):
                             runners.start_soon(self._runner, consumer)
+                        def spawn(lent: _Lent) -> None:
+                            runners.start_soon(self._runner, consumer, lent)
+
+                        self._spawn = spawn
                         if not self._stopping:
                             self.state = "running"
                         task_status.started()
@@ -213,7 +208,7 @@ class Worker:
         log.info("worker stopped", worker=self.name, processed=self.processed, failed=self.failed,
                  deferred=self.deferred)
 
-    async def _runner(self, consumer: Consumer) -> None:
+    async def _runner(self, consumer: Consumer, lent: _Lent | None = None) -> None:
         """Receive a delivery, run it, repeat: ``concurrency`` of these share the
         consumer, so no task is spawned per message.
 
@@ -227,8 +222,10 @@ class Worker:
         runner = anyio.get_current_task().id
         with anyio.CancelScope() as scope:
             self._scopes.add(scope)
+            if lent is not None:
+                lent.scope = scope
             try:
-                while not self._stopping:
+                while not self._stopping and (lent is None or not lent.done):
                     receiving.add(scope)
                     try:
                         delivery = await receive()
@@ -239,6 +236,28 @@ class Worker:
                     await self._handle(delivery, runner)
             finally:
                 self._scopes.discard(scope)
+
+    @contextmanager
+    def lend_slot(self) -> Iterator[None]:
+        """While a task awaits a nested ``run()`` (or a handle's result), one
+        more runner takes work in its place, so the slot is not held by a
+        waiter; at most ``nested_waits`` at once (then the wait keeps its
+        slot). The extra runner stops after the task it is running when the
+        wait ends."""
+        spawn = self._spawn
+        if spawn is None or self._stopping or self._lent >= self.nested_waits:
+            yield
+            return
+        self._lent += 1
+        lent = _Lent()
+        spawn(lent)
+        try:
+            yield
+        finally:
+            self._lent -= 1
+            lent.done = True
+            if lent.scope is not None and lent.scope in self._receiving:
+                lent.scope.cancel()
 
     def stop(self) -> None:
         """Stop taking work; in-flight tasks get ``shutdown_grace_s`` to finish,
@@ -299,18 +318,18 @@ class Worker:
         except BrokerConnectionError as e:
             # the broker will redeliver what we could not settle
             log.warning("could not settle a delivery; the broker will redeliver it",
-                        message_id=_message_id(delivery), error=str(e)[:300])
+                        message_id=message_id(delivery), error=str(e)[:300])
         except Exception as e:
             # a bug of ours before the task ran: it must not stop the worker or
             # loop the message forever (after it ran, _conclude releases instead)
             log.error("internal error handling a delivery; dead-lettering it",
-                      message_id=_message_id(delivery), error_type=type_name(e), exc_info=e)
+                      message_id=message_id(delivery), error_type=type_name(e), exc_info=e)
             try:
                 await self._settle(delivery, Outcome(kind=Kind.DEAD_LETTER,
                                                      reason=Why.INTERNAL_ERROR))
             except Exception as settle_error:
                 log.warning("could not dead-letter after an internal error",
-                            message_id=_message_id(delivery), error=str(settle_error)[:300])
+                            message_id=message_id(delivery), error=str(settle_error)[:300])
         finally:
             running.pop(runner, None)
             self.in_flight -= 1
@@ -361,7 +380,7 @@ class Worker:
                 await self._conclude(delivery, msg, outcome)
                 return
         at = now_ms()
-        count = _count(delivery)
+        count = count_of(delivery)
         self._running[msg.id] = (msg.task, at)
         try:
             self._states.note(Result(id=msg.id, task=msg.task, state=State.STARTED,
@@ -371,7 +390,7 @@ class Worker:
                 self.runtime.transition(started(msg, self.name, at))
             soft = task.soft_timeout
             ctx = CurrentTask(msg, delivery_count=count, worker=self.name, states=self._states,
-                              started_ms=at, home=self._home,
+                              started_ms=at, home=self._home, lend=self.lend_slot,
                               soft=(soft, time.monotonic() + soft) if soft and task.kind == "thread"
                               else None)
             token = current.set(ctx)
@@ -385,7 +404,7 @@ class Worker:
             finally:
                 current.reset(token)
                 self._live.pop(msg.id, None)
-            outcome = _cancelled(msg, at) if ctx.cancelled or ran is None else ran
+            outcome = cancelled(msg, at) if ctx.cancelled or ran is None else ran
             hooked = task.hooked or self._hooked
             if hooked or ctx.meta or ctx.last_progress is not None:
                 outcome = dataclasses.replace(outcome, ctx=ctx)
@@ -399,9 +418,9 @@ class Worker:
         try:
             msg = self.runtime.codec.decode(env.body, env.headers)
         except DecodeError as e:
-            log.error("dead-lettering an undecodable message", message_id=_message_id(delivery),
+            log.error("dead-lettering an undecodable message", message_id=message_id(delivery),
                       reason=e.reason, error=str(e)[:300])
-            return Outcome(kind=Kind.DEAD_LETTER, reason=_reason(e.reason, Why.DECODE_ERROR))
+            return Outcome(kind=Kind.DEAD_LETTER, reason=reason(e.reason, Why.DECODE_ERROR))
         wrong = check_references(msg)
         if wrong is not None:
             log.error("dead-lettering a message whose canvas references do not hold",
@@ -444,7 +463,7 @@ class Worker:
                                processes=self.processes)
         else:
             context = TaskContext(message=msg, task=task, args=args, kwargs=kwargs,
-                                  timeout=timeout, delivery_count=_count(delivery),
+                                  timeout=timeout, delivery_count=count_of(delivery),
                                   worker=self.name)
             chain = self._chain
 
@@ -453,7 +472,7 @@ class Worker:
         error: BaseException | None = None
         value: Any = None
         try:
-            value = await (self._flow.keeping_claim(msg, holder, _named(msg, call)) if holder
+            value = await (self._flow.keeping_claim(msg, holder, named(msg, call)) if holder
                            else call())
         except Exception as e:
             error = e
@@ -509,7 +528,7 @@ class Worker:
             if outcome.kind is Kind.RELEASE and outcome.ran:
                 raise outcome.value  # the judging of what the task did failed
             if msg is not None and outcome.kind is not Kind.DEAD_LETTER:
-                outcome = await self._flow.carry_out(msg, outcome, _count(delivery))
+                outcome = await self._flow.carry_out(msg, outcome, count_of(delivery))
             if self._listeners:
                 self._report(delivery, msg, outcome)
             if hooked is not None:
@@ -541,7 +560,7 @@ class Worker:
                 queue = str(delivery.envelope.queue)[:_MAX_ID_IN_LOG]
             except Exception:
                 queue = ""
-        t = end_transition(msg, outcome, self.name, message_id=_message_id(delivery),
+        t = end_transition(msg, outcome, self.name, message_id=message_id(delivery),
                            queue=queue)
         if t is not None:
             self.runtime.transition(t)
@@ -558,24 +577,3 @@ class Worker:
             await delivery.nack(delay_s=outcome.delay_s or 0.0)
         else:
             await delivery.ack()
-
-
-def _cancelled(msg: TaskMessage, started: int) -> Outcome:
-    return Outcome(kind=Kind.REVOKED, started=started, ran=True, info=ErrorInfo(
-        type="TaskCancelled", reason="cancelled",
-        message="cancelled by TaskHandle.cancel() while it ran"))
-
-
-def _named(msg: TaskMessage, call: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
-    """``call`` that records ``msg`` as running in the task that calls it (the
-    claim-keeping child task) for the loop-lag monitor."""
-
-    async def named() -> Any:
-        key = anyio.get_current_task().id
-        running[key] = msg
-        try:
-            return await call()
-        finally:
-            running.pop(key, None)
-
-    return named
