@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from runtime import Runtime, State, TaskCancelled, current_task
+from runtime import Runtime, State, TaskCancelled, current_task, group
 from tests.conftest import REDIS_URL
 
 LIMIT = 20.0  # bound on every wait; the work here takes milliseconds
@@ -81,3 +81,29 @@ async def test_cancel_tells_a_thread_task(rt: Runtime) -> None:
             await worker.idle()
             assert await handle.status() is State.REVOKED
     assert len(steps) < 6000
+
+
+async def test_cancelling_a_group_stops_its_running_members(rt: Runtime) -> None:
+    started: list[str] = []
+    after: list[str] = []
+    both = anyio.Event()
+
+    @rt.task
+    async def member(i: int) -> int:
+        started.append(current_task().id)
+        if len(started) == 2:
+            both.set()
+        await anyio.sleep(60)
+        after.append(f"member {i} ran on")
+        return i
+
+    with anyio.fail_after(LIMIT):
+        async with rt, rt.worker() as worker:
+            handle = await rt.enqueue(group(member.s(1), member.s(2)))
+            await both.wait()
+            assert await handle.cancel()
+            for member_id in started:
+                with pytest.raises(TaskCancelled):
+                    await rt.handle(member_id).result(timeout=LIMIT)
+            await worker.idle()
+    assert after == []
