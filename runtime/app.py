@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequen
 from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from datetime import datetime
 from types import TracebackType
-from typing import Any, ParamSpec, Self, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, cast, overload
 
 import anyio
 import structlog
@@ -52,8 +52,13 @@ from runtime.middleware import Middleware
 from runtime.registry import Hook, Kind, Task, TaskDecorator, TaskRegistry
 from runtime.results import DEFAULT_TTL_S, ResultStore
 from runtime.retry import RetryPolicy
+from runtime.seams import open_listeners
 from runtime.wiring import check_task_id, default_results, results_for
 from runtime.worker import Worker
+
+if TYPE_CHECKING:
+    from runtime.ops.api import Operations
+    from runtime.ops.scheduler import Schedules
 
 __all__ = ["Runtime", "TaskHandle", "run"]
 
@@ -86,20 +91,17 @@ class Runtime(Hooks):
         middleware: Sequence[Middleware] = (),
         listeners: Sequence[Listener] = (),
         gates: Sequence[Gate] = (),
+        index: bool = True,
+        events: bool = True,
     ) -> None:
-        """Every argument left out (``None``) is read from its ``TASKLOOM_*``
-        environment variable, else takes its default (see ``runtime.config``):
-        ``TASKLOOM_BROKER_URL``, ``TASKLOOM_RESULTS_URL``, ``TASKLOOM_NAMESPACE``,
-        ``TASKLOOM_DEFAULT_QUEUE``, ``TASKLOOM_CODEC``, ``TASKLOOM_MAX_MESSAGE_BYTES``,
-        ``TASKLOOM_RESULT_TTL_S``, ``TASKLOOM_RESULT_TIMEOUT_S``. Explicit arguments win.
-
-        Results: without ``results`` (argument or variable), a Redis broker keeps
-        them in its own Redis and the memory broker in memory. A broker that
-        cannot carry results (RabbitMQ) needs ``results="redis://…"``: building a
-        runtime without it raises ``ConfigError`` at once, rather than keeping
-        results in this process where a caller in another process never sees
-        them. ``results="memory://"`` says explicitly that every caller runs in
-        the worker's process.
+        """An argument left out (``None``) is read from its ``TASKLOOM_*`` variable
+        (see ``runtime.config``), else takes its default; explicit arguments win.
+        Without ``results``, a Redis broker keeps them in its own Redis and the
+        memory broker in memory; RabbitMQ cannot carry them, so it needs
+        ``results="redis://…"`` (a ``ConfigError`` at once otherwise;
+        ``results="memory://"`` if every caller runs in the worker's process).
+        ``index`` and ``events`` keep the task index and the event stream
+        (``rt.ops``) beside the result store; either can be switched off.
         """
         env = Environment()
         if broker is None:
@@ -126,6 +128,7 @@ class Runtime(Hooks):
         #: asked before a task runs; read when a worker is built
         self.gates: list[Gate] = list(gates)
         self._listeners: tuple[Listener, ...] = ()
+        self._keep = (index, events)
         self._services: AsyncExitStack | None = None
         self._publish_hooks = [m for m in self.middleware
                                if type(m).before_publish is not Middleware.before_publish]
@@ -304,28 +307,14 @@ class Runtime(Hooks):
             except BaseException:
                 await self.broker.__aexit__(None, None, None)
                 raise
-            if self.listeners:
-                await self._start_listeners()
-        self._entered += 1
+            from runtime.ops.api import listeners_for  # the operations side loads Redis
 
-    async def _start_listeners(self) -> None:
-        """Run each listener's ``serve()`` in the runtime's task group until it
-        closes; then (after cancelling it) ``aclose()`` each."""
-        listeners = tuple(self.listeners)
-        stack = AsyncExitStack()
-        await stack.__aenter__()
-        try:
-            for listener in listeners:
-                stack.push_async_callback(_close_listener, listener)
-            tg = await stack.enter_async_context(anyio.create_task_group())
-            stack.callback(tg.cancel_scope.cancel)
-            for listener in listeners:
-                tg.start_soon(_serve_listener, listener)
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._services = stack
-        self._listeners = listeners
+            listeners = [*self.listeners,
+                         *listeners_for(self, index=self._keep[0], events=self._keep[1])]
+            if listeners:
+                self._services = await open_listeners(listeners)
+                self._listeners = tuple(listeners)
+        self._entered += 1
 
     async def __aexit__(
         self,
@@ -345,6 +334,21 @@ class Runtime(Hooks):
                         await self.results.__aexit__(exc_type, exc, tb)
                     finally:
                         await self.broker.__aexit__(exc_type, exc, tb)
+
+    @property
+    def ops(self) -> Operations:
+        """What operators see and steer: tasks by state, workers, events, retry,
+        replay, cancel by filter, pause (:class:`runtime.ops.api.Operations`)."""
+        from runtime.ops.api import Operations
+
+        return Operations(self)
+
+    @property
+    def schedules(self) -> Schedules:
+        """Periodic and cron schedules (:mod:`runtime.ops.scheduler`)."""
+        from runtime.ops.scheduler import schedules_for
+
+        return schedules_for(self)
 
     def _require_started(self) -> None:
         if not self._entered:
@@ -567,21 +571,6 @@ class Runtime(Hooks):
                           task_id=t.id, phase=t.phase.value, error_type=type(e).__name__,
                           exc_info=e)
 
-
-async def _serve_listener(listener: Listener) -> None:
-    try:
-        await listener.serve()
-    except Exception as e:  # it must not take the runtime (and the caller's code) down
-        log.error("a lifecycle listener stopped serving", listener=type(listener).__name__,
-                  error_type=type(e).__name__, exc_info=e)
-
-
-async def _close_listener(listener: Listener) -> None:
-    try:
-        await listener.aclose()
-    except Exception as e:
-        log.error("a lifecycle listener failed to close", listener=type(listener).__name__,
-                  error_type=type(e).__name__, exc_info=e)
 
 
 async def run(target: canvas.Composable[R], *, timeout: float | None = None) -> R:

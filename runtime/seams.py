@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 
+import anyio
 import structlog
 
 from runtime.admission import Gate
 from runtime.deadletters import DeadLetterReason as Why
 from runtime.flow import Kind, Outcome, now_ms
-from runtime.lifecycle import Phase, Transition
+from runtime.lifecycle import Listener, Phase, Transition
 from runtime.messages import TaskMessage
 from runtime.persist import type_name
 
-__all__ = ["GATE_ERROR_DELAY_S", "Admission", "end_transition", "started"]
+__all__ = ["GATE_ERROR_DELAY_S", "Admission", "end_transition", "open_listeners", "started"]
 
 log = structlog.get_logger("taskloom.worker")
 
@@ -115,3 +117,37 @@ class Admission:
                 log.warning("an admission gate failed to release a task's permits (its "
                             "leases lapse instead)", gate=type(gate).__name__,
                             task_id=msg.id, error_type=type_name(e), error=str(e)[:_MAX_ERROR])
+
+
+async def open_listeners(listeners: Sequence[Listener]) -> AsyncExitStack:
+    """Run each listener's ``serve()`` in a task group of its own until the
+    returned stack closes; closing cancels them, then ``aclose()``s each."""
+    stack = AsyncExitStack()
+    await stack.__aenter__()
+    try:
+        for listener in listeners:
+            stack.push_async_callback(_close_listener, listener)
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(tg.cancel_scope.cancel)
+        for listener in listeners:
+            tg.start_soon(_serve_listener, listener)
+    except BaseException:
+        await stack.aclose()
+        raise
+    return stack
+
+
+async def _serve_listener(listener: Listener) -> None:
+    try:
+        await listener.serve()
+    except Exception as e:  # it must not take the runtime (and the caller's code) down
+        log.error("a lifecycle listener stopped serving", listener=type(listener).__name__,
+                  error_type=type(e).__name__, exc_info=e)
+
+
+async def _close_listener(listener: Listener) -> None:
+    try:
+        await listener.aclose()
+    except Exception as e:
+        log.error("a lifecycle listener failed to close", listener=type(listener).__name__,
+                  error_type=type(e).__name__, exc_info=e)
