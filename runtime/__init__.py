@@ -13,8 +13,8 @@
 
 Every name the README shows is importable from here. Importing ``runtime``
 loads neither the Redis nor the AMQP client nor OpenTelemetry, and configures
-no logging: ``TracingMiddleware`` (OpenTelemetry) and ``ProcessPool`` (process
-management) load on first use.
+no logging: ``TracingMiddleware`` (OpenTelemetry), ``ProcessPool`` (process
+management) and the schedule rules ``cron``, ``every``, ``at`` load on first use.
 """
 
 import typing
@@ -29,6 +29,7 @@ from runtime.errors import (
     DecodeError,
     EncodeError,
     EnqueueError,
+    NotInTaskError,
     PayloadTooLarge,
     Reject,
     ResultError,
@@ -36,6 +37,7 @@ from runtime.errors import (
     ResultStoreUnavailable,
     ResultTimeout,
     Retry,
+    SoftTimeLimitExceeded,
     TaskCancelled,
     TaskDeadLettered,
     TaskError,
@@ -53,6 +55,7 @@ from runtime.testing import running
 from runtime.worker import Worker
 
 if typing.TYPE_CHECKING:
+    from runtime.ops.scheduler import at, cron, every
     from runtime.process.pool import ProcessPool
     from runtime.tracing import TracingMiddleware
 
@@ -67,6 +70,7 @@ __all__ = [
     "EnqueueError",
     "MemoryResultStore",
     "Middleware",
+    "NotInTaskError",
     "PayloadTooLarge",
     "ProcessPool",
     "Progress",
@@ -81,6 +85,7 @@ __all__ = [
     "RetryPolicy",
     "Runtime",
     "Signature",
+    "SoftTimeLimitExceeded",
     "State",
     "Task",
     "TaskCancelled",
@@ -94,11 +99,14 @@ __all__ = [
     "TracingMiddleware",
     "UnknownTaskError",
     "Worker",
+    "at",
     "chain",
     "chord",
     "chunks",
     "configure_logging",
+    "cron",
     "current_task",
+    "every",
     "group",
     "map",
     "results_from_url",
@@ -120,4 +128,10 @@ def __getattr__(name: str) -> typing.Any:
 
         globals()[name] = ProcessPool
         return ProcessPool
+    if name in ("at", "cron", "every"):  # the scheduler's rules load its Redis store
+        from runtime.ops import scheduler
+
+        rule = getattr(scheduler, name)
+        globals()[name] = rule
+        return rule
     raise AttributeError(f"module 'runtime' has no attribute {name!r}")

@@ -23,6 +23,7 @@ from runtime import (
     DecodeError,
     EncodeError,
     EnqueueError,
+    NotInTaskError,
     PayloadTooLarge,
     Reject,
     ResultError,
@@ -328,12 +329,18 @@ REACHABLE: dict[type[BaseException], str] = {
     TaskTimeLimitExceeded: "run() of a task past its timeout",
     TaskCancelled: "handle.result() after handle.cancel()",
     DecodeError: "rt.codec.decode(bad bytes); a caller sees TaskDeadLettered(reason decode_error)",
+    NotInTaskError: "current_task() outside a task (test_current_task_outside_a_task_raises)",
 }
 
 #: exported but not raised by any entry point yet, each with what it waits for
 NOT_YET: dict[type[BaseException], str] = {
     ResultExpired: "needs the result stores to keep an expiry marker (runtime/results*.py)",
 }
+
+
+def test_current_task_outside_a_task_raises() -> None:
+    with pytest.raises(NotInTaskError, match="current_task"):
+        runtime.current_task()
 
 
 def test_every_exported_error_is_reachable_from_an_entry_point() -> None:
