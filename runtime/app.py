@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, cast, overload
 
@@ -34,10 +34,7 @@ from runtime.codec import DEFAULT_MAX_BYTES, Codec, Format
 from runtime.config import Environment
 from runtime.context import current
 from runtime.errors import (
-    BrokerConnectionError,
     ConfigError,
-    EnqueueError,
-    ResultError,
     ResultTimeout,
     TaskloomError,
     one_error,
@@ -47,18 +44,28 @@ from runtime.handle import TaskHandle
 from runtime.hooks import Hooks
 from runtime.lifecycle import Listener, Phase, Transition
 from runtime.logs import ensure_logging
-from runtime.messages import Result, TaskMessage, TaskOptions
+from runtime.messages import Result, TaskMessage
 from runtime.middleware import Middleware
 from runtime.registry import Hook, Kind, Task, TaskDecorator, TaskRegistry
 from runtime.results import DEFAULT_TTL_S, ResultStore
-from runtime.retry import RetryPolicy
 from runtime.seams import open_listeners
-from runtime.wiring import check_task_id, default_results, results_for
+from runtime.wiring import (
+    check_task_id,
+    check_time_limit,
+    compile_call,
+    declare,
+    dedupe,
+    default_results,
+    install_limits_gate,
+    known_id,
+    results_for,
+    retry_policy,
+)
 from runtime.worker import Worker
 
 if TYPE_CHECKING:
     from runtime.ops.api import Operations
-    from runtime.ops.scheduler import Schedules
+    from runtime.ops.scheduler import Misfire, Rule, Schedules
 
 __all__ = ["Runtime", "TaskHandle", "run"]
 
@@ -66,6 +73,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 DEFAULT_RESULT_TIMEOUT_S = 300.0
+
+Key = str | Callable[..., Any] | None  # a limiter key: an argument's name or a callable
+Seconds = timedelta | float | None
 
 log = structlog.get_logger("taskloom.runtime")
 
@@ -185,6 +195,11 @@ class Runtime(Hooks):
         on_failure: Hook | None = None,
         on_retry: Hook | None = None,
         on_cancel: Hook | None = None,
+        rate_limit: str | None = None, burst: int | None = None, rate_key: Key = None,
+        concurrency_limit: int | None = None, concurrency_key: Key = None,
+        lease: Seconds = None, unique_for: Seconds = None, unique_key: Key = None,
+        debounce: Seconds = None, debounce_key: Key = None,
+        schedule: Rule | None = None, misfire: Misfire = "skip",
     ) -> TaskDecorator: ...
 
     def task(  # type: ignore[misc]  # mypy cannot match ParamSpec overloads here
@@ -212,6 +227,11 @@ class Runtime(Hooks):
         on_failure: Hook | None = None,
         on_retry: Hook | None = None,
         on_cancel: Hook | None = None,
+        rate_limit: str | None = None, burst: int | None = None, rate_key: Key = None,
+        concurrency_limit: int | None = None, concurrency_key: Key = None,
+        lease: Seconds = None, unique_for: Seconds = None, unique_key: Key = None,
+        debounce: Seconds = None, debounce_key: Key = None,
+        schedule: Rule | None = None, misfire: Misfire = "skip",
     ) -> Task[P, R] | TaskDecorator:
         """Register a task. ``async def`` runs on the event loop, a plain
         ``def`` in a thread, ``kind="process"`` in a process pool.
@@ -220,24 +240,17 @@ class Runtime(Hooks):
         its result (an ``async def``'s awaited result), which ``.s()``,
         ``run()`` and ``TaskHandle.result()`` carry to the caller.
 
-        ``retry_intervals=[1, 5, 30]``: seconds before each retry (the last
-        repeats) instead of the exponential backoff; ``retries`` defaults to
-        their number. ``soft_timeout``: ``SoftTimeLimitExceeded`` is raised in
-        the task (async) this long after it starts, before ``timeout``.
-        ``result_ttl`` / ``failure_ttl``: how long its result / failure is
-        kept (default: the runtime's ``result_ttl_s``). ``on_success(ctx,
-        value)``, ``on_failure(ctx, error)``, ``on_retry(ctx, error, delay_s)``,
-        ``on_cancel(ctx)``: hooks (sync or async) called once per outcome on
-        the worker, after it is stored; one that raises is logged."""
+        ``retry_intervals``: seconds before each retry; ``soft_timeout``:
+        ``SoftTimeLimitExceeded`` in the task first; ``result_ttl`` /
+        ``failure_ttl``: retention; ``on_success/on_failure/on_retry/on_cancel``:
+        hooks. Flow control (README): ``rate_limit``, ``burst``,
+        ``concurrency_limit``, ``lease``, ``unique_for``, ``debounce``, each
+        per ``*_key``; ``schedule=every(...)|cron(...)`` with ``misfire``."""
 
         def register(f: Callable[P, R]) -> Task[P, R]:
-            try:
-                intervals = tuple(retry_intervals or ())
-                policy = RetryPolicy(retries=retries or len(intervals), backoff_s=backoff,
-                                     factor=backoff_factor, max_delay_s=max_backoff,
-                                     jitter=jitter, intervals=intervals)
-            except ValueError as e:
-                raise ConfigError(f"task {f.__qualname__}: {e}") from None
+            steps = tuple(retry_intervals or ())
+            policy = retry_policy(f, retries=retries or len(steps), backoff_s=backoff, jitter=jitter,
+                                  factor=backoff_factor, max_delay_s=max_backoff, intervals=steps)
             t: Task[P, R] = Task(
                 f,
                 name=name or f"{f.__module__}.{f.__qualname__}",
@@ -258,6 +271,11 @@ class Runtime(Hooks):
                 on_cancel=on_cancel,
             )
             self._check_time_limit(t)
+            declare(self, t, dict(rate_limit=rate_limit, burst=burst, rate_key=rate_key,
+                                  concurrency_limit=concurrency_limit, lease=lease,
+                                  concurrency_key=concurrency_key, unique_for=unique_for,
+                                  unique_key=unique_key, debounce=debounce,
+                                  debounce_key=debounce_key), schedule, misfire)
             self.registry.add(t)
             return t
 
@@ -265,19 +283,7 @@ class Runtime(Hooks):
             return register(fn)
         return cast(TaskDecorator, register)
 
-    def _check_time_limit(self, task: Task[Any, Any]) -> None:
-        """A time limit must stay below the broker's consumer timeout (tasks
-        without one get ``default_time_limit``, which does)."""
-        limit = self.broker.capabilities.consumer_timeout_s
-        if limit is None:
-            return
-        if task.timeout is not None and task.timeout >= limit:
-            raise ConfigError(
-                f"task {task.name!r} has timeout={task.timeout}, but the broker takes back "
-                f"messages held longer than its consumer timeout of {limit:g}s, which would run "
-                f"the task twice; give it timeout < {limit:g} or raise the broker's "
-                "consumer_timeout"
-            )
+    _check_time_limit = check_time_limit
 
     @property
     def default_time_limit(self) -> float | None:
@@ -301,6 +307,7 @@ class Runtime(Hooks):
         if self._entered == 0:
             for t in self.registry:
                 self._check_time_limit(t)
+            install_limits_gate(self)
             await self.broker.__aenter__()
             try:
                 await self.results.__aenter__()
@@ -372,6 +379,7 @@ class Runtime(Hooks):
         An exception raised in the block leaves it as itself (after the drain),
         never wrapped in an ``ExceptionGroup``; so does a worker failure."""
         self._require_started()
+        install_limits_gate(self)
         w = Worker(self, queues=queues, concurrency=concurrency, prefetch=prefetch,
                    shutdown_grace_s=shutdown_grace_s, processes=processes)
         raised: Exception | None = None
@@ -420,22 +428,27 @@ class Runtime(Hooks):
             if task_id is not None and await self._known(task_id):
                 handle.duplicate = True
                 return handle
+            if _deduped(target):  # unique_for / debounce (runtime.ops.limits)
+                messages, handle = await dedupe(self, messages, handle)
             await self.publish(messages)
         return handle
 
-    async def _known(self, task_id: str) -> bool:
-        """Whether the result store has a record of ``task_id``. When the store
-        cannot say, the enqueue goes ahead (it depends on the broker alone)."""
-        try:
-            return await self.results.get(task_id) is not None
-        except (ResultError, BrokerConnectionError) as e:
-            log.warning("cannot check whether the task id is taken; enqueuing it anyway",
-                        task_id=task_id, error=str(e))
-            return False
+    _known = known_id
 
-    async def enqueue_many(self, targets: Iterable[canvas.Composable[R]]) -> list[TaskHandle[R]]:
-        """Publish many signatures or canvases in one batch."""
+    async def enqueue_many(self, targets: Iterable[canvas.Composable[R]], *,
+                           rate: str | None = None) -> list[TaskHandle[R]]:
+        """Publish many signatures or canvases in one batch; with ``rate``
+        ("100/s"), in batches of the rate's burst spaced by it (a producer that
+        must not flood the queue). Tasks with ``unique_for``/``debounce`` are
+        enqueued one by one."""
         self._require_started()
+        if rate is not None:
+            from runtime.ops.limits import enqueue_paced
+
+            return await enqueue_paced(self, targets, rate=rate)
+        targets = list(targets)
+        if any(_deduped(t) for t in targets):
+            return [await self.enqueue(t) for t in targets]
         messages: list[TaskMessage] = []
         handles: list[TaskHandle[R]] = []
         for target in targets:
@@ -453,6 +466,8 @@ class Runtime(Hooks):
         a result store that subscribes to completions is listening by the time
         a fast task finishes: one round trip less than enqueue, then wait."""
         self._require_started()
+        if _deduped(target):  # the handle may be the first call's: wait on that one
+            return await (await self.enqueue(target)).result(timeout)
         messages, handle = self._compile(target)
         outcome: list[Result] = []
         failed: list[Exception] = []
@@ -484,43 +499,18 @@ class Runtime(Hooks):
         typed: TaskHandle[R] = handle
         return typed._outcome(outcome[0])
 
+    def call_headers(self, *, rate_limit: str | None = None,
+                     concurrency_limit: int | None = None) -> dict[str, str]:
+        """The headers of per-call limits (``.set(rate_limit=...)``), checked."""
+        from runtime.ops.limits import call_headers
+
+        return call_headers(rate_limit=rate_limit, concurrency_limit=concurrency_limit)
+
     def handle(self, task_id: str) -> TaskHandle[Any]:
         """A handle for a task enqueued elsewhere."""
         return TaskHandle(self, task_id)
 
-    def _compile(
-        self,
-        target: canvas.Composable[Any],
-        *,
-        countdown: float | None = None,
-        eta: datetime | None = None,
-        priority: int | None = None,
-        queue: str | None = None,
-        task_id: str | None = None,
-        expires: float | None = None,
-    ) -> tuple[list[TaskMessage], TaskHandle[Any]]:
-        if not isinstance(target, (canvas.Signature, canvas.Chain, canvas.Group, canvas.Chord)):
-            raise EnqueueError(
-                f"enqueue takes a signature or canvas (task.s(...), chain, group, chord), "
-                f"not {type(target).__qualname__}; did you call the task instead of task.s()?"
-            )
-        if countdown is not None and eta is not None:
-            raise EnqueueError("give countdown or eta, not both")
-        if eta is not None:
-            if eta.tzinfo is None:
-                raise EnqueueError("eta must be a timezone-aware datetime (e.g. datetime.now(UTC))")
-            countdown = max(0.0, eta.timestamp() - time.time())
-        overrides = None
-        if any(v is not None for v in (countdown, priority, queue, expires)):
-            overrides = TaskOptions(countdown=countdown, priority=priority, queue=queue,
-                                    expires=expires)
-            canvas.check_call_options(f"enqueue({target!r})", overrides)
-        if isinstance(target, canvas.Signature) and not target.errbacks:
-            message = canvas.message_for(target, task_id=task_id, overrides=overrides)
-            return [message], TaskHandle(self, message.id, target.task.return_type)
-        node = canvas.to_node(target, final=task_id)
-        messages = canvas.start(node, self.registry, overrides=overrides)
-        return messages, TaskHandle(self, canvas.final_id(node))
+    _compile = compile_call
 
     async def publish(self, messages: Sequence[TaskMessage], *, delay_s: float | None = None,
                       announce: bool = True) -> None:
@@ -571,6 +561,12 @@ class Runtime(Hooks):
                           task_id=t.id, phase=t.phase.value, error_type=type(e).__name__,
                           exc_info=e)
 
+
+def _deduped(target: canvas.Composable[Any]) -> bool:
+    """Whether ``target`` is a call of a task with ``unique_for`` or ``debounce``."""
+    limits = target.task.limits if isinstance(target, canvas.Signature) else None
+    return limits is not None and (limits.unique_for_s is not None or
+                                   limits.debounce_s is not None)
 
 
 async def run(target: canvas.Composable[R], *, timeout: float | None = None) -> R:

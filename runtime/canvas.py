@@ -19,6 +19,8 @@ import msgspec
 
 from runtime.errors import ConfigError, EnqueueError
 from runtime.messages import (
+    HEADER_CONCURRENCY,
+    HEADER_RATE,
     ChainNode,
     ChordNode,
     ChordRef,
@@ -121,7 +123,9 @@ class Signature(Composable[R]):
 
     def set(self, **options: Any) -> Signature[R]:
         """A copy with call options changed: queue, priority, countdown,
-        expires, retries, timeout."""
+        expires, retries, timeout; rate_limit, concurrency_limit (this call's
+        flow control, over the task's); result_ttl, failure_ttl (how long this
+        call's result / failure is kept, over the task's)."""
         unknown = set(options) - set(TaskOptions.__struct_fields__)
         if unknown:
             raise ConfigError(
@@ -134,6 +138,7 @@ class Signature(Composable[R]):
         except msgspec.ValidationError as e:
             raise ConfigError(f"{self.task.name}.set(): bad option: {e}") from None
         check_call_options(f"task {self.task.name!r}", merged)
+        merged = _checked_limits(self.task, merged)
         return Signature(self.task, self.args, self.kwargs, immutable=self.immutable,
                          options=merged, errbacks=self.errbacks)
 
@@ -302,7 +307,30 @@ def check_call_options(where: str, options: TaskOptions) -> None:
     """``options`` of a call (``.set()``, ``enqueue()``) checked by
     :func:`runtime.options.check_options`; raises EnqueueError."""
     check_options(where, EnqueueError, priority=options.priority, countdown=options.countdown,
-                  expires=options.expires, timeout=options.timeout, retries=options.retries)
+                  expires=options.expires, timeout=options.timeout, retries=options.retries,
+                  result_ttl=options.result_ttl, failure_ttl=options.failure_ttl)
+
+
+def _checked_limits(task: Task[Any, Any], options: TaskOptions) -> TaskOptions:
+    """``options`` with its per-call limits checked and written as the limiter
+    reads them, by the task's runtime (flow control sits above the core)."""
+    if options.rate_limit is None and options.concurrency_limit is None:
+        return options
+    check = getattr(task.owner, "call_headers", None)
+    if check is None:
+        raise ConfigError(f"task {task.name!r}: rate_limit/concurrency_limit need a task "
+                          "registered with @runtime.task")
+    headers = check(rate_limit=options.rate_limit, concurrency_limit=options.concurrency_limit)
+    return msgspec.structs.replace(options, rate_limit=headers.get(HEADER_RATE))
+
+
+def _headers(opts: TaskOptions) -> dict[str, str]:
+    out = {}
+    if opts.rate_limit is not None:
+        out[HEADER_RATE] = opts.rate_limit
+    if opts.concurrency_limit is not None:
+        out[HEADER_CONCURRENCY] = str(opts.concurrency_limit)
+    return out
 
 
 def _errback_nodes(errbacks: Sequence[Signature[Any]]) -> list[SigNode]:
@@ -451,4 +479,7 @@ def _message(
         chord=ref,
         downstream=owned_downstream(links, ref) if links or ref else [],
         once=once,
+        headers=_headers(opts) if opts.rate_limit or opts.concurrency_limit else {},
+        result_ttl=opts.result_ttl,
+        failure_ttl=opts.failure_ttl,
     )

@@ -250,7 +250,11 @@ class Flow:
                for i in msg.downstream])
 
     def _ttl(self, msg: TaskMessage, *, failed: bool) -> float | None:
-        """The task's ``failure_ttl`` (failed) or ``result_ttl``; None: the store's."""
+        """The call's ``failure_ttl`` (failed) or ``result_ttl``, else the
+        task's; None: the store's."""
+        own = msg.failure_ttl if failed else msg.result_ttl
+        if own is not None:
+            return own
         task = self.runtime.registry.get(msg.task)
         if task is None:
             return None

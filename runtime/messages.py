@@ -76,6 +76,11 @@ class State(enum.StrEnum):
 _TERMINAL = frozenset({State.SUCCESS, State.FAILURE, State.REVOKED})
 
 
+#: Per-call limits ride in these headers (``runtime.ops.limits.gate`` reads them).
+HEADER_RATE = "taskloom-rate-limit"
+HEADER_CONCURRENCY = "taskloom-concurrency-limit"
+
+
 class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Per-call options a signature may set (``task.s(...).set(...)``)."""
 
@@ -85,6 +90,12 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     expires: float | None = None
     retries: int | None = None
     timeout: float | None = None
+    #: flow control for this call (carried in the message's headers)
+    rate_limit: str | None = None
+    concurrency_limit: int | None = None
+    #: how long this call's result / failure is kept (over the task's)
+    result_ttl: float | None = None
+    failure_ttl: float | None = None
 
 
 class SigNode(msgspec.Struct, frozen=True, kw_only=True, tag="sig", omit_defaults=True):
@@ -169,6 +180,10 @@ class TaskMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
     #: At most one execution per id (the worker claims the id first).
     once: bool = False
     headers: dict[str, str] = {}
+    #: This call's retention (``.set(result_ttl=, failure_ttl=)``), over the
+    #: task's; omitted when unset (a worker that predates them ignores them).
+    result_ttl: float | None = None
+    failure_ttl: float | None = None
 
 
 def final_id(node: Node) -> str:

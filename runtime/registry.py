@@ -24,6 +24,7 @@ Hook = Callable[..., Any]
 
 if TYPE_CHECKING:
     from runtime.canvas import Signature
+    from runtime.ops.limits import Limits
 
 __all__ = ["Kind", "Task", "TaskDecorator", "TaskRegistry"]
 
@@ -65,6 +66,9 @@ class Task(Generic[P, R]):
     ``R`` its result (of an ``async def``, what it returns when awaited), so
     ``add.s("x")`` is a type error and ``await run(add.s(1, 2))`` is an ``int``.
     """
+
+    #: flow control (``@rt.task(rate_limit=...)``), read by the worker's LimitsGate
+    limits: Limits | None = None
 
     def __init__(
         self,
