@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from runtime.dashboard.events import sse
-from runtime.dashboard.source import BadInput, NotFound, NotSupported, Source
+from runtime.dashboard.source import BadInput, NotFound, NotSupported, Source, phases_of
 from runtime.errors import (
     BrokerConnectionError,
     ConfigError,
@@ -30,8 +30,6 @@ __all__ = ["MAX_BODY", "ApiError", "error_response", "routes_table"]
 log = structlog.get_logger("taskloom.dashboard")
 
 MAX_BODY = 64 * 1024
-_STATES = ("pending", "started", "retry", "success", "failure", "revoked", "enqueued",
-           "scheduled", "retrying", "succeeded", "failed", "dead_lettered", "expired")
 _ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 _HIDDEN = "hidden (this key has the read scope; use an admin key)"
 
@@ -72,6 +70,29 @@ class Replay(msgspec.Struct, forbid_unknown_fields=True):
     ids: list[str] | None = None
     dry_run: bool = True
     limit: int = 100
+
+
+class Purge(msgspec.Struct, forbid_unknown_fields=True):
+    name: str | None = None
+    reason: str | None = None
+    ids: list[str] | None = None
+    dry_run: bool = False
+
+
+class CancelFilter(msgspec.Struct, forbid_unknown_fields=True):
+    ids: list[str] | None = None
+    name: str | None = None
+    queue: str | None = None
+
+
+def _check_filter(ids: list[str] | None, *texts: str | None) -> None:
+    for t in texts:
+        if t is not None and not 1 <= len(t) <= 200:
+            raise ApiError(422, "name, reason and queue are 1 to 200 characters; leave one "
+                                "out to match any")
+    for i in ids or ():
+        if not _ID.match(i):
+            raise ApiError(422, "each id is 1 to 200 printable characters without spaces")
 
 
 async def body_of(request: Request, kind: type[Any]) -> Any:
@@ -172,8 +193,7 @@ async def submit(request: Request) -> Response:
 
 async def list_tasks(request: Request) -> Response:
     state = _text(request, "state", 40)
-    if state is not None and state.lower() not in _STATES:
-        raise ApiError(422, f"state must be one of {', '.join(_STATES)}")
+    phases_of(state)   # 422 now, before any read, if it names no state
     page = await _source(request).tasks(
         state=state, queue=_text(request, "queue"), name=_text(request, "name"),
         since_ms=_int(request, "since_ms", None, 0, 2**53),
@@ -190,10 +210,15 @@ async def cancel_task(request: Request) -> Response:
     return JSONResponse(await _source(request).cancel(_path_id(request)))
 
 
+async def cancel_tasks(request: Request) -> Response:
+    body: CancelFilter = await body_of(request, CancelFilter)
+    _check_filter(body.ids, body.name, body.queue)
+    return JSONResponse(await _source(request).cancel_many(body.ids, body.name, body.queue))
+
+
 async def retry_task(request: Request) -> Response:
     out = await _source(request).retry(_path_id(request))
-    if "new_id" in out:
-        request.app.state.dashboard.watch(out["new_id"], "", "")
+    request.app.state.dashboard.watch(out["new_id"], "", "")
     return JSONResponse(out)
 
 
@@ -219,6 +244,7 @@ async def replay(request: Request) -> Response:
     body: Replay = await body_of(request, Replay)
     if not 1 <= body.limit <= 1000:
         raise ApiError(422, "limit must be between 1 and 1000")
+    _check_filter(body.ids, body.name, body.reason)
     out = await _source(request).replay(_path_id(request, "queue"), name=body.name,
                                         reason=body.reason, ids=body.ids, dry_run=body.dry_run,
                                         limit=body.limit)
@@ -228,11 +254,19 @@ async def replay(request: Request) -> Response:
 
 
 async def purge_dead(request: Request) -> Response:
-    return JSONResponse(await _source(request).purge_dead(_path_id(request, "queue")))
+    body: Purge = await body_of(request, Purge)
+    _check_filter(body.ids, body.name, body.reason)
+    return JSONResponse(await _source(request).purge_dead(
+        _path_id(request, "queue"), name=body.name, reason=body.reason, ids=body.ids,
+        dry_run=body.dry_run))
 
 
 async def workers(request: Request) -> Response:
-    return JSONResponse({"items": await _source(request).workers()})
+    """The live workers (each with the tasks it runs now) and the orphans: started
+    tasks whose worker's heartbeat is gone."""
+    src = _source(request)
+    return JSONResponse({"items": await src.workers(),
+                         "orphans": _hide(request, await src.orphans())})
 
 
 async def schedules(request: Request) -> Response:
@@ -276,6 +310,7 @@ def routes_table() -> list[tuple[str, str, Any, str]]:
         ("POST", "/api/tasks", submit, "admin"),
         ("GET", "/api/tasks", list_tasks, "read"),
         ("GET", "/api/tasks/{id}", get_task, "read"),
+        ("POST", "/api/tasks/cancel", cancel_tasks, "admin"),
         ("POST", "/api/tasks/{id}/cancel", cancel_task, "admin"),
         ("POST", "/api/tasks/{id}/retry", retry_task, "admin"),
         ("GET", "/api/queues", list_queues, "read"),

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import msgspec
 import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -32,9 +33,10 @@ from runtime.dashboard.events import EventHub
 from runtime.dashboard.keys import ApiKey, KeyRing, load_keys
 from runtime.dashboard.metrics import Metrics, MetricsListener
 from runtime.dashboard.openapi import docs_html, openapi
-from runtime.dashboard.source import Source, result_json
+from runtime.dashboard.source import Source, event_json, result_json
 from runtime.errors import TaskloomError
-from runtime.lifecycle import Phase, Transition
+from runtime.lifecycle import Transition
+from runtime.ops.events import TaskEvent
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -47,7 +49,7 @@ _SNAPSHOT_S = 2.0           # queue/worker snapshots pushed to live pages and ga
 _MAX_WATCHES = 10_000       # submissions whose end this dashboard waits for
 _WATCH_S = 24 * 3600.0
 _OPEN = ("/api/health", "/api/openapi.json", "/api/docs")
-_END_PHASE = {"SUCCESS": Phase.SUCCEEDED, "FAILURE": Phase.FAILED, "REVOKED": Phase.REVOKED}
+_TRANSITION_FIELDS = frozenset(Transition.__struct_fields__)
 
 
 class Dashboard:
@@ -65,14 +67,19 @@ class Dashboard:
         self._tg: anyio.abc.TaskGroup | None = None
         self._watching = 0
         self._last: dict[str, Any] = {"queues": [], "workers": []}
+        #: whether the runtime's event stream feeds the live pages and the metrics;
+        #: without it (Runtime(events=False)) the dashboard waits on the results of
+        #: the tasks it submits and publishes their ends itself
+        self.has_events = False
 
     def snapshot_events(self) -> list[dict[str, Any]]:
         return [{"type": "snapshot", "at_ms": int(time.time() * 1000), **self._last}]
 
     def watch(self, task_id: str, name: str, queue: str) -> None:
-        """Wait (pub/sub, not polling) for ``task_id``'s end and publish it."""
-        self.listener.transition(Transition(id=task_id, task=name or "?", queue=queue or "?",
-                                            phase=Phase.ENQUEUED, at_ms=int(time.time() * 1000)))
+        """Without an event stream: wait (pub/sub, not polling) for the end of
+        ``task_id`` (submitted here) and publish it."""
+        if self.has_events:
+            return
         if self._tg is not None and self._watching < _MAX_WATCHES:
             self._watching += 1
             self._tg.start_soon(self._watch, task_id, name, queue)
@@ -88,14 +95,6 @@ class Dashboard:
         event.pop("result", None)
         event.pop("error", None)
         self.hub.publish(event)
-        phase = _END_PHASE.get(r.state.value)
-        if phase is not None:
-            t0 = r.started_ms or int(time.time() * 1000)
-            task, q = r.task or name or "?", queue or "?"
-            self.listener.transition(Transition(id=task_id, task=task, queue=q,
-                                                phase=Phase.STARTED, at_ms=t0))
-            self.listener.transition(Transition(id=task_id, task=task, queue=q, phase=phase,
-                                                at_ms=r.finished_ms or t0))
 
     async def _snapshots(self) -> None:
         while True:
@@ -111,36 +110,37 @@ class Dashboard:
                 self.hub.publish(self.snapshot_events()[0])
             await anyio.sleep(_SNAPSHOT_S)
 
-    async def _ops_events(self) -> None:
-        stream = await self.source.event_stream(None)
-        if stream is None:
-            return
-        async for event in stream:
-            ev = event if isinstance(event, dict) else {"type": "task", **api_jsonable(event)}
-            self.hub.publish(ev)
-            if isinstance(event, Transition):
-                self.listener.transition(event)
+    async def _ops_events(self, stream: AsyncIterator[Any]) -> None:
+        """The runtime's event stream (task transitions from every worker, progress,
+        worker online/offline) to the live pages; task events also feed the metrics."""
+        async for rec in stream:
+            self.hub.publish(event_json(rec))
+            if isinstance(rec.event, TaskEvent):
+                fields = msgspec.structs.asdict(rec.event)
+                self.listener.transition(Transition(
+                    **{k: v for k, v in fields.items() if k in _TRANSITION_FIELDS}))
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Connect the runtime and run the live feeds (the app's lifespan; call it
         from your own lifespan when you mount the app in another service)."""
-        async with self.rt, anyio.create_task_group() as tg:
-            self._tg = tg
-            tg.start_soon(self._snapshots)
-            tg.start_soon(self._ops_events)
+        async with self.rt:
+            self.source.open()
             try:
-                yield
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    stream = self.source.event_stream(None)
+                    self.has_events = stream is not None
+                    if stream is not None:
+                        tg.start_soon(self._ops_events, stream)
+                    tg.start_soon(self._snapshots)
+                    try:
+                        yield
+                    finally:
+                        self._tg = None
+                        tg.cancel_scope.cancel()
             finally:
-                self._tg = None
-                tg.cancel_scope.cancel()
-
-
-def api_jsonable(value: Any) -> dict[str, Any]:
-    import msgspec
-
-    out = msgspec.to_builtins(value)
-    return out if isinstance(out, dict) else {"value": out}
+                await self.source.aclose()
 
 
 class Auth:

@@ -19,15 +19,16 @@ _SUMMARY = {
     "/api/health": "Brokers and stores reachable, workers alive (200) or not (503)",
     "/api/tasks": "Tasks: GET lists (filters, cursor pages); POST submits one by name",
     "/api/tasks/{id}": "One task: state, result or error with traceback, attempts, timings",
+    "/api/tasks/cancel": "Cancel tasks by ids, or every pending one of a task name or queue",
     "/api/tasks/{id}/cancel": "Cancel a task",
-    "/api/tasks/{id}/retry": "Run a failed task again under a new id",
+    "/api/tasks/{id}/retry": "Run a failed task again from its dead letter, under a new id",
     "/api/queues": "Queues: depths by state, paused",
     "/api/queues/{queue}/pause": "Pause a queue",
     "/api/queues/{queue}/resume": "Resume a queue",
     "/api/queues/{queue}/dead-letters": "Dead letters of a queue",
     "/api/queues/{queue}/dead-letters/replay": "Replay dead letters by filter (dry_run first)",
-    "/api/queues/{queue}/dead-letters/purge": "Delete a queue's dead letters",
-    "/api/workers": "Workers: heartbeats, in flight, totals, loop lag",
+    "/api/queues/{queue}/dead-letters/purge": "Delete a queue's dead letters (by filter)",
+    "/api/workers": "Workers: heartbeats, running tasks, totals, loop lag; orphaned tasks",
     "/api/schedules": "Schedules: rule, next and last run, paused",
     "/api/schedules/{name}/pause": "Pause a schedule",
     "/api/schedules/{name}/resume": "Resume a schedule",
@@ -47,6 +48,16 @@ _REPLAY = {"type": "object", "additionalProperties": False, "properties": {
     "ids": {"type": "array", "items": {"type": "string"}},
     "dry_run": {"type": "boolean", "default": True},
     "limit": {"type": "integer", "minimum": 1, "maximum": 1000}}}
+_PURGE = {"type": "object", "additionalProperties": False, "properties": {
+    "name": {"type": "string"}, "reason": {"type": "string"},
+    "ids": {"type": "array", "items": {"type": "string"}},
+    "dry_run": {"type": "boolean", "default": False}}}
+_CANCEL = {"type": "object", "additionalProperties": False, "properties": {
+    "ids": {"type": "array", "items": {"type": "string"}},
+    "name": {"type": "string"}, "queue": {"type": "string"}}}
+_BODIES = {("POST", "/api/tasks"): _SUBMIT, ("POST", "/api/tasks/cancel"): _CANCEL,
+           ("POST", "/api/queues/{queue}/dead-letters/replay"): _REPLAY,
+           ("POST", "/api/queues/{queue}/dead-letters/purge"): _PURGE}
 _LIST_PARAMS = [
     {"name": "state", "in": "query", "schema": {"type": "string"}},
     {"name": "queue", "in": "query", "schema": {"type": "string", "maxLength": 200}},
@@ -75,8 +86,7 @@ def _operation(method: str, path: str, scope: str) -> dict[str, Any]:
                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000}})
     if params:
         op["parameters"] = params
-    body = _SUBMIT if path == "/api/tasks" and method == "POST" else (
-        _REPLAY if path.endswith("/replay") else None)
+    body = _BODIES.get((method, path))
     if body is not None:
         op["requestBody"] = {"required": path == "/api/tasks", "content": {
             "application/json": {"schema": body}}}

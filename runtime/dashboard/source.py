@@ -1,16 +1,15 @@
-"""Where the dashboard's data comes from: ``runtime.ops`` when it is there,
-else what the core keeps (result store, broker stats and dead letters,
-worker heartbeats) and a small index of this process's own submissions.
+"""Where the dashboard's data comes from: ``runtime.ops.api.Operations`` (the
+task index, the event stream, worker heartbeats, the operator's verbs) and
+the core (result store, broker stats and dead letters).
 
 Every method returns plain JSON-able values; errors are TaskloomError
-subclasses that the API maps to 4xx/503. Switch points (when
-``runtime.ops.api.Operations`` lands, each fallback below steps aside):
-tasks/task index, events, retry, replay, purge, cancel by filter, pause.
+subclasses that the API maps to 4xx/503. States are shown in the result
+store's words (PENDING, STARTED, RETRY, SUCCESS, FAILURE, REVOKED, EXPIRED);
+the index's own step is kept beside them as ``phase``.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -22,18 +21,31 @@ import structlog
 
 from runtime import canvas
 from runtime.errors import TaskloomError
+from runtime.lifecycle import Phase
 from runtime.messages import Result, TaskMessage, TaskOptions
-from runtime.process.liveness import store_for as liveness_store_for
+from runtime.ops.api import Operations
+from runtime.ops.events import EventRecord
+from runtime.ops.verbs import NothingToRetry, retry_id
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
 
-__all__ = ["NotFound", "NotSupported", "Source", "BadInput"]
+__all__ = ["BadInput", "NotFound", "NotSupported", "Source", "display_state", "phases_of"]
 
 log = structlog.get_logger("taskloom.dashboard")
 
-_LOCAL_MAX = 10_000
-_PAGE_READ = 2_000   # the local index is small; the ops index pages for real
+_LOCAL_MAX = 10_000   # arguments of the tasks submitted here, for their detail page
+
+#: the index's phases in the result store's words (what the UI shows)
+_DISPLAY = {Phase.ENQUEUED: "PENDING", Phase.SCHEDULED: "PENDING", Phase.STARTED: "STARTED",
+            Phase.RETRYING: "RETRY", Phase.SUCCEEDED: "SUCCESS", Phase.FAILED: "FAILURE",
+            Phase.DEAD_LETTERED: "FAILURE", Phase.REVOKED: "REVOKED", Phase.EXPIRED: "EXPIRED"}
+#: a ``state`` filter in either vocabulary -> the index's phases
+_FILTER: dict[str, tuple[Phase, ...]] = {
+    "pending": (Phase.ENQUEUED, Phase.SCHEDULED), "retry": (Phase.RETRYING,),
+    "success": (Phase.SUCCEEDED,), "failure": (Phase.FAILED, Phase.DEAD_LETTERED),
+    **{p.value: (p,) for p in Phase}}
+_RANK = {"PENDING": 0, "STARTED": 1, "RETRY": 2}
 
 
 class NotFound(TaskloomError, LookupError):
@@ -45,14 +57,24 @@ class BadInput(TaskloomError, ValueError):
 
 
 class NotSupported(TaskloomError):
-    """This runtime cannot do that yet (HTTP 501)."""
+    """This runtime cannot do that (HTTP 501)."""
 
 
-def _ops_module() -> Any:
+def display_state(phase: str) -> str:
     try:
-        return importlib.import_module("runtime.ops.api")
-    except ImportError:
+        return _DISPLAY[Phase(phase)]
+    except ValueError:
+        return phase.upper()
+
+
+def phases_of(state: str | None) -> tuple[Phase, ...] | None:
+    """The phases a ``state`` filter names (None: any); BadInput if unknown."""
+    if state is None:
         return None
+    found = _FILTER.get(state.lower())
+    if found is None:
+        raise BadInput(f"state must be one of {', '.join(sorted(_FILTER))} (any case)")
+    return found
 
 
 def _jsonable(value: Any) -> Any:
@@ -62,38 +84,80 @@ def _jsonable(value: Any) -> Any:
         return repr(value)
 
 
+def summary_json(summary: Any) -> dict[str, Any]:
+    """A TaskSummary as the API shows it (``state`` in the UI's words, ``phase`` as kept)."""
+    out: dict[str, Any] = _jsonable(summary)
+    out["phase"] = out["state"]
+    out["state"] = display_state(out["state"])
+    return out
+
+
+def event_json(rec: EventRecord) -> dict[str, Any]:
+    """One ops event as the live feed sends it (``type`` = the event's kind)."""
+    out: dict[str, Any] = {"id": rec.id, **msgspec.to_builtins(rec.event)}
+    out["event_id"] = rec.id
+    out["type"] = out.get("kind", "message")
+    if out["type"] == "task":
+        out["name"] = out.get("task", "")
+        out["state"] = display_state(str(out.get("phase", "")))
+    return out
+
+
+def worker_json(info: Any) -> dict[str, Any]:
+    out: dict[str, Any] = _jsonable(info)
+    out["tasks"] = [{"id": t.id, "name": t.name, "started_ms": t.started_ms}
+                    for t in getattr(info, "tasks", [])]
+    return out
+
+
 def result_json(r: Result) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": r.id, "state": r.state.value, "name": r.task, "attempt": r.attempt,
         "delivery_count": r.delivery_count, "worker": r.worker, "started_ms": r.started_ms,
-        "finished_ms": r.finished_ms, "result": _jsonable(r.value),
+        "finished_ms": r.finished_ms, "result": _jsonable(r.value), "meta": _jsonable(r.meta),
     }
+    if r.progress is not None:
+        out["progress"] = _jsonable(r.progress)
     if r.error is not None:
         out["error"] = {"type": r.error.type, "message": r.error.message,
                         "traceback": r.error.traceback, "reason": r.error.reason}
     return out
 
 
-class Source:
-    """The dashboard's view of one runtime (opened inside ``async with rt``)."""
+def _drop_nones(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
 
-    def __init__(self, rt: Runtime, *, use_ops: bool = False) -> None:
+
+class Source:
+    """The dashboard's view of one runtime: ``open()`` inside ``async with rt``
+    (the runtime's listeners exist then), ``aclose()`` before it closes."""
+
+    def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        # runtime.ops.api.Operations landed while this was written: its calls are not
-        # yet checked against the signatures used below, so it is opt-in for now
-        ops = _ops_module() if use_ops else None
-        self.ops: Any = ops.Operations(rt) if ops is not None and hasattr(ops, "Operations") else None
-        self.liveness = liveness_store_for(rt)
-        #: tasks submitted through this dashboard: id -> summary (newest last)
+        self._ops: Operations | None = None
+        #: tasks submitted through this dashboard: id -> their arguments (newest last)
         self.local: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.listeners: list[Any] = []   # EventHub.publish-like callables
+
+    def open(self) -> None:
+        self._ops = Operations(self.rt)
+
+    async def aclose(self) -> None:
+        ops, self._ops = self._ops, None
+        if ops is not None:
+            await ops.aclose()
+
+    @property
+    def ops(self) -> Operations:
+        if self._ops is None:
+            raise NotSupported("the dashboard is not running: serve its app (its lifespan "
+                               "opens the runtime), or enter Dashboard.running()")
+        return self._ops
 
     # -- helpers ---------------------------------------------------------------------
 
     def _remember(self, m: TaskMessage) -> None:
-        self.local[m.id] = {"id": m.id, "name": m.task, "queue": m.queue, "state": "PENDING",
-                            "args": _jsonable(m.args), "kwargs": _jsonable(m.kwargs),
-                            "enqueued_ms": int(time.time() * 1000)}
+        self.local[m.id] = {"args": _jsonable(m.args), "kwargs": _jsonable(m.kwargs)}
         while len(self.local) > _LOCAL_MAX:
             self.local.popitem(last=False)
 
@@ -102,9 +166,7 @@ class Source:
             publish(event)
 
     def queue_names(self) -> list[str]:
-        names = set(self.rt.registry.queues()) | {self.rt.default_queue}
-        names |= {str(t["queue"]) for t in self.local.values()}
-        return sorted(names)
+        return sorted(set(self.rt.registry.queues()) | {self.rt.default_queue})
 
     # -- tasks -----------------------------------------------------------------------
 
@@ -131,8 +193,6 @@ class Source:
         m = self.compile(name, args, kwargs, options)
         await self.rt.publish([m])
         self._remember(m)
-        self.emit({"type": "task", "id": m.id, "name": m.task, "queue": m.queue,
-                   "state": "PENDING", "at_ms": int(time.time() * 1000)})
         return {"id": m.id, "name": m.task, "queue": m.queue, "state": "PENDING"}
 
     async def watch_result(self, task_id: str, timeout_s: float) -> Result | None:
@@ -143,92 +203,72 @@ class Source:
             return None
 
     async def task(self, task_id: str) -> dict[str, Any]:
+        """What the index, the result store and this dashboard know of one task:
+        state, progress, meta, result or error, its attempts, timings, worker, parent."""
         found = await self.rt.results.get(task_id)
+        summary = await self.ops.task(task_id)
         local = self.local.get(task_id)
-        summary: dict[str, Any] = {}
-        if self.ops is not None:
-            try:
-                summary = _jsonable(await self.ops.task(task_id)) or {}
-            except TaskloomError:
-                summary = {}
-        if found is None and local is None and not summary:
+        if found is None and local is None and summary is None:
             raise NotFound(f"no task {task_id!r} is known (results expire after their TTL); "
                            "check the id, or list tasks with GET /api/tasks")
         out: dict[str, Any] = {"id": task_id, "state": "PENDING"}
         if local is not None:
             out.update(local)
-        if isinstance(summary, dict):
-            out.update(summary)
+        if summary is not None:
+            out.update(_drop_nones(summary_json(summary)))
         if found is not None:
-            out.update(result_json(found))
+            # the later of the two steps wins: the store's record is the truth once it
+            # is final, before that either side may be a flush behind the other
+            result = _drop_nones(result_json(found))
+            if _RANK.get(result["state"], 3) < _RANK.get(out["state"], 3):
+                result.pop("state")
+            out.update(result)
+        out["attempts"] = self._attempts(out)
+        retried = await self.ops.task(retry_id(task_id))
+        if retried is not None:
+            out["retried_as"] = retried.id
         return out
+
+    @staticmethod
+    def _attempts(t: dict[str, Any]) -> list[dict[str, Any]]:
+        """The attempts as far as the index and the store keep them: each earlier one
+        ended in a retry; the last has the current timings and state."""
+        n = int(t.get("attempt") or 1)
+        earlier: list[dict[str, Any]] = [{"attempt": i, "state": "RETRY"} for i in range(1, n)]
+        return [*earlier, {"attempt": n, "state": t.get("state"), "worker": t.get("worker", ""),
+                           "started_ms": t.get("started_ms"), "finished_ms": t.get("finished_ms")}]
 
     async def tasks(self, *, state: str | None, queue: str | None, name: str | None,
                     since_ms: int | None, until_ms: int | None, cursor: str | None,
                     limit: int) -> dict[str, Any]:
-        if self.ops is not None:
-            page = await self.ops.tasks(state=state, queue=queue, name=name, since=since_ms,
-                                        until=until_ms, cursor=cursor, limit=limit)
-            return {"items": _jsonable(page.items), "next_cursor": page.next_cursor}
-        items = list(reversed(self.local.values()))
-        ids = [t["id"] for t in items]
-        results = [await self.rt.results.get(i) for i in ids[:_PAGE_READ]]
-        items = items[:_PAGE_READ]
-        out = []
-        for t, r in zip(items, results, strict=True):
-            row = dict(t)
-            if r is not None:
-                row["state"] = r.state.value
-                row["finished_ms"] = r.finished_ms
-            row.pop("args", None)
-            row.pop("kwargs", None)
-            if state and row["state"].lower() != state.lower():
-                continue
-            if (queue and row["queue"] != queue) or (name and row["name"] != name):
-                continue
-            if since_ms is not None and row["enqueued_ms"] < since_ms:
-                continue
-            if until_ms is not None and row["enqueued_ms"] > until_ms:
-                continue
-            out.append(row)
-        start = int(cursor) if cursor and cursor.isdigit() else 0
-        page = out[start:start + limit]
-        nxt = str(start + limit) if start + limit < len(out) else None
-        return {"items": page, "next_cursor": nxt}
+        page = await self.ops.tasks(state=phases_of(state) or None, queue=queue, name=name,
+                                    since=since_ms, until=until_ms, cursor=cursor, limit=limit)
+        return {"items": [summary_json(s) for s in page.items], "next_cursor": page.next_cursor}
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
-        if self.ops is not None:
-            return {"id": task_id, "cancelled": bool(_jsonable(await self.ops.cancel(task_id)))}
-        cancelled = await self.rt.handle(task_id).cancel()
-        self.emit({"type": "task", "id": task_id, "state": "REVOKED",
-                   "at_ms": int(time.time() * 1000)})
-        return {"id": task_id, "cancelled": cancelled}
+        report = await self.ops.cancel(task_id)
+        if report.revoked:
+            self.emit({"type": "task", "id": task_id, "state": "REVOKED", "phase": "revoked",
+                       "at_ms": int(time.time() * 1000)})
+        return {"id": task_id, "cancelled": report.revoked > 0}
+
+    async def cancel_many(self, ids: list[str] | None, name: str | None,
+                          queue: str | None) -> dict[str, Any]:
+        """Cancel the tasks ``ids``, or every pending one of task ``name`` / ``queue``."""
+        report = await self.ops.cancel(ids or (), name=name, queue=queue)
+        return {"matched": report.matched, "revoked": report.revoked,
+                "unchanged": report.unchanged}
 
     async def retry(self, task_id: str) -> dict[str, Any]:
-        """Run a failed task again under a new id (the old id keeps its first result)."""
-        if self.ops is not None:
-            return {"id": task_id, "retried": _jsonable(await self.ops.retry(task_id))}
-        for q in self.queue_names():
-            for dl in await self.rt.broker.dead_letters(q, limit=1000):
-                if dl.envelope.id == task_id:
-                    new = await self._republish(dl.envelope.body, dl.envelope.headers)
-                    return {"id": task_id, "new_id": new}
-        local = self.local.get(task_id)
-        if local is not None:
-            m = self.compile(local["name"], list(local["args"]), dict(local["kwargs"]),
-                             TaskOptions(queue=local["queue"]))
-            await self.rt.publish([m])
-            self._remember(m)
-            return {"id": task_id, "new_id": m.id}
-        raise NotFound(f"task {task_id!r} is neither among the dead letters nor known to this "
-                       "dashboard, so its arguments are unknown; submit it again instead")
-
-    async def _republish(self, body: bytes, headers: dict[str, str]) -> str:
-        m = self.rt.codec.decode(body, headers)
-        m = msgspec.structs.replace(m, id=canvas.new_id(), attempt=1)
-        await self.rt.publish([m])
-        self._remember(m)
-        return m.id
+        """Run a failed or dead-lettered task again from its dead letter, under the id
+        ``retry_id(task_id)`` (the old id keeps its first result)."""
+        try:
+            report = await self.ops.retry(task_id)
+        except NothingToRetry as e:
+            raise NotFound(str(e)) from None
+        if task_id in self.local:
+            self.local[report.new_id] = self.local[task_id]
+        return {"id": task_id, "new_id": report.new_id, "retried": report.retried}
 
     # -- dead letters ------------------------------------------------------------------
 
@@ -249,29 +289,26 @@ class Source:
 
     async def replay(self, queue: str, *, name: str | None, reason: str | None,
                      ids: list[str] | None, dry_run: bool, limit: int) -> dict[str, Any]:
+        """Publish again the matching dead letters (``dry_run``: only say which); each
+        runs under ``retry_id(its id)``."""
         self._check_queue(queue)
-        if self.ops is not None:
-            done = await self.ops.replay(queue, name=name, reason=reason, ids=ids, dry_run=dry_run,
-                                         limit=limit)
-            return {"queue": queue, "dry_run": dry_run, "result": _jsonable(done)}
         chosen = [d for d in await self.dead_letters(queue, limit)
                   if (not name or d.get("name") == name) and (not reason or d["reason"] == reason)
-                  and (not ids or d["id"] in ids) and "decode_error" not in d]
-        new_ids: list[str] = []
-        if not dry_run:
-            by_id = {dl.envelope.id: dl for dl in await self.rt.broker.dead_letters(queue, limit=limit)}
-            for d in chosen:
-                env = by_id[d["id"]].envelope
-                new_ids.append(await self._republish(env.body, env.headers))
-        return {"queue": queue, "dry_run": dry_run, "matched": [d["id"] for d in chosen],
-                "replayed": new_ids}
+                  and (not ids or d["id"] in ids)]
+        matched = [d["id"] for d in chosen]
+        report = await self.ops.replay(queue, ids=matched, limit=limit, dry_run=dry_run)
+        replayed = [] if dry_run or not matched else [
+            retry_id(d["id"]) for d in chosen if "decode_error" not in d]
+        return {"queue": queue, "dry_run": dry_run, "matched": matched, "replayed": replayed,
+                "undecodable": report.undecodable}
 
-    async def purge_dead(self, queue: str) -> dict[str, Any]:
+    async def purge_dead(self, queue: str, *, name: str | None, reason: str | None,
+                         ids: list[str] | None, dry_run: bool) -> dict[str, Any]:
         self._check_queue(queue)
-        if self.ops is None or not hasattr(self.ops, "purge_dead"):
-            raise NotSupported("purging dead letters needs runtime.ops (the operations module), "
-                               "which this installation does not have yet; replay them instead")
-        return {"queue": queue, "purged": _jsonable(await self.ops.purge_dead(queue))}
+        report = await self.ops.purge_dead(queue, name=name, reason=reason, ids=ids,
+                                           dry_run=dry_run)
+        return {"queue": queue, "dry_run": dry_run, "matched": report.matched,
+                "purged": report.done}
 
     def _check_queue(self, queue: str) -> None:
         if not queue or len(queue) > 200:
@@ -279,15 +316,11 @@ class Source:
 
     # -- queues, workers -----------------------------------------------------------------
 
-    async def paused(self) -> set[str]:
-        if self.ops is None:
-            return set()
-        return {str(q) for q in await self.ops.paused()}
-
     async def queues(self) -> list[dict[str, Any]]:
-        paused = await self.paused()
+        paused = await self.ops.paused()
+        names = sorted(set(self.queue_names()) | paused)
         out = []
-        for q in self.queue_names():
+        for q in names:
             s = await self.rt.broker.stats(q)
             out.append({"name": q, "ready": s.ready, "delayed": s.delayed,
                         "in_flight": s.in_flight, "dead": s.dead, "paused": q in paused})
@@ -295,16 +328,16 @@ class Source:
 
     async def pause(self, queue: str, paused: bool) -> dict[str, Any]:
         self._check_queue(queue)
-        if self.ops is None:
-            raise NotSupported("pausing a queue needs runtime.ops (the operations module), which "
-                               "this installation does not have yet")
-        await (self.ops.pause(queue) if paused else self.ops.resume(queue))
-        return {"queue": queue, "paused": paused}
+        changed = await (self.ops.pause(queue) if paused else self.ops.resume(queue))
+        return {"queue": queue, "paused": paused, "changed": changed}
 
     async def workers(self) -> list[dict[str, Any]]:
-        if self.ops is not None and hasattr(self.ops, "workers"):
-            return list(_jsonable(await self.ops.workers()))
-        return [msgspec.to_builtins(b) for b in await self.liveness.list()]
+        """The live workers, each with the tasks it runs now."""
+        return [worker_json(w) for w in await self.ops.workers()]
+
+    async def orphans(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Started tasks whose worker is gone (until the broker redelivers them)."""
+        return [summary_json(s) for s in await self.ops.orphans(limit=limit)]
 
     # -- schedules ------------------------------------------------------------------------
 
@@ -356,7 +389,7 @@ class Source:
                 checks["results"] = f"{type(e).__name__}: {e}"
                 ok = False
             try:
-                checks["workers"] = len(await self.liveness.list())
+                checks["workers"] = len(await self.ops.workers())
             except Exception as e:
                 checks["workers"] = f"{type(e).__name__}: {e}"
                 ok = False
@@ -365,9 +398,10 @@ class Source:
             ok = False
         return ok, checks
 
-    async def event_stream(self, since: str | None) -> AsyncIterator[dict[str, Any]] | None:
-        """The ops event stream, if runtime.ops has one (else None: the hub serves)."""
-        if self.ops is None or not hasattr(self.ops, "events"):
+    def event_stream(self, since: str | None) -> AsyncIterator[EventRecord] | None:
+        """The ops event stream after ``since`` (None when the runtime keeps no events)."""
+        try:
+            return self.ops.events(since=since)
+        except TaskloomError as e:
+            log.info("the dashboard's live feed has no event stream", why=str(e))
             return None
-        stream: AsyncIterator[dict[str, Any]] = self.ops.events(since=since)
-        return stream

@@ -5,6 +5,7 @@ dashboard app with an admin and a read key, and an httpx client on it."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from runtime import Runtime
+from runtime import Runtime, current_task
 from runtime.dashboard import add_key, dashboard_app
+from runtime.process.liveness import publish_heartbeats, store_for
 from tests.conftest import REDIS_URL, server_missing
 
 
@@ -37,7 +39,21 @@ def make_runtime(namespace: str) -> Runtime:
         await anyio.sleep(seconds)
         return "done"
 
+    @rt.task(name="tasks.steps")
+    async def steps(gate: str, n: int) -> int:
+        """Reports ``n`` steps of progress, then waits until the test opens ``gate``."""
+        ctx = current_task()
+        for i in range(n):
+            await ctx.progress(i + 1, n, f"step {i + 1}", gate=gate)
+        ctx.meta["steps"] = n
+        await GATES.setdefault(gate, anyio.Event()).wait()
+        return n
+
     return rt
+
+
+#: events the ``tasks.steps`` task waits on (the worker runs in the test's process)
+GATES: dict[str, anyio.Event] = {}
 
 
 async def purge(namespace: str) -> None:
@@ -67,6 +83,7 @@ class Env:
     client: httpx.AsyncClient
     admin: dict[str, str]
     read: dict[str, str]
+    worker_name: str
 
 
 @pytest.fixture
@@ -85,13 +102,20 @@ async def open_env(namespace: str, key_file: tuple[Path, str, str]) -> AsyncIter
     path, admin, read = key_file
     rt = make_runtime(namespace)
     app = dashboard_app(rt, api_keys=path, hide_data_from_read=True)
+    store = store_for(rt)   # heartbeats, as `taskloom worker` publishes them
     try:
-        async with app.state.dashboard.running(), rt.worker(concurrency=8):
+        async with app.state.dashboard.running(), rt.worker(concurrency=8) as worker, \
+                anyio.create_task_group() as tg:
+            await tg.start(functools.partial(publish_heartbeats, store, worker, interval_s=0.5))
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://dash") as client:
-                yield Env(rt, app, client, {"Authorization": f"Bearer {admin}"},
-                          {"Authorization": f"Bearer {read}"})
+            try:
+                async with httpx.AsyncClient(transport=transport, base_url="http://dash") as client:
+                    yield Env(rt, app, client, {"Authorization": f"Bearer {admin}"},
+                              {"Authorization": f"Bearer {read}"}, worker.name)
+            finally:
+                tg.cancel_scope.cancel()
     finally:
+        await store.aclose()
         await purge(namespace)
 
 
@@ -127,4 +151,16 @@ async def wait_state(env: Env, task_id: str, want: str) -> dict[str, Any]:
             r = await env.client.get(f"/api/tasks/{task_id}", headers=env.admin)
             if r.status_code == 200 and r.json()["state"] == want:
                 return dict(r.json())
+            await anyio.sleep(0.05)
+
+
+async def wait_listed(env: Env, ids: set[str], query: str = "") -> list[dict[str, Any]]:
+    """Until every id in ``ids`` is in the first page of ``GET /api/tasks?<query>``
+    (the index writes in batches; 30 s bound: the machine is shared and slow)."""
+    with anyio.fail_after(30):
+        while True:
+            r = await env.client.get(f"/api/tasks?limit=500&{query}", headers=env.admin)
+            items: list[dict[str, Any]] = r.json()["items"] if r.status_code == 200 else []
+            if ids <= {t["id"] for t in items}:
+                return items
             await anyio.sleep(0.05)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from runtime.dashboard.api import MAX_BODY, routes_table
-from tests.dashboard.conftest import Env, wait_state
+from tests.dashboard.conftest import Env, wait_listed, wait_state
 
 pytestmark = pytest.mark.redis
 
@@ -46,6 +46,7 @@ async def test_pagination_by_cursor(env: Env) -> None:
         r = await env.client.post("/api/tasks", json={"name": "tasks.add", "args": [i, i]},
                                   headers=env.admin)
         ids.add(r.json()["id"])
+    await wait_listed(env, ids)   # the index writes in batches: a listing lags a little
     seen: list[str] = []
     cursor = None
     while True:
@@ -82,10 +83,20 @@ async def test_failure_retry_and_dead_letters(env: Env) -> None:
     assert dry.json()["replayed"] == []
     again = await env.client.post(f"/api/tasks/{task_id}/retry", headers=env.admin)
     assert again.status_code == 200, again.text
-    await wait_state(env, again.json()["new_id"], "FAILURE")   # it fails again, as it must
+    new_id = again.json()["new_id"]
+    assert again.json()["retried"] is True
+    await wait_state(env, new_id, "FAILURE")   # it fails again, as it must
+    # the retry took the original's dead letter; the retry's own is there to replay
+    dead = (await env.client.get("/api/queues/default/dead-letters", headers=env.read)).json()
+    assert task_id not in [d["id"] for d in dead["items"]]
+    assert new_id in [d["id"] for d in dead["items"]]
     replayed = await env.client.post("/api/queues/default/dead-letters/replay",
-                                     json={"ids": [task_id], "dry_run": False}, headers=env.admin)
-    assert len(replayed.json()["replayed"]) == 1
+                                     json={"ids": [new_id], "dry_run": False}, headers=env.admin)
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.json()["matched"] == [new_id] and len(replayed.json()["replayed"]) == 1
+    await wait_state(env, replayed.json()["replayed"][0], "FAILURE")
+    original = (await env.client.get(f"/api/tasks/{task_id}", headers=env.read)).json()
+    assert original["retried_as"] == new_id and original["attempts"][-1]["state"] == "FAILURE"
 
 
 async def test_cancel(env: Env) -> None:

@@ -68,15 +68,17 @@ function onEvent(ev) {
     state.history.push({ at: ev.at_ms, depth, done: state.doneTick || 0, failed: state.failTick || 0 });
     state.doneTick = 0; state.failTick = 0;
     if (state.history.length > 150) state.history.shift();
-  } else if (ev.type === "task" || ev.kind === "task") {
+  } else if (ev.type === "task") {
     const st = ev.state || ev.phase;
-    if (st === "SUCCESS" || st === "succeeded") state.doneTick = (state.doneTick || 0) + 1;
-    if (st === "FAILURE" || st === "failed" || st === "dead_lettered") state.failTick = (state.failTick || 0) + 1;
+    if (st === "SUCCESS") state.doneTick = (state.doneTick || 0) + 1;
+    if (st === "FAILURE") state.failTick = (state.failTick || 0) + 1;
     state.tasks[ev.id] = Object.assign(state.tasks[ev.id] || {}, ev, { state: st });
+  } else if (ev.type === "progress") {
+    state.tasks[ev.id] = Object.assign(state.tasks[ev.id] || {}, { progress: ev });
   }
   const page = current();
   if (page.name === "task" && ev.id === page.arg) renderTask(page.arg);
-  else if (page.name === "overview" || page.name === "queues" || page.name === "workers") render();
+  else if (page.name === "overview" || page.name === "queues" || (page.name === "workers" && ev.type === "snapshot")) render();
   else if (page.name === "tasks" && ev.type === "task") {
     const cell = document.querySelector(`[data-state-of="${CSS.escape(ev.id)}"]`);
     if (cell) cell.replaceChildren(badge(ev.state || ev.phase));
@@ -157,7 +159,7 @@ async function tasks(cursor) {
     state.filters = { state: f.get("state"), queue: f.get("queue"), name: f.get("name") }; state.cursorStack = []; tasks();
   } },
     h("input", { name: "id", id: "search-id", placeholder: "task id" }),
-    h("select", { name: "state" }, ["", "PENDING", "STARTED", "SUCCESS", "FAILURE", "REVOKED"].map(s => h("option", s === q.state ? { selected: "" } : {}, s))),
+    h("select", { name: "state" }, ["", "PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE", "dead_lettered", "REVOKED", "EXPIRED"].map(s => h("option", s === q.state ? { selected: "" } : {}, s))),
     h("input", { name: "queue", placeholder: "queue", value: q.queue || "" }),
     h("input", { name: "name", placeholder: "task name", value: q.name || "" }),
     h("button", { type: "submit" }, "Filter"));
@@ -176,35 +178,63 @@ async function renderTask(id) {
   let t;
   try { t = await api("GET", "/api/tasks/" + encodeURIComponent(id)); } catch (e) { view().replaceChildren(h("h2", {}, "Task " + id), h("p", { class: "error" }, e.message)); return; }
   const live = state.tasks[id];
-  const st = t.state === "PENDING" && live ? live.state : t.state;
+  const rank = { PENDING: 0, STARTED: 1, RETRY: 2 };
+  const st = live && live.state && (rank[live.state] ?? 3) > (rank[t.state] ?? 3) ? live.state : t.state;
   const parts = [h("h2", {}, "Task ", h("code", {}, id)),
     h("p", {}, "State: ", h("span", { id: "task-state", class: "state " + st }, st)),
-    h("table", {}, h("tbody", {}, ["name", "queue", "attempt", "delivery_count", "worker", "started_ms", "finished_ms"]
+    h("table", {}, h("tbody", {}, ["name", "queue", "phase", "attempt", "delivery_count", "worker", "enqueued_ms", "started_ms", "finished_ms", "reason"]
       .filter(k => t[k] !== undefined && t[k] !== "" && t[k] !== null)
-      .map(k => h("tr", {}, h("th", {}, k), h("td", {}, k.endsWith("_ms") ? new Date(t[k]).toISOString() : t[k]))))),
+      .map(k => h("tr", {}, h("th", {}, k), h("td", {}, k.endsWith("_ms") ? new Date(t[k]).toISOString() : t[k]))),
+      ["parent_id", "root_id", "retried_as"].filter(k => t[k]).map(k => h("tr", {}, h("th", {}, k),
+        h("td", {}, h("a", { href: "#/task/" + encodeURIComponent(t[k]) }, t[k])))))),
     h("h3", {}, "Arguments"), h("pre", { id: "task-args" }, JSON.stringify({ args: t.args, kwargs: t.kwargs }, null, 2))];
   if (t.state === "SUCCESS") parts.push(h("h3", {}, "Result"), h("pre", { id: "task-result" }, JSON.stringify(t.result, null, 2)));
   if (t.error) parts.push(h("h3", {}, "Error"), h("p", { class: "error" }, `${t.error.type}: ${t.error.message}`), h("pre", { id: "task-traceback" }, t.error.traceback || ""));
-  if (t.progress !== undefined) parts.push(h("p", {}, "Progress: ", h("progress", { max: 1, value: t.progress }), String(t.progress)));
+  const pr = (live && live.progress && (!t.progress || live.progress.at_ms >= (t.progress.at_ms || 0))) ? { done: live.progress.current, total: live.progress.total, message: live.progress.message } : t.progress;
+  if (pr) parts.push(h("p", { id: "task-progress" }, "Progress: ",
+    pr.total ? h("progress", { max: pr.total, value: pr.done }) : "", ` ${pr.done}${pr.total ? " / " + pr.total : ""} ${pr.message || ""}`));
+  if (t.meta && Object.keys(t.meta).length) parts.push(h("h3", {}, "Meta"), h("pre", { id: "task-meta" }, JSON.stringify(t.meta, null, 2)));
+  if (t.attempts && t.attempts.length) parts.push(h("h3", {}, "Attempts"), h("table", { id: "task-attempts" },
+    h("thead", {}, h("tr", {}, ["attempt", "state", "worker", "started", "finished"].map(c => h("th", {}, c)))),
+    h("tbody", {}, t.attempts.map(a => h("tr", {}, h("td", {}, a.attempt), h("td", {}, badge(a.state)), h("td", {}, a.worker || ""),
+      h("td", {}, when(a.started_ms)), h("td", {}, when(a.finished_ms)))))));
   if (t.children && t.children.length) parts.push(h("h3", {}, "Children"), h("ul", {}, t.children.map(c => h("li", {}, h("a", { href: "#/task/" + encodeURIComponent(c) }, c)))));
   const actions = h("p", {});
   if (t.state === "FAILURE") actions.append(h("button", { id: "retry-btn", onclick: async () => {
     const out = await api("POST", `/api/tasks/${encodeURIComponent(id)}/retry`);
     toast("retried as " + out.new_id); if (out.new_id) location.hash = "#/task/" + encodeURIComponent(out.new_id);
   } }, "Retry"));
-  if (!["SUCCESS", "FAILURE", "REVOKED"].includes(t.state)) actions.append(h("button", { class: "danger", id: "cancel-btn", onclick: async () => {
+  if (!["SUCCESS", "FAILURE", "REVOKED", "EXPIRED"].includes(t.state)) actions.append(h("button", { class: "danger", id: "cancel-btn", onclick: async () => {
     if (confirm("Cancel task " + id + "?")) { await api("POST", `/api/tasks/${encodeURIComponent(id)}/cancel`); toast("cancelled"); }
   } }, "Cancel"));
   parts.push(actions);
   if (current().name === "task" && current().arg === id) view().replaceChildren(...parts);
 }
 
-function workers() {
+function runningCell(w) {
+  return h("td", { class: "running" }, (w.tasks || []).map(t => h("div", {},
+    h("a", { href: "#/task/" + encodeURIComponent(t.id) }, t.name), " ", h("span", { class: "muted" }, "since " + when(t.started_ms)))));
+}
+
+async function workers() {
   const rows = state.snapshot.workers.map(w => h("tr", {}, h("td", {}, w.id), h("td", {}, w.host), h("td", {}, w.pid),
-    h("td", {}, (w.queues || []).join(", ")), h("td", {}, `${w.in_flight} / ${w.concurrency}`), h("td", {}, w.processed), h("td", {}, w.failed),
-    h("td", {}, w.lag_ms + " ms"), h("td", {}, when(w.last_seen_ms))));
-  view().replaceChildren(h("h2", {}, "Workers"), h("table", { id: "workers-table" },
-    h("thead", {}, h("tr", {}, ["worker", "host", "pid", "queues", "in flight", "processed", "failed", "loop lag", "seen"].map(t => h("th", {}, t)))), h("tbody", {}, rows)));
+    h("td", {}, (w.queues || []).join(", ")), h("td", {}, w.state), h("td", {}, `${w.in_flight} / ${w.concurrency}`), runningCell(w),
+    h("td", {}, w.processed), h("td", {}, w.failed), h("td", {}, w.lag_ms + " ms"), h("td", {}, when(w.last_seen_ms))));
+  const table = h("table", { id: "workers-table" },
+    h("thead", {}, h("tr", {}, ["worker", "host", "pid", "queues", "state", "in flight", "running now", "processed", "failed", "loop lag", "seen"].map(t => h("th", {}, t)))), h("tbody", {}, rows));
+  const orphanBox = h("div", { id: "orphans" });
+  view().replaceChildren(h("h2", {}, "Workers"), table, orphanBox);
+  if (!state.orphansAt || Date.now() - state.orphansAt > 10000) {   // orphans scan the index: not every snapshot
+    state.orphansAt = Date.now();
+    try { state.orphans = (await api("GET", "/api/workers")).orphans || []; } catch (e) { state.orphans = []; }
+  }
+  const o = state.orphans || [];
+  orphanBox.replaceChildren(h("h3", {}, `Orphaned tasks (${o.length})`),
+    h("p", { class: "muted" }, "Started on a worker that is gone; the broker hands them out again when their lease ends."),
+    o.length ? h("table", { id: "orphans-table" }, h("thead", {}, h("tr", {}, ["id", "task", "queue", "worker", "started"].map(t => h("th", {}, t)))),
+      h("tbody", {}, o.map(t => h("tr", {}, h("td", {}, h("a", { href: "#/task/" + encodeURIComponent(t.id) }, t.id)), h("td", {}, t.name),
+        h("td", {}, t.queue), h("td", {}, t.worker), h("td", {}, when(t.started_ms))))))
+      : "");
 }
 
 async function dead() {
