@@ -6,6 +6,10 @@ cross-process row with real ``taskloom worker`` processes."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -213,3 +217,47 @@ async def test_per_call_retention_is_kept_over_the_tasks(rt: Runtime) -> None:
     assert stored[default] is not None and stored[default].ttl_s == 3600
     with pytest.raises(EnqueueError, match="result_ttl"):
         keep.s(False).set(result_ttl=-1)
+
+
+# -- the issue's cross-process row: real `taskloom worker` processes ----------------------
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_three_cli_workers_hold_a_decorated_rate(tmp_path: Path, namespace: str) -> None:
+    from tests.limits.e2e_app import RATE, api
+
+    ledger = tmp_path / "starts.txt"
+    env = {**os.environ, "LIMITS_NS": namespace, "LIMITS_LEDGER": str(ledger),
+           "PYTHONPATH": str(ROOT)}
+    producer = Runtime(broker=REDIS_URL, namespace=namespace)  # on the workers' namespace
+    producer.registry.add(api)
+    workers = [subprocess.Popen([sys.executable, "-m", "runtime.cli", "worker",
+                                 "tests.limits.e2e_app:rt", "--concurrency", "50"],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) for _ in range(3)]
+    try:
+        async with producer:
+            await producer.enqueue_many([api.s(n) for n in range(600)])
+            # generous: 600 starts at 20/s take 30 s; slow shared machines take longer
+            with anyio.fail_after(180):
+                while not ledger.exists() or len(ledger.read_text().splitlines()) < 600:
+                    await anyio.sleep(0.5)
+            await anyio.sleep(1.0)  # a start beyond 600 would be a double run
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
+    rows = [line.split() for line in ledger.read_text().splitlines()]
+    assert sorted(int(n) for _, n in rows) == list(range(600))
+    starts = sorted(float(t) for t, _ in rows)
+    r = parse_rate(RATE)
+    measured = (len(starts) - 1) / (starts[-1] - starts[0])
+    assert abs(measured - r.count) <= 0.05 * r.count, measured
+    # the limiter's documented bound for any window of one period: count + burst
+    assert _worst_window(starts) <= r.window_max
