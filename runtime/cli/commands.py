@@ -27,7 +27,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
@@ -35,10 +35,14 @@ import structlog
 
 from brokers.base import TaskloomError
 from runtime.cli import common
+from runtime.cli import dashboard as dashboard_cli
 from runtime.errors import ConfigError
 from runtime.logs import LOG_LOCALS_ENV, configure_logging
 from runtime.process.loading import load_runtime as _load
 from runtime.process.serve import EXIT_CONFIG, ParentLink, WorkerOptions
+
+if TYPE_CHECKING:
+    from runtime.app import Runtime
 
 __all__ = ["main"]
 
@@ -85,13 +89,17 @@ def main(ctx: click.Context, log_level: str, log_json: bool, log_locals: bool) -
               help="Seconds between liveness heartbeats (0: off).")
 @click.option("--scheduler", "with_scheduler", is_flag=True,
               help="Also run a scheduler in each worker process (any number may; one leads).")
+@click.option("--metrics-port", default=None, type=click.IntRange(1, 65535),
+              help="Serve Prometheus metrics at http://127.0.0.1:PORT/metrics (needs the "
+                   "dashboard extra). With --processes N, worker process i serves PORT+i "
+                   "(scrape each; counters restart with a recycled process).")
 @click.option("--child", is_flag=True, hidden=True,
               help="Run as a supervised child (internal).")
 @click.pass_context
 def worker(ctx: click.Context, app: str, processes: int, queues: str | None, concurrency: int,
            prefetch: int | None, shutdown_grace: float, max_tasks_per_child: int | None,
            max_memory_per_child: int | None, pool_size: int | None, lag_threshold: float,
-           heartbeat: float, with_scheduler: bool, child: bool) -> None:
+           heartbeat: float, with_scheduler: bool, metrics_port: int | None, child: bool) -> None:
     """Run workers for APP (module:runtime_attribute).
 
     \b
@@ -104,6 +112,7 @@ def worker(ctx: click.Context, app: str, processes: int, queues: str | None, con
     """
     from runtime.process.serve import serve_worker
 
+    listener = dashboard_cli.metrics_listener() if metrics_port is not None else None
     opts = WorkerOptions(
         app=app, queues=common.queue_names(queues), concurrency=concurrency, prefetch=prefetch,
         shutdown_grace_s=shutdown_grace, pool_size=pool_size, max_tasks=max_tasks_per_child,
@@ -116,10 +125,13 @@ def worker(ctx: click.Context, app: str, processes: int, queues: str | None, con
         except TaskloomError as e:  # a configuration error: the supervisor does not retry it
             link.send("fatal", error=str(e))
             common.fail("cannot load the application", e, app=app)
-        sys.exit(_serve(functools.partial(serve_worker, rt, opts, link=link), link))
+        run = _with_metrics(functools.partial(serve_worker, rt, opts, link=link), rt, listener,
+                            metrics_port)
+        sys.exit(_serve(run, link))
     if processes == 1 and max_tasks_per_child is None and max_memory_per_child is None:
         rt = common.load_runtime(app)
-        sys.exit(_serve(functools.partial(serve_worker, rt, opts), None))
+        run = _with_metrics(functools.partial(serve_worker, rt, opts), rt, listener, metrics_port)
+        sys.exit(_serve(run, None))
     module_name, _, attr = app.partition(":")
     if not module_name or not attr:
         raise click.BadParameter(f"expected module:attribute (e.g. app.tasks:rt), got {app!r}",
@@ -132,9 +144,21 @@ def worker(ctx: click.Context, app: str, processes: int, queues: str | None, con
                              shutdown_grace=shutdown_grace, max_tasks=max_tasks_per_child,
                              max_memory=max_memory_per_child, pool_size=pool_size,
                              lag_threshold=lag_threshold, heartbeat=heartbeat,
-                             scheduler=with_scheduler)
+                             scheduler=with_scheduler, metrics_port=metrics_port)
     supervisor = Supervisor(command, processes, shutdown_grace_s=shutdown_grace)
     sys.exit(anyio.run(supervisor.run, backend_options=common.event_loop_backend()))
+
+
+def _with_metrics(run: Callable[[], Awaitable[int]], rt: Runtime, listener: Any,
+                  port: int | None) -> Callable[[], Awaitable[int]]:
+    """``run`` itself, or (with ``--metrics-port``) ``run`` beside a /metrics
+    endpoint fed by ``listener``, added to the runtime's listeners before the
+    worker opens it."""
+    if listener is None or port is None:
+        return run
+    rt.listeners.append(listener)
+    return functools.partial(dashboard_cli.serve_with_metrics, run, listener,
+                             dashboard_cli.metrics_port_of(port))
 
 
 def _serve(run: Callable[[], Awaitable[int]], link: ParentLink | None) -> int:
@@ -156,7 +180,8 @@ def _serve(run: Callable[[], Awaitable[int]], link: ParentLink | None) -> int:
 def _child_command(ctx: click.Context, app: str, *, queues: str | None, concurrency: int,
                    prefetch: int | None, shutdown_grace: float, max_tasks: int | None,
                    max_memory: int | None, pool_size: int | None, lag_threshold: float,
-                   heartbeat: float, scheduler: bool) -> list[str]:
+                   heartbeat: float, scheduler: bool, metrics_port: int | None = None
+                   ) -> list[str]:
     root = ctx.find_root().obj or {}
     cmd = [sys.executable, "-m", "runtime.cli", "--log-level", str(root.get("log_level", "INFO"))]
     if root.get("log_json"):
@@ -170,7 +195,8 @@ def _child_command(ctx: click.Context, app: str, *, queues: str | None, concurre
         cmd.append("--scheduler")
     optional: Sequence[tuple[str, object]] = (
         ("--queues", queues), ("--prefetch", prefetch), ("--max-tasks-per-child", max_tasks),
-        ("--max-memory-per-child", max_memory), ("--pool-size", pool_size))
+        ("--max-memory-per-child", max_memory), ("--pool-size", pool_size),
+        ("--metrics-port", metrics_port))
     for flag, value in optional:
         if value is not None:
             cmd += [flag, str(value)]
