@@ -1,18 +1,22 @@
 """The web UI in headless Chromium (Debian's chromium + chromedriver, driven by
 Selenium) against a live dashboard served by uvicorn with a worker on Redis:
-every page opens, a task submitted from the UI goes to SUCCESS live, a failure
-is retried, a dead letter replayed. Screenshots go to tests/dashboard/screenshots/."""
+every page opens, a task submitted from the UI goes STARTED (with its progress)
+then SUCCESS live, a failure is retried, a dead letter replayed, the worker is
+online with what it runs. Screenshots go to tests/dashboard/screenshots/."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 import pytest
 import uvicorn
@@ -22,8 +26,9 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
 from runtime.dashboard import dashboard_app
+from runtime.process.liveness import publish_heartbeats, store_for
 from tests.conftest import require_tool
-from tests.dashboard.conftest import make_runtime, purge, redis_up
+from tests.dashboard.conftest import GATES, make_runtime, purge, redis_up
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -42,6 +47,7 @@ def free_port() -> int:
 async def live_dashboard(namespace: str, key_file: Path) -> AsyncIterator[str]:
     rt = make_runtime(namespace)
     port = free_port()
+    store = store_for(rt)
     server = uvicorn.Server(uvicorn.Config(dashboard_app(rt, api_keys=key_file), host="127.0.0.1",
                                            port=port, log_level="warning", lifespan="on",
                                            timeout_graceful_shutdown=2))
@@ -54,11 +60,18 @@ async def live_dashboard(namespace: str, key_file: Path) -> AsyncIterator[str]:
                 with anyio.fail_after(WAIT_S):
                     while not server.started:
                         await anyio.sleep(0.05)
-                async with rt.worker(concurrency=4):
-                    yield f"http://127.0.0.1:{port}/"
+                async with rt.worker(concurrency=4) as worker, anyio.create_task_group() as beats:
+                    # heartbeats as `taskloom worker` publishes them: a live worker online
+                    await beats.start(functools.partial(publish_heartbeats, store, worker,
+                                                        interval_s=1.0))
+                    try:
+                        yield f"http://127.0.0.1:{port}/"
+                    finally:
+                        beats.cancel_scope.cancel()
             finally:
                 server.should_exit = True   # a graceful stop: the lifespan ends before rt
     finally:
+        await store.aclose()
         await purge(namespace)
 
 
@@ -73,13 +86,18 @@ def chromium() -> webdriver.Chrome:
     return webdriver.Chrome(options=options, service=service)
 
 
-def flow(base: str, key: str) -> None:
+def flow(base: str, key: str, gate: str, release: Callable[[], None]) -> None:
     SHOTS.mkdir(exist_ok=True)
     driver = chromium()
     wait = WebDriverWait(driver, WAIT_S)
 
     def state_is(text: str) -> None:
         wait.until(ec.text_to_be_present_in_element((By.ID, "task-state"), text))
+
+    def text_in(element_id: str, text: str) -> None:
+        """Waits, as the page re-renders on live events (an element read once may be
+        replaced by the time its text is read)."""
+        wait.until(ec.text_to_be_present_in_element((By.ID, element_id), text))
 
     def accept_confirm() -> None:
         wait.until(ec.alert_is_present()).accept()
@@ -91,13 +109,24 @@ def flow(base: str, key: str) -> None:
         wait.until(ec.text_to_be_present_in_element((By.ID, "live"), "live"))
         assert "tlk_" not in driver.current_url
         assert driver.execute_script("return document.cookie") == ""
-        # submit from the UI; the detail page follows it live (SSE) to SUCCESS
-        wait.until(ec.visibility_of_element_located((By.ID, "submit-name"))).send_keys("tasks.slow")
-        driver.find_element(By.ID, "submit-args").send_keys("[0.5]")
+        # submit from the UI; the detail page follows it live (SSE): STARTED with its
+        # progress while the task waits on its gate, then SUCCESS once it is opened
+        wait.until(ec.visibility_of_element_located((By.ID, "submit-name"))).send_keys("tasks.steps")
+        driver.find_element(By.ID, "submit-args").send_keys(f'["{gate}", 3]')
         driver.find_element(By.ID, "submit-btn").click()
         wait.until(ec.url_contains("#/task/"))
+        state_is("STARTED")
+        text_in("task-progress", "3 / 3 step 3")
+        driver.save_screenshot(str(SHOTS / "task-started.png"))
+        driver.get(base + "#/workers")   # the worker runs it now
+        text_in("workers-table", "tasks.steps")
+        driver.save_screenshot(str(SHOTS / "workers-running.png"))
+        driver.back()
+        state_is("STARTED")
+        release()
         state_is("SUCCESS")
-        assert '"done"' in driver.find_element(By.ID, "task-result").text
+        text_in("task-result", "3")
+        text_in("task-attempts", "SUCCESS")
         driver.save_screenshot(str(SHOTS / "task.png"))
         # a failure, retried from its page
         driver.get(base + "#/overview")
@@ -105,7 +134,7 @@ def flow(base: str, key: str) -> None:
         driver.find_element(By.ID, "submit-args").send_keys('["from the ui"]')
         driver.find_element(By.ID, "submit-btn").click()
         state_is("FAILURE")
-        assert "boom: from the ui" in driver.find_element(By.ID, "task-traceback").text
+        text_in("task-traceback", "boom: from the ui")
         failed_url = driver.current_url
         driver.find_element(By.ID, "retry-btn").click()
         wait.until(lambda d: d.current_url != failed_url)
@@ -126,6 +155,7 @@ def flow(base: str, key: str) -> None:
             wait.until(ec.presence_of_element_located((By.ID, marker)))
             driver.save_screenshot(str(SHOTS / f"{page}.png"))
         driver.get(base + "#/overview")
+        text_in("workers-online", "1")
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".chart path")))
         wait.until(lambda d: len(d.find_element(By.CSS_SELECTOR, ".chart path")
                                  .get_attribute("d") or "") > 20)   # a few live snapshots drawn
@@ -139,5 +169,14 @@ def flow(base: str, key: str) -> None:
 async def test_ui_in_headless_chromium(namespace: str, key_file: tuple[Path, str, str]) -> None:
     await redis_up()
     path, admin, _ = key_file
+    gate = uuid.uuid4().hex
+    opened = GATES.setdefault(gate, anyio.Event())
+
+    def release() -> None:   # from the browser's thread: open the gate in the event loop
+        anyio.from_thread.run_sync(opened.set)
+
     async with live_dashboard(namespace, path) as base:
-        await anyio.to_thread.run_sync(flow, base, admin)
+        try:
+            await anyio.to_thread.run_sync(flow, base, admin, gate, release)
+        finally:
+            opened.set()

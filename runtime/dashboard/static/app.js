@@ -78,7 +78,7 @@ function onEvent(ev) {
   }
   const page = current();
   if (page.name === "task" && ev.id === page.arg) renderTask(page.arg);
-  else if (page.name === "overview" || page.name === "queues" || (page.name === "workers" && ev.type === "snapshot")) render();
+  else if (ev.type === "snapshot" && ["overview", "queues", "workers"].includes(page.name)) render();
   else if (page.name === "tasks" && ev.type === "task") {
     const cell = document.querySelector(`[data-state-of="${CSS.escape(ev.id)}"]`);
     if (cell) cell.replaceChildren(badge(ev.state || ev.phase));
@@ -124,7 +124,7 @@ function overview() {
     chart("queue depth over time", state.history.map(p => p.depth), "#3558d6"),
     chart("succeeded per 2 s", state.history.map(p => p.done), "#1c8a4a"),
     chart("failed per 2 s", state.history.map(p => p.failed), "#c0392b"),
-    submitForm());
+    state.form || (state.form = submitForm()));   // one form, kept across re-renders: typing survives them
 }
 
 function submitForm() {
@@ -135,6 +135,7 @@ function submitForm() {
     let parsed;
     try { parsed = JSON.parse(args.value || "[]"); } catch (err) { toast("args must be a JSON array"); return; }
     const out = await api("POST", "/api/tasks", { name: name.value, args: parsed });
+    name.value = ""; args.value = "";
     location.hash = "#/task/" + encodeURIComponent(out.id);
   } }, h("strong", {}, "Submit a task"), name, args, h("button", { id: "submit-btn", type: "submit" }, "Submit"));
 }
