@@ -139,6 +139,7 @@ class Runtime(Hooks):
         self.gates: list[Gate] = list(gates)
         self._listeners: tuple[Listener, ...] = ()
         self._keep = (index, events)
+        self._ops: Operations | None = None
         self._services: AsyncExitStack | None = None
         self._publish_hooks = [m for m in self.middleware
                                if type(m).before_publish is not Middleware.before_publish]
@@ -334,6 +335,9 @@ class Runtime(Hooks):
             with one_error:
                 try:
                     services, self._services, self._listeners = self._services, None, ()
+                    ops, self._ops = self._ops, None
+                    if ops is not None:
+                        await ops.aclose()
                     if services is not None:
                         await services.aclose()
                 finally:
@@ -345,10 +349,13 @@ class Runtime(Hooks):
     @property
     def ops(self) -> Operations:
         """What operators see and steer: tasks by state, workers, events, retry,
-        replay, cancel by filter, pause (:class:`runtime.ops.api.Operations`)."""
+        replay, cancel by filter, pause (:class:`runtime.ops.api.Operations`); one
+        per open runtime, closed with it."""
         from runtime.ops.api import Operations
 
-        return Operations(self)
+        if self._ops is None:
+            self._ops = Operations(self)
+        return self._ops
 
     @property
     def schedules(self) -> Schedules:
