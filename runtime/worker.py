@@ -5,7 +5,7 @@ success, replacement, retry, failure, revoked, expired, duplicate,
 dead-letter, release) and taken down one path, :meth:`Worker._conclude`:
 :meth:`runtime.flow.Flow.carry_out` stores it and publishes what follows (next
 chain step, chord join, replacement, next attempt, errbacks), and only then
-:meth:`Worker._settle`, the one place a delivery is settled, acks,
+:func:`runtime.screening.settle`, the one place a delivery is settled, acks,
 dead-letters or releases it. Late ack: a worker dying at any point leaves the
 message to be delivered again (at least once).
 
@@ -44,16 +44,18 @@ from brokers.base import BrokerConnectionError, Consumer, Delivery
 from runtime import canvas
 from runtime.context import CurrentTask, current
 from runtime.deadletters import DeadLetterReason as Why
-from runtime.errors import ArgumentsError, ConfigError, DecodeError
+from runtime.errors import ArgumentsError, ConfigError
 from runtime.execution import ProcessRunner, execute, running
 from runtime.flow import Flow, Kind, Outcome, error_info, now_ms
 from runtime.hooks import after_outcome
-from runtime.judging import cancelled, count_of, judge, message_id, named, reason
-from runtime.messages import ErrorInfo, Result, State, TaskMessage, check_references
+from runtime.judging import cancelled, count_of, judge, message_id, named
+from runtime.messages import Result, State, TaskMessage
 from runtime.middleware import CallNext, Middleware, TaskContext, build_chain
+from runtime.pausing import Generation, PauseView, Selector
 from runtime.persist import StoreRetry, type_name
 from runtime.registry import Task
-from runtime.seams import Admission, end_transition, started
+from runtime.screening import decode, report, screen, settle
+from runtime.seams import Admission, started
 from runtime.states import StateWriter
 
 if TYPE_CHECKING:
@@ -72,12 +74,8 @@ _STORE_RETRY_MAX_S = 5.0
 _RELEASE_DELAY_S = 5.0
 #: How long a stopping worker tries to mark a handed-back task PENDING.
 _HAND_BACK_WRITE_S = 2.0
-#: Longest message id (set by whoever published) written to a log line.
-_MAX_ID_IN_LOG = 200
 #: What a task returns to be replaced by a canvas.
 _CANVASES = (canvas.Signature, canvas.Chain, canvas.Group, canvas.Chord)
-#: The outcomes settled by dead-lettering the message.
-_DEAD = (Kind.FAILURE, Kind.DEAD_LETTER)
 
 
 class _Lent:
@@ -95,6 +93,9 @@ class Worker:
 
     ``await tg.start(worker.serve)`` returns once the worker is consuming;
     ``worker.stop()`` stops taking work and drains within ``shutdown_grace_s``.
+    ``pauses`` (a :class:`~runtime.pausing.PauseView`): consume only the queues
+    not paused. ``max_tasks``: take at most that many deliveries, then drain
+    and stop (``spent`` says so).
     """
 
     def __init__(
@@ -109,11 +110,23 @@ class Worker:
         processes: ProcessRunner | None = None,
         name: str | None = None,
         nested_waits: int | None = None,
+        pauses: PauseView | None = None,
+        max_tasks: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
+        if max_tasks is not None and max_tasks < 1:
+            raise ConfigError(f"max_tasks must be at least 1 (or None: no limit), got {max_tasks}")
+        self.max_tasks = max_tasks
+        #: deliveries taken (counted only with a ``max_tasks`` budget)
+        self.taken = 0
+        #: whether the ``max_tasks`` budget is spent (the worker then drains and stops)
+        self.spent = False
+        self._pauses = pauses
+        self._waits: set[anyio.CancelScope] = set()
         self.runtime = runtime
         self.queues = list(queues) if queues else runtime.registry.queues() or ["default"]
+        self._select = Selector(self.queues, pauses)
         self.concurrency = concurrency
         self.prefetch = prefetch if prefetch is not None else concurrency
         if self.prefetch < 1:
@@ -182,24 +195,13 @@ class Worker:
         try:
             async with anyio.create_task_group() as services:
                 await services.start(rt.results.watch)
+                if self._pauses is not None:
+                    await services.start(self._pauses.watch)
                 services.start_soon(self._states.serve)
                 if self._admission is not None:
                     for gate in self._admission.gates:
                         services.start_soon(gate.serve)
-                async with rt.broker.consume(self.queues, prefetch=self.prefetch + self.nested_waits
-                                             ) as consumer:
-                    log.info("worker started", worker=self.name, queues=self.queues,
-                             concurrency=self.concurrency)
-                    async with anyio.create_task_group() as runners:
-                        for _ in range(self.concurrency):
-                            runners.start_soon(self._runner, consumer)
-                        def spawn(lent: _Lent) -> None:
-                            runners.start_soon(self._runner, consumer, lent)
-
-                        self._spawn = spawn
-                        if not self._stopping:
-                            self.state = "running"
-                        task_status.started()
+                await self._consume(task_status)
                 services.cancel_scope.cancel()
         finally:
             self.state = "stopped"
@@ -208,7 +210,83 @@ class Worker:
         log.info("worker stopped", worker=self.name, processed=self.processed, failed=self.failed,
                  deferred=self.deferred)
 
-    async def _runner(self, consumer: Consumer, lent: _Lent | None = None) -> None:
+    async def _consume(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Run the runners on a consumer of the queues not paused. When that set
+        changes, the runners finish what they run, the consumer is closed (what
+        it prefetched goes back to the broker) and another opened; with every
+        queue paused, nothing is taken until one is resumed."""
+        started = False
+
+        def ready() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                if not self._stopping:
+                    self.state = "running"
+                task_status.started()
+
+        while not self._stopping:
+            active, gen = self._select.active(), Generation()
+            if not active:
+                log.info("every queue of this worker is paused; taking nothing until one is "
+                         "resumed", worker=self.name, queues=self.queues)
+                ready()
+                with anyio.CancelScope() as wait:  # stop() cancels it
+                    self._waits.add(wait)
+                    try:
+                        await self._select.change_from(active)
+                    finally:
+                        self._waits.discard(wait)
+                continue
+            prefetch = self.prefetch + self.nested_waits
+            if self.max_tasks is not None:  # no more than the budget left is fetched
+                prefetch = max(1, min(prefetch, self.max_tasks - self.taken))
+            async with self.runtime.broker.consume(active, prefetch=prefetch) as consumer:
+                log.info("worker consuming" if started else "worker started", worker=self.name,
+                         queues=active, paused=sorted(set(self.queues) - set(active)),
+                         concurrency=self.concurrency)
+                async with anyio.create_task_group() as watching:
+                    if self._pauses is not None:
+                        watching.start_soon(self._close_on_change, active, gen)
+                    async with anyio.create_task_group() as runners:
+                        for _ in range(self.concurrency):
+                            runners.start_soon(self._runner, consumer, None, gen)
+
+                        def spawn(lent: _Lent, c: Consumer = consumer, g: Generation = gen
+                                  ) -> None:
+                            runners.start_soon(self._runner, c, lent, g)
+
+                        self._spawn = spawn
+                        ready()
+                    watching.cancel_scope.cancel()
+            self._spawn = None
+            if not gen.closing:
+                return  # stopped, or the consumer ended
+
+    async def _close_on_change(self, active: list[str], gen: Generation) -> None:
+        await self._select.change_from(active)
+        log.info("paused queues changed; reopening the consumer once running tasks finish",
+                 worker=self.name, was=active, now=self._select.active(), in_flight=self.in_flight)
+        gen.closing = True
+        for scope in list(self._receiving):
+            scope.cancel()
+
+    def _take(self) -> bool:
+        """Count a delivery against ``max_tasks``: whether it is within the
+        budget. The one that spends it stops the worker (drain, then stop)."""
+        assert self.max_tasks is not None
+        self.taken += 1
+        if self.taken > self.max_tasks:
+            return False  # left unsettled: the consumer hands it back when it closes
+        if self.taken == self.max_tasks:
+            self.spent = True
+            log.info("took max_tasks deliveries; draining", worker=self.name,
+                     max_tasks=self.max_tasks)
+            self.stop()
+        return True
+
+    async def _runner(self, consumer: Consumer, lent: _Lent | None = None,
+                      gen: Generation | None = None) -> None:
         """Receive a delivery, run it, repeat: ``concurrency`` of these share the
         consumer, so no task is spawned per message.
 
@@ -225,7 +303,8 @@ class Worker:
             if lent is not None:
                 lent.scope = scope
             try:
-                while not self._stopping and (lent is None or not lent.done):
+                while (not self._stopping and (lent is None or not lent.done)
+                       and (gen is None or not gen.closing)):
                     receiving.add(scope)
                     try:
                         delivery = await receive()
@@ -233,6 +312,8 @@ class Worker:
                         return
                     finally:
                         receiving.discard(scope)
+                    if self.max_tasks is not None and not self._take():
+                        return
                     await self._handle(delivery, runner)
             finally:
                 self._scopes.discard(scope)
@@ -268,6 +349,8 @@ class Worker:
         if self.state != "stopped":
             self.state = "draining"
         deadline = anyio.current_time() + self.shutdown_grace_s
+        for scope in list(self._waits):
+            scope.cancel()
         for scope in list(self._scopes):
             if scope in self._receiving:
                 scope.cancel()
@@ -281,14 +364,15 @@ class Worker:
             scope.cancel()
 
     async def idle(self) -> None:
-        """Return once nothing is in flight here and the queues hold nothing
-        ready, delayed or unacked (burst mode for tests and scripts)."""
+        """Return once nothing is in flight here and the queues (paused ones
+        excepted) hold nothing ready, delayed or unacked (burst mode for tests
+        and scripts)."""
         broker = self.runtime.broker
         while True:
             changed = self._changed = self._changed or anyio.Event()
             if self.in_flight == 0:
                 busy = False
-                for queue in self.queues:
+                for queue in self._select.active():
                     stats = await broker.stats(queue)
                     if stats.ready or stats.delayed or stats.in_flight:
                         busy = True
@@ -325,7 +409,7 @@ class Worker:
             log.error("internal error handling a delivery; dead-lettering it",
                       message_id=message_id(delivery), error_type=type_name(e), exc_info=e)
             try:
-                await self._settle(delivery, Outcome(kind=Kind.DEAD_LETTER,
+                await settle(delivery, Outcome(kind=Kind.DEAD_LETTER,
                                                      reason=Why.INTERNAL_ERROR))
             except Exception as settle_error:
                 log.warning("could not dead-letter after an internal error",
@@ -338,13 +422,13 @@ class Worker:
 
     async def _process(self, delivery: Delivery, runner: int) -> None:
         """Decide the outcome of ``delivery`` once, then conclude it."""
-        msg = self._decode(delivery)
+        msg = decode(self.runtime.codec, delivery)
         if isinstance(msg, Outcome):
             await self._conclude(delivery, None, msg)
             return
         running[runner] = msg
         task = self.runtime.registry.get(msg.task)
-        outcome = self._screen(msg, task)
+        outcome = screen(msg, task, self.runtime.results.is_revoked, self.name)
         if outcome is not None:
             await self._conclude(delivery, msg, outcome)
             return
@@ -411,43 +495,6 @@ class Worker:
             await self._conclude(delivery, msg, outcome, task if hooked else None)
         finally:
             self._running.pop(msg.id, None)
-
-    def _decode(self, delivery: Delivery) -> TaskMessage | Outcome:
-        """The task message of ``delivery``, or the dead letter it makes."""
-        env = delivery.envelope
-        try:
-            msg = self.runtime.codec.decode(env.body, env.headers)
-        except DecodeError as e:
-            log.error("dead-lettering an undecodable message", message_id=message_id(delivery),
-                      reason=e.reason, error=str(e)[:300])
-            return Outcome(kind=Kind.DEAD_LETTER, reason=reason(e.reason, Why.DECODE_ERROR))
-        wrong = check_references(msg)
-        if wrong is not None:
-            log.error("dead-lettering a message whose canvas references do not hold",
-                      task_id=msg.id, task=msg.task[:_MAX_ID_IN_LOG], error=wrong[:300])
-            return Outcome(kind=Kind.DEAD_LETTER, reason=Why.BAD_MESSAGE)
-        return msg
-
-    def _screen(self, msg: TaskMessage, task: Task[Any, Any] | None) -> Outcome | None:
-        """What becomes of ``msg`` without running it (unknown task, cancelled,
-        expired), or None if it is to run."""
-        if task is None:
-            log.error("dead-lettering a message for an unknown task", task_id=msg.id,
-                      task=msg.task[:_MAX_ID_IN_LOG])
-            return Outcome.failure(ErrorInfo(
-                type="UnknownTaskError", reason=Why.UNKNOWN_TASK.value,
-                message=f"no task named {msg.task!r} is registered on worker {self.name}"))
-        revoked = self.runtime.results.is_revoked
-        if revoked(msg.id) or (msg.downstream and any(revoked(i) for i in msg.downstream)):
-            log.info("skipping a cancelled task", task_id=msg.id, task=msg.task)
-            return Outcome(kind=Kind.REVOKED, info=ErrorInfo(
-                type="TaskCancelled", reason="cancelled",
-                message="the task (or the canvas it belongs to) was cancelled"))
-        if msg.expires_ms is not None and now_ms() > msg.expires_ms:
-            log.info("discarding an expired task", task_id=msg.id, task=msg.task)
-            return Outcome(kind=Kind.EXPIRED, info=ErrorInfo(
-                type="Expired", reason="expired", message="the task expired before it ran"))
-        return None
 
     async def _run(self, delivery: Delivery, msg: TaskMessage, task: Task[Any, Any],
                    args: tuple[Any, ...], kwargs: dict[str, Any], holder: str, started: int
@@ -530,10 +577,10 @@ class Worker:
             if msg is not None and outcome.kind is not Kind.DEAD_LETTER:
                 outcome = await self._flow.carry_out(msg, outcome, count_of(delivery))
             if self._listeners:
-                self._report(delivery, msg, outcome)
+                report(self.runtime.transition, self.name, delivery, msg, outcome)
             if hooked is not None:
                 await after_outcome(self.runtime.hooks, hooked, outcome)
-            await self._settle(delivery, outcome)
+            await settle(delivery, outcome)
         except Exception as e:
             if not outcome.ran:
                 raise
@@ -545,35 +592,9 @@ class Worker:
                 log.error("internal error after a task ran; releasing it to run again",
                           task_id=msg.id, task=msg.task, error_type=type_name(e), exc_info=e)
             try:
-                await self._settle(delivery, Outcome(kind=Kind.RELEASE,
+                await settle(delivery, Outcome(kind=Kind.RELEASE,
                                                      delay_s=_RELEASE_DELAY_S))
             except Exception as settle_error:
                 # unsettled: the broker gives it back when the consumer's connection ends
                 log.warning("could not release a delivery; the broker will redeliver it",
                             task_id=msg.id, error=str(settle_error)[:300])
-
-    def _report(self, delivery: Delivery, msg: TaskMessage | None, outcome: Outcome) -> None:
-        """Tell the listeners how ``msg`` ended (stored, not yet settled)."""
-        queue = ""
-        if msg is None:
-            try:
-                queue = str(delivery.envelope.queue)[:_MAX_ID_IN_LOG]
-            except Exception:
-                queue = ""
-        t = end_transition(msg, outcome, self.name, message_id=message_id(delivery),
-                           queue=queue)
-        if t is not None:
-            self.runtime.transition(t)
-
-    @staticmethod
-    async def _settle(delivery: Delivery, outcome: Outcome) -> None:
-        """The one place a delivery is settled."""
-        kind = outcome.kind
-        if kind in _DEAD:
-            reason = outcome.reason  # a DeadLetterReason member (typed so)
-            assert reason is not None
-            await delivery.dead_letter(reason)
-        elif kind is Kind.RELEASE:
-            await delivery.nack(delay_s=outcome.delay_s or 0.0)
-        else:
-            await delivery.ack()

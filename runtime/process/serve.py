@@ -27,6 +27,7 @@ import structlog
 from runtime.app import Runtime
 from runtime.errors import BrokerConnectionError, ResultStoreUnavailable
 from runtime.execution import ProcessRunner
+from runtime.ops.api import pauses_for
 from runtime.ops.scheduler import run_scheduler
 from runtime.process.lag import LagMonitor
 from runtime.process.liveness import publish_heartbeats, store_for
@@ -94,7 +95,7 @@ class WorkerOptions(msgspec.Struct, frozen=True, kw_only=True):
     #: processes for kind="process" tasks: None = CPU count when the app has
     #: process tasks, 0 = no pool
     pool_size: int | None = None
-    #: drain and exit with EXIT_RECYCLED after this many tasks (supervised)
+    #: take at most this many tasks, then drain and exit with EXIT_RECYCLED (supervised)
     max_tasks: int | None = None
     #: drain and exit with EXIT_RECYCLED past this RSS in bytes (supervised)
     max_memory_bytes: int | None = None
@@ -102,7 +103,7 @@ class WorkerOptions(msgspec.Struct, frozen=True, kw_only=True):
     lag_threshold_s: float = 0.1
     #: seconds between heartbeats (0: none)
     heartbeat_s: float = 5.0
-    #: seconds between checks of the recycling limits
+    #: seconds between checks of the memory limit
     recycle_check_s: float = 0.5
     #: also run a scheduler (any number of workers may; one leads)
     scheduler: bool = False
@@ -162,17 +163,16 @@ def _unreachable(error: BaseException) -> bool:
     return isinstance(error, (BrokerConnectionError, ResultStoreUnavailable))
 
 
-async def _recycle_reason(worker: Worker, opts: WorkerOptions, stopping: anyio.Event) -> str | None:
-    """Why this process should be replaced (max tasks or memory reached),
-    checked every ``opts.recycle_check_s``; None once it is stopping anyway."""
+async def _recycle_reason(opts: WorkerOptions, stopping: anyio.Event) -> str | None:
+    """Why this process should be replaced (memory reached), checked every
+    ``opts.recycle_check_s``; None once it is stopping anyway. (The task
+    budget is the worker's own: ``Worker(max_tasks=)``, exact, not polled.)"""
     import psutil
 
     me = psutil.Process()
     while not stopping.is_set():
         with anyio.move_on_after(opts.recycle_check_s):
             await stopping.wait()
-        if opts.max_tasks is not None and worker.processed >= opts.max_tasks:
-            return f"processed {worker.processed} tasks (max {opts.max_tasks})"
         if opts.max_memory_bytes is not None:
             rss = me.memory_info().rss
             if rss >= opts.max_memory_bytes:
@@ -212,7 +212,7 @@ async def _serve_worker(rt: Runtime, opts: WorkerOptions, *, link: ParentLink | 
             processes = await stack.enter_async_context(ProcessPool(opts.app, opts.pool_size))
         worker = Worker(rt, queues=opts.queues, concurrency=opts.concurrency,
                         prefetch=opts.prefetch, shutdown_grace_s=opts.shutdown_grace_s,
-                        processes=processes)
+                        processes=processes, pauses=pauses_for(rt), max_tasks=opts.max_tasks)
         lag = LagMonitor(opts.lag_threshold_s) if opts.lag_threshold_s > 0 else None
         stopping = anyio.Event()
 
@@ -245,7 +245,7 @@ async def _serve_worker(rt: Runtime, opts: WorkerOptions, *, link: ParentLink | 
 
             async def recycle(parent: ParentLink | None) -> None:
                 nonlocal code
-                reason = await _recycle_reason(worker, opts, stopping)
+                reason = await _recycle_reason(opts, stopping)
                 if reason is not None and not stopping.is_set():
                     code = EXIT_RECYCLED
                     if parent is not None:
@@ -253,7 +253,13 @@ async def _serve_worker(rt: Runtime, opts: WorkerOptions, *, link: ParentLink | 
                     drain("recycling", reason=reason)
 
             async def run_worker(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                nonlocal code
                 await worker.serve(task_status=task_status)
+                if worker.spent and not stopping.is_set():  # it took its max_tasks, drained
+                    code = EXIT_RECYCLED
+                    if link is not None:
+                        link.send("recycling", reason=f"took {opts.max_tasks} tasks "
+                                                      f"(max {opts.max_tasks})")
                 tg.cancel_scope.cancel()
 
             tg.start_soon(on_signals)
@@ -261,7 +267,7 @@ async def _serve_worker(rt: Runtime, opts: WorkerOptions, *, link: ParentLink | 
                 await tg.start(lag.run)
             if link is not None:
                 tg.start_soon(on_parent_gone, link)
-            if opts.max_tasks is not None or opts.max_memory_bytes is not None:
+            if opts.max_memory_bytes is not None:
                 tg.start_soon(recycle, link)
             await tg.start(run_worker)
             if opts.scheduler:
