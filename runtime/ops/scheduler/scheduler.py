@@ -39,6 +39,8 @@ import msgspec
 import structlog
 
 from runtime.errors import ConfigError, ResultStoreUnavailable, TaskloomError
+from runtime.ops.api import events_of
+from runtime.ops.events import TickEvent
 from runtime.ops.scheduler.leader import Leader, Lease
 from runtime.ops.scheduler.rules import _from_ms, _ms
 from runtime.ops.scheduler.store import Claim, ScheduleDef, ScheduleState, ScheduleStore
@@ -280,6 +282,10 @@ class Scheduler:
             self.published += 1
             log.info("schedule tick", schedule=name, task_id=task_id, tick=tick.isoformat(),
                      fence=lease.fence)
+            stream = events_of(self.rt)
+            if stream is not None:  # the runtime keeps an event stream: the tick is an event
+                stream.publish(TickEvent(schedule=name, task_id=task_id, tick_ms=_ms(tick),
+                                         at_ms=_ms(self.clock.now())))
             return
 
 
