@@ -130,7 +130,7 @@ async def test_three_schedulers_publish_each_tick_once(namespace: str, tmp_path:
                                        if "added" in r["names"]}) == 3 and
                 len(ticks(v, "added")) >= 3, "the added schedule is not in every view")
             started = time.monotonic()
-            while time.monotonic() - started < 15:  # 15 s more of 1-second ticks
+            while time.monotonic() - started < 27:  # 27 s more: over 30 s of 1-second ticks
                 await anyio.sleep(0.5)
             view = ledger.read()
         await runs_of(ran, view.ids("PUB"))
@@ -139,7 +139,7 @@ async def test_three_schedulers_publish_each_tick_once(namespace: str, tmp_path:
         for name in ("beat", "added"):
             got = ticks(view, name)
             assert got == list(range(got[0], got[-1] + 1)), f"{name}: a tick is missing: {got}"
-        assert len(ticks(view, "beat")) >= 15
+        assert len(ticks(view, "beat")) >= 30
 
 
 def build_sig(schedules: Schedules) -> Any:
