@@ -19,7 +19,7 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -200,8 +200,13 @@ def store_for(rt: Runtime) -> LivenessStore:
 
 
 def _running_tasks(worker: Worker) -> list[RunningTask]:
-    """What ``worker`` runs now: its ``running_tasks()`` ((id, name, started_ms)
-    tuples) when it has one, else the process's running messages (no start time)."""
+    """What ``worker`` runs now: its ``running`` map (id -> (name, started_ms)),
+    else its ``running_tasks()`` ((id, name, started_ms) tuples), else the
+    process's running messages (no start time)."""
+    mapped = getattr(worker, "running", None)
+    if isinstance(mapped, Mapping):
+        return [RunningTask(i, n, int(ms))
+                for i, (n, ms) in list(mapped.items())[:MAX_TASKS_LISTED]]
     listed = getattr(worker, "running_tasks", None)
     if callable(listed):
         return [RunningTask(i, n, int(ms)) for i, n, ms in list(listed())[:MAX_TASKS_LISTED]]
