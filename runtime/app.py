@@ -387,8 +387,10 @@ class Runtime(Hooks):
         never wrapped in an ``ExceptionGroup``; so does a worker failure."""
         self._require_started()
         install_limits_gate(self)
+        from runtime.ops.api import pauses_for  # paused queues, seen by every worker
+
         w = Worker(self, queues=queues, concurrency=concurrency, prefetch=prefetch,
-                   shutdown_grace_s=shutdown_grace_s, processes=processes)
+                   shutdown_grace_s=shutdown_grace_s, processes=processes, pauses=pauses_for(self))
         raised: Exception | None = None
         with one_error:
             async with anyio.create_task_group() as tg:
