@@ -30,7 +30,7 @@ import redis.exceptions as rex
 import structlog
 
 from runtime.lifecycle import Phase, Transition
-from runtime.ops.common import OpsUnavailable, ops_prefix, redis_client
+from runtime.ops.common import BatchWriter, OpsUnavailable, ops_prefix, redis_client
 
 __all__ = ["EVENTS_VERSION", "Event", "EventRecord", "Gap", "MemoryEventStream", "ProgressEvent",
            "RedisEventStream", "TaskEvent", "TickEvent", "WorkerEvent", "task_event"]
@@ -40,9 +40,6 @@ log = structlog.get_logger("taskloom.ops.events")
 EVENTS_VERSION = 1
 DEFAULT_MAX_LEN = 100_000
 _MAX_PENDING = 200_000
-#: How long ``serve`` lets transitions gather before writing them (fewer, larger
-#: round trips keep the cost to the worker's event loop small).
-_LINGER_S = 0.05
 #: Many entries in one call (one command to pack, not one per event).
 _XADD = """
 for i = 2, #ARGV do
@@ -195,16 +192,15 @@ class MemoryEventStream:
             await changed.wait()
 
 
-class RedisEventStream:
+class RedisEventStream(BatchWriter[bytes]):
     """The stream ``{ns}:ops:{<ns>}:events``, written in batches from ``serve``."""
 
     def __init__(self, url: str, *, namespace: str = "", max_len: int = DEFAULT_MAX_LEN) -> None:
+        super().__init__(log=log, retry_message="could not publish events; retrying")
         self.url = url
         self.key = ops_prefix(namespace) + "events"
         self.max_len = max_len
         self._redis: Any = redis_client(url)
-        self._pending: list[bytes] = []
-        self._wake = anyio.Event()
 
     def publish(self, event: Event) -> None:
         pending = self._pending
@@ -223,23 +219,6 @@ class RedisEventStream:
             del pending[0]
         if len(pending) == 1:
             self._wake.set()
-
-    async def serve(self) -> None:
-        delay = 0.05
-        while True:
-            await self._wake.wait()
-            # gather a batch: one round trip per linger, not one per transition
-            await anyio.sleep(_LINGER_S)
-            self._wake = anyio.Event()
-            try:
-                await self.flush()
-                delay = 0.05
-            except OpsUnavailable as e:
-                log.warning("could not publish events; retrying", error=str(e),
-                            pending=len(self._pending))
-                self._wake.set()
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 2.0)
 
     async def flush(self) -> None:
         while self._pending:

@@ -26,7 +26,7 @@ import redis.exceptions as rex
 import structlog
 
 from runtime.lifecycle import Phase, Transition
-from runtime.ops.common import OpsUnavailable, now_ms, ops_prefix, redis_client
+from runtime.ops.common import BatchWriter, OpsUnavailable, now_ms, ops_prefix, redis_client
 from runtime.ops.index.model import (
     IndexSettings,
     Page,
@@ -47,10 +47,6 @@ _SOURCE = (resources.files("runtime.ops") / "lua" / "index.lua").read_text(encod
 _SHA = hashlib.sha1(_SOURCE.encode()).hexdigest()
 #: Transitions kept while Redis is away; past it the oldest are dropped (logged).
 _MAX_PENDING = 200_000
-#: How long ``serve`` lets transitions gather before writing them (fewer, larger
-#: round trips keep the cost to the worker's event loop small).
-_LINGER_S = 0.05
-_RETRY_MAX_S = 2.0
 _JSON = msgspec.json.Encoder()
 _ENTERING = {Phase.ENQUEUED: "1", Phase.SCHEDULED: "1", Phase.STARTED: "2"}
 
@@ -81,17 +77,16 @@ def coalesce(batch: list[Transition]) -> list[tuple[Transition, int | None, int 
     return [(t, enq, started) for t, _, enq, started in merged.values()]
 
 
-class RedisIndex:
+class RedisIndex(BatchWriter[Transition]):
     """The task index on Redis: a ``Listener`` that writes in batches from ``serve``."""
 
     def __init__(self, url: str, *, namespace: str = "",
                  settings: IndexSettings | None = None) -> None:
+        super().__init__(log=log, retry_message="could not write the task index; retrying")
         self.url = url
         self.settings = settings or IndexSettings()
         self.prefix = ops_prefix(namespace)
         self._redis: Any = redis_client(url)
-        self._pending: list[Transition] = []
-        self._wake = anyio.Event()
         self.dropped = 0
 
     # -- Listener ------------------------------------------------------------------
@@ -104,23 +99,6 @@ class RedisIndex:
             self.dropped += 1
         if len(pending) == 1:
             self._wake.set()
-
-    async def serve(self) -> None:
-        delay = 0.05
-        while True:
-            await self._wake.wait()
-            # gather a batch: one round trip per linger, not one per transition
-            await anyio.sleep(_LINGER_S)
-            self._wake = anyio.Event()
-            try:
-                await self.flush()
-                delay = 0.05
-            except OpsUnavailable as e:
-                log.warning("could not write the task index; retrying", error=str(e),
-                            pending=len(self._pending))
-                self._wake.set()
-                await anyio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
 
     async def aclose(self) -> None:
         try:
