@@ -27,17 +27,17 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import anyio
 import msgspec
 import redis.asyncio as aioredis
-import redis.exceptions as rex
 
 from runtime.errors import ConfigError, ResultStoreUnavailable
+from runtime.ops.common import redis_errors
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -390,18 +390,8 @@ class RedisLimitStore:
             with anyio.CancelScope(shield=True):
                 await client.aclose()
 
-    @contextmanager
-    def _errors(self, doing: str) -> Iterator[None]:
-        try:
-            yield
-        except (rex.ConnectionError, rex.TimeoutError, OSError) as e:
-            raise LimitsUnavailable(
-                f"could not {doing}: Redis at {self.url} is unreachable ({type(e).__name__}: "
-                f"{e}); check that redis-server is running; the call can be retried") from e
-        except rex.RedisError as e:
-            raise LimitsUnavailable(
-                f"could not {doing}: Redis at {self.url} refused ({type(e).__name__}: {e}); "
-                "the call can be retried once Redis recovers") from e
+    def _errors(self, doing: str) -> AbstractContextManager[None]:
+        return redis_errors(LimitsUnavailable, self.url, doing)
 
     async def _eval(self, source: str, keys: Sequence[str], args: Sequence[Any],
                     doing: str) -> Any:

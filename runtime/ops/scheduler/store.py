@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, suppress
 from enum import IntEnum
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self
@@ -34,10 +34,10 @@ from typing import Any, Literal, Protocol, Self
 import anyio
 import msgspec
 import redis.asyncio as aioredis
-import redis.exceptions as rex
 import structlog
 
 from runtime.errors import ConfigError, ResultStoreUnavailable, TaskloomError
+from runtime.ops.common import redis_errors
 from runtime.ops.scheduler.rules import Rule
 
 __all__ = ["Claim", "MemoryScheduleStore", "Misfire", "RedisScheduleStore", "ScheduleDef",
@@ -331,18 +331,8 @@ class RedisScheduleStore:
             raise TaskloomError("the schedule store is not open: use `async with store:`")
         return self._redis
 
-    @contextmanager
-    def _errors(self, doing: str) -> Iterator[None]:
-        try:
-            yield
-        except (rex.ConnectionError, rex.TimeoutError, OSError) as e:
-            raise SchedulerUnavailable(
-                f"could not {doing}: Redis at {self.url} is unreachable ({type(e).__name__}: "
-                f"{e}); check that redis-server is running; the call can be retried") from e
-        except rex.RedisError as e:
-            raise SchedulerUnavailable(
-                f"could not {doing}: Redis at {self.url} refused ({type(e).__name__}: {e}); "
-                "the call can be retried once Redis recovers") from e
+    def _errors(self, doing: str) -> AbstractContextManager[None]:
+        return redis_errors(SchedulerUnavailable, self.url, doing)
 
     async def _eval(self, script: str, keys: list[str], args: list[Any], doing: str) -> Any:
         return await self._call(doing, "EVAL", script, len(keys), *keys, *args)
