@@ -221,8 +221,12 @@ class Taskloom(Framework):
         if ctx.broker == "amqp":
             client = aredis.Redis.from_url(ctx.servers.peer_result_url)
             try:
-                async def approx() -> int:  # results + the workers' heartbeat keys
-                    return int(await client.dbsize()) - 1  # less the owner marker
+                # what the database holds before the worker starts: the owner marker,
+                # and the producer's task index and event stream (on by default)
+                base = int(await client.dbsize())
+
+                async def approx() -> int:  # new results + the workers' heartbeat keys
+                    return int(await client.dbsize()) - base
 
                 async def exact() -> int:
                     count = 0
