@@ -95,7 +95,8 @@ class Worker:
     ``worker.stop()`` stops taking work and drains within ``shutdown_grace_s``.
     ``pauses`` (a :class:`~runtime.pausing.PauseView`): consume only the queues
     not paused. ``max_tasks``: take at most that many deliveries, then drain
-    and stop (``spent`` says so).
+    and stop (``spent`` says so). Deliveries held: ``prefetch`` exactly when
+    given, else ``concurrency + nested_waits`` (room for lent slots' children).
     """
 
     def __init__(
@@ -118,10 +119,8 @@ class Worker:
         if max_tasks is not None and max_tasks < 1:
             raise ConfigError(f"max_tasks must be at least 1 (or None: no limit), got {max_tasks}")
         self.max_tasks = max_tasks
-        #: deliveries taken (counted only with a ``max_tasks`` budget)
-        self.taken = 0
-        #: whether the ``max_tasks`` budget is spent (the worker then drains and stops)
-        self.spent = False
+        #: deliveries taken (counted with a ``max_tasks`` budget); whether it is spent
+        self.taken, self.spent = 0, False
         self._pauses = pauses
         self._waits: set[anyio.CancelScope] = set()
         self.runtime = runtime
@@ -129,6 +128,7 @@ class Worker:
         self._select = Selector(self.queues, pauses)
         self.concurrency = concurrency
         self.prefetch = prefetch if prefetch is not None else concurrency
+        self._prefetch_given = prefetch is not None
         if self.prefetch < 1:
             raise ConfigError(f"prefetch must be at least 1, got {self.prefetch}")
         self.shutdown_grace_s = shutdown_grace_s
@@ -238,7 +238,7 @@ class Worker:
                     finally:
                         self._waits.discard(wait)
                 continue
-            prefetch = self.prefetch + self.nested_waits
+            prefetch = self.prefetch + (0 if self._prefetch_given else self.nested_waits)
             if self.max_tasks is not None:  # no more than the budget left is fetched
                 prefetch = max(1, min(prefetch, self.max_tasks - self.taken))
             async with self.runtime.broker.consume(active, prefetch=prefetch) as consumer:

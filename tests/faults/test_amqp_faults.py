@@ -187,7 +187,7 @@ async def test_poison_task_that_kills_its_worker_is_dead_lettered_at_the_deliver
     with rig(rabbit_node, redis_server, ledger, namespace) as (rt, env, producer):
         good = [f"d1-{i:02d}" for i in range(10)]
         async with rt, WorkerPool(env=env, log_dir=tmp_path / "logs", ledger=producer.ledger,
-                                  count=2, concurrency=1, respawn=True) as pool:
+                                  count=2, concurrency=1, prefetch=1, respawn=True) as pool:
             await producer.enqueue("d1-poison", rt.signature(POISON, "d1-poison"))
             await producer.enqueue_all([(k, rt.signature(WORK, k, 0.05)) for k in good])
 
