@@ -77,7 +77,7 @@ async def test_cancel_stops_a_running_async_task_on_a_cli_worker_in_another_proc
             handle = await rt.enqueue(rt.signature(LONG, "first"))
             await _wait_line(env, "started", "first")
             with anyio.fail_after(LIMIT):
-                while (await handle.info()).state is not State.STARTED:
+                while await handle.status() is not State.STARTED:
                     await anyio.sleep(0.05)  # the STARTED record is written off the hot path
             cancel_at = time.time()
             assert await handle.cancel()
