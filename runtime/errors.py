@@ -184,7 +184,16 @@ class TaskCancelled(TaskError):
 
 
 class TaskDeadLettered(TaskError):
-    """The task was dead-lettered (rejected, undecodable, or out of retries)."""
+    """The task's message was dead-lettered without the task failing on its
+    own (``unknown_task``, ``bad_arguments``, ``rejected``, ``bad_result``,
+    ``decode_error``, ...): ``reason`` names why, as in ``taskloom dlq``."""
+
+    def __init__(self, info: ErrorInfo, task_id: str = "") -> None:
+        super().__init__(info, task_id)
+        #: the dead-letter reason (a ``runtime.deadletters.DeadLetterReason`` value)
+        self.reason = info.reason
+        self.args = (f"{self.args[0]} (dead-lettered as {info.reason}: see the README's "
+                     "'Dead letters' table for what to do, and `taskloom dlq` to replay it)",)
 
 
 class NotInTaskError(TaskloomError, LookupError):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import msgspec
 
 from runtime.context import current
+from runtime.deadletters import DeadLetterReason
 from runtime.errors import (
     ResultTimeout,
     TaskCancelled,
@@ -25,6 +26,13 @@ if TYPE_CHECKING:
 __all__ = ["TaskHandle"]
 
 R = TypeVar("R")
+
+#: Stored failure reasons that mean the message was dead-lettered for what it
+#: is (not because its task raised or ran out of time, which stay ``TaskError``
+#: / ``TaskTimeLimitExceeded``): the caller gets ``TaskDeadLettered`` at once.
+_DEAD_LETTERED = frozenset(
+    r.value for r in DeadLetterReason
+    if r not in (DeadLetterReason.FAILED, DeadLetterReason.TIME_LIMIT))
 
 
 class TaskHandle(Generic[R]):
@@ -72,7 +80,7 @@ class TaskHandle(Generic[R]):
             raise TaskCancelled(info, self.id)
         if info.type == "TaskTimeLimitExceeded":
             raise TaskTimeLimitExceeded(info, self.id)
-        if info.reason in ("unknown_task", "bad_arguments", "rejected", "decode_error"):
+        if info.reason in _DEAD_LETTERED:
             raise TaskDeadLettered(info, self.id)
         raise TaskError(info, self.id)
 
