@@ -25,12 +25,33 @@ __all__ = ["MemoryPauses", "Pauses", "RedisPauses"]
 log = structlog.get_logger("taskloom.ops.pauses")
 
 
+class _Changes:
+    """Wake every waiter at the next change. Each wait makes its own event, so
+    a view outlives any one event loop (a runtime reused across loops)."""
+
+    def __init__(self) -> None:
+        self._waiters: set[anyio.Event] = set()
+
+    def fire(self) -> None:
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            waiter.set()
+
+    async def wait(self) -> None:
+        waiter = anyio.Event()
+        self._waiters.add(waiter)
+        try:
+            await waiter.wait()
+        finally:
+            self._waiters.discard(waiter)
+
+
 class MemoryPauses:
     """The paused queues of this process (the embedded default)."""
 
     def __init__(self) -> None:
         self._paused: set[str] = set()
-        self._changed = anyio.Event()
+        self._changed = _Changes()
 
     def is_paused(self, queue: str) -> bool:
         return queue in self._paused
@@ -46,8 +67,7 @@ class MemoryPauses:
             self._paused.add(queue)
         else:
             self._paused.discard(queue)
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        self._changed.fire()
         return True
 
     async def changed(self) -> None:
@@ -73,7 +93,7 @@ class RedisPauses:
         self.channel = prefix + "paused:changed"
         self._redis: Any = redis_client(url)
         self._local: set[str] = set()
-        self._changed = anyio.Event()
+        self._changed = _Changes()
 
     def is_paused(self, queue: str) -> bool:
         return queue in self._local
@@ -90,8 +110,7 @@ class RedisPauses:
     def _update(self, names: set[str]) -> None:
         if names != self._local:
             self._local = names
-            changed, self._changed = self._changed, anyio.Event()
-            changed.set()
+            self._changed.fire()
 
     async def set_paused(self, queue: str, paused: bool) -> bool:
         try:
