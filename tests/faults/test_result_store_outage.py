@@ -17,8 +17,7 @@ reset connection raises ``RuntimeError: unable to perform operation on
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -26,13 +25,14 @@ import pytest
 from structlog.testing import capture_logs
 
 import brokers
-from brokers.base import Consumer, Delivery, Envelope
+from brokers.base import Delivery, Envelope
 from runtime import Runtime, chord
 from runtime.messages import State, TaskMessage
 from runtime.results.redis import RedisResultStore
 from tests.conftest import AMQP_URL
 from tests.faults.harness import RedisServer, wait_until
 from tests.faults.nemesis import TcpProxy
+from tests.passthrough import PassThroughBroker, PassThroughDelivery
 
 pytestmark = [pytest.mark.fault, pytest.mark.amqp, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -47,73 +47,17 @@ OUTAGE_WARNING = "result store unavailable"
 RECOVERED_INFO = "result store reachable again"
 
 
-class Checked:
+class Checked(PassThroughDelivery):
     """A real delivery whose ack first checks, on a connection that bypasses
     the proxy, that the task's result is stored (an observer, not a mock)."""
 
     def __init__(self, inner: Delivery, check: Callable[[str], Any]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._check = check
-        self.envelope = inner.envelope
-        self.delivery_count = inner.delivery_count
 
     async def ack(self) -> None:
         await self._check(self.envelope.id)
         await self._inner.ack()
-
-    async def nack(self, *, delay_s: float = 0.0) -> None:
-        await self._inner.nack(delay_s=delay_s)
-
-    async def dead_letter(self, reason: str) -> None:
-        await self._inner.dead_letter(reason)
-
-    async def extend(self) -> None:
-        await self._inner.extend()
-
-
-class CheckedConsumer:
-    def __init__(self, inner: Consumer, check: Callable[[str], Any]) -> None:
-        self._inner = inner
-        self._check = check
-
-    async def receive(self) -> Checked:
-        return Checked(await self._inner.receive(), self._check)
-
-    def __aiter__(self) -> CheckedConsumer:
-        return self
-
-    async def __anext__(self) -> Checked:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
-class CheckedBroker:
-    """The real AMQP broker; only its deliveries' ``ack`` is observed."""
-
-    def __init__(self, inner: Any, check: Callable[[str], Any]) -> None:
-        self._inner = inner
-        self._check = check
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    async def __aenter__(self) -> CheckedBroker:
-        await self._inner.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self._inner.__aexit__(*exc)
-
-    @asynccontextmanager
-    async def consume(self, queues: Sequence[str], *, prefetch: int
-                      ) -> AsyncIterator[CheckedConsumer]:
-        async with self._inner.consume(queues, prefetch=prefetch) as consumer:
-            yield CheckedConsumer(consumer, self._check)
 
 
 def test_a_result_store_reset_under_load_dead_letters_nothing_and_stores_every_result(
@@ -135,7 +79,8 @@ async def scenario(redis_server: RedisServer, namespace: str) -> None:
     runs: dict[int, int] = {}
     callbacks: dict[int, int] = {}
     with TcpProxy(target_port=redis_server.port) as proxy:
-        broker = CheckedBroker(brokers.from_url(AMQP_URL, namespace=namespace), check)
+        broker = PassThroughBroker(brokers.from_url(AMQP_URL, namespace=namespace),
+                                   lambda d: Checked(d, check))
         rt = Runtime(broker=broker, results=f"redis://127.0.0.1:{proxy.port}/0",  # type: ignore[arg-type]
                      namespace=namespace)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import traceback
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,11 +26,12 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from brokers.base import Consumer, Delivery, Envelope
+from brokers.base import Delivery, Envelope
 from runtime import Runtime, State, TaskError
 from runtime.codec import Codec
 from runtime.messages import ChordRef, SigNode, TaskMessage
 from tests.conftest import REDIS_URL
+from tests.passthrough import PassThroughBroker, PassThroughDelivery
 from tests.runtime.helpers import LIMIT, dead_letters
 
 KEY = b"hostile-test-signing-key-0123456789"
@@ -43,74 +44,14 @@ BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
 # -- a pass-through broker that changes what the worker sees of a delivery -----------------
 
 
-class Tampered:
+class Tampered(PassThroughDelivery):
     """A real delivery, seen with another envelope and delivery count;
     settlements go to the real one."""
 
     def __init__(self, inner: Delivery, envelope: Any, delivery_count: Any) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.envelope = envelope
         self.delivery_count = delivery_count
-
-    async def ack(self) -> None:
-        await self._inner.ack()
-
-    async def nack(self, *, delay_s: float = 0.0) -> None:
-        await self._inner.nack(delay_s=delay_s)
-
-    async def dead_letter(self, reason: str) -> None:
-        await self._inner.dead_letter(reason)
-
-    async def extend(self) -> None:
-        await self._inner.extend()
-
-
-class TamperingConsumer:
-    def __init__(self, inner: Consumer, tamper: Callable[[Delivery], Tampered]) -> None:
-        self._inner = inner
-        self._tamper = tamper
-
-    async def receive(self) -> Tampered:
-        return self._tamper(await self._inner.receive())
-
-    def __aiter__(self) -> TamperingConsumer:
-        return self
-
-    async def __anext__(self) -> Tampered:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
-class TamperingBroker:
-    """Delegates everything to ``inner``; deliveries pass through ``tamper``."""
-
-    def __init__(self, inner: Any, tamper: Callable[[Delivery], Tampered]) -> None:
-        self._inner = inner
-        self._tamper = tamper
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    async def __aenter__(self) -> TamperingBroker:
-        await self._inner.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self._inner.__aexit__(*exc)
-
-    @asynccontextmanager
-    async def consume(self, queues: Sequence[str], *, prefetch: int
-                      ) -> AsyncIterator[TamperingConsumer]:
-        async with self._inner.consume(queues, prefetch=prefetch) as consumer:
-            yield TamperingConsumer(consumer, self._tamper)
-
-
-# -- fixtures ------------------------------------------------------------------------------
 
 
 def make_runtime(backend: str, namespace: str, *, tamper: Callable[[Delivery], Tampered] | None = None,
@@ -131,7 +72,7 @@ def make_runtime(backend: str, namespace: str, *, tamper: Callable[[Delivery], T
             import brokers
 
             broker = brokers.from_url(broker)
-        broker = TamperingBroker(broker, tamper)
+        broker = PassThroughBroker(broker, tamper)
     rt = _Runtime(broker=broker, results=results, namespace=namespace, **kw)
     calls: list[Any] = []
 
