@@ -1,5 +1,6 @@
 """Messages to bytes and back: JSON (default) or MessagePack, optional zlib,
-optional HMAC-SHA256 signing, a size limit checked before any parsing.
+optional AES-256-GCM encryption (:mod:`runtime.encryption`), optional
+HMAC-SHA256 signing, a size limit checked before any parsing.
 
 Never pickle: only msgspec encodes and decodes, into typed Structs.
 
@@ -7,6 +8,21 @@ The envelope headers carry how the body was made:
 ``ct`` content type (``json`` | ``msgpack``), ``ce`` content encoding
 (``zlib`` when compressed), ``kid`` and ``sig`` the signing key id and the
 hex HMAC-SHA256 of the body (over the bytes as sent, compressed or not).
+
+Encryption (``encryption_keys``): encode is serialize -> compress (over
+``compress_over``) -> encrypt -> sign; decode runs it backwards: size ->
+signature -> decrypt -> inflate -> parse. ``ce`` becomes ``aesgcm`` (or
+``zlib+aesgcm``) and ``ekid`` names the encryption key; the body starts with
+the task id in clear (layout in :mod:`runtime.encryption`), and the key id,
+``ct``, ``ce`` and task id are bound as GCM associated data. Encrypt-then-sign:
+the HMAC covers the ciphertext and the task id, so a forged or corrupted body
+is refused before any decryption, signing keeps its meaning (who may send)
+apart from encryption's (who may read), and a message whose encryption key was
+removed still names a task id that the signature vouches for. A worker built before encryption
+meets ``ce`` it does not know and dead-letters the message as
+``decode_error`` ("unknown content encoding"): it never runs it. A codec with
+encryption keys refuses a message that is not encrypted, and one without keys
+refuses an encrypted one, both as ``bad_encryption``.
 
 What the signature covers, and what the worker trusts: **only the body**.
 Every decision the worker makes (which task, which arguments, which ids it
@@ -40,6 +56,7 @@ from typing import Any, Literal
 import msgspec
 
 from runtime.deadletters import DeadLetterReason
+from runtime.encryption import DecryptError, Keyring, task_id_of
 from runtime.errors import ConfigError, DecodeError, EncodeError, PayloadTooLarge
 from runtime.messages import TaskMessage
 
@@ -54,6 +71,9 @@ _TaskDecoder = msgspec.json.Decoder[TaskMessage] | msgspec.msgpack.Decoder[TaskM
 _DECODE_ERROR = DeadLetterReason.DECODE_ERROR
 _BAD_SIGNATURE = DeadLetterReason.BAD_SIGNATURE
 _TOO_LARGE = DeadLetterReason.TOO_LARGE
+_BAD_ENCRYPTION = DeadLetterReason.BAD_ENCRYPTION
+#: ``ce`` of an encrypted body -> ``ce`` of what decrypting it gives
+_SEALED: dict[str, str | None] = {"aesgcm": None, "zlib+aesgcm": "zlib"}
 _HEX = frozenset("0123456789abcdef")
 _SIG_LEN = 64
 _MAX_KID_LEN = 128
@@ -104,7 +124,13 @@ class Codec:
         signing_keys: Mapping[str, bytes] | None = None,
         signing_key_id: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_BYTES,
+        encryption_keys: Mapping[str, bytes] | None = None,
+        encryption_key_id: str | None = None,
     ) -> None:
+        """``encryption_keys`` (key id -> 32 bytes) turns on AES-256-GCM;
+        ``encryption_key_id`` picks the key that encrypts (needed when there
+        are several). Raises ``ConfigError`` for a bad key or setting, or when
+        the ``encryption`` extra is not installed."""
         if format not in ("json", "msgpack"):
             raise ConfigError(f"codec format must be 'json' or 'msgpack', not {format!r}")
         self.format: Format = format
@@ -116,6 +142,10 @@ class Codec:
         if signing_key_id is not None and signing_key_id not in self._keys:
             raise ConfigError(f"signing_key_id {signing_key_id!r} is not among the signing keys")
         self._kid = signing_key_id
+        if encryption_key_id is not None and not encryption_keys:
+            raise ConfigError(f"encryption_key_id {encryption_key_id!r} is set without "
+                              "encryption_keys; give both, or neither")
+        self._keyring = Keyring(encryption_keys, encryption_key_id) if encryption_keys else None
         encoder: msgspec.json.Encoder | msgspec.msgpack.Encoder = (
             msgspec.json.Encoder(enc_hook=_enc_hook)
             if format == "json"
@@ -131,6 +161,10 @@ class Codec:
     @property
     def signs(self) -> bool:
         return self._kid is not None
+
+    @property
+    def encrypts(self) -> bool:
+        return self._keyring is not None
 
     # -- values ----------------------------------------------------------------
 
@@ -158,6 +192,8 @@ class Codec:
         if self.compress_over is not None and len(body) > self.compress_over:
             body = zlib.compress(body, 6)
             headers["ce"] = "zlib"
+        if self._keyring is not None:
+            body = self._seal(body, headers, message.id)
         if len(body) > self.max_message_bytes:
             raise PayloadTooLarge(len(body), self.max_message_bytes, f"message for task {message.task!r}")
         if self._kid is not None:
@@ -178,6 +214,13 @@ class Codec:
         if self._keys:
             self._verify(body, headers)
         ce = _header(headers, "ce", _DECODE_ERROR)
+        tid: str | None = None
+        if ce is not None and ce in _SEALED:
+            tid, body = self._open(body, headers, ce)
+            ce = _SEALED[ce]
+        elif self._keyring is not None:
+            raise DecodeError(_BAD_ENCRYPTION, "the message is not encrypted and this worker "
+                              "requires encryption: give the producer the same encryption_keys")
         if ce == "zlib":
             body = self._inflate(body)
         elif ce is not None:
@@ -198,7 +241,33 @@ class Codec:
         except UnicodeDecodeError as e:  # text in the body that is not UTF-8
             raise DecodeError(_DECODE_ERROR, f"the body holds text that is not UTF-8 ({e.reason})"
                               ) from None
+        if tid is not None and message.id != tid:
+            raise DecryptError("the decrypted message's id is not the id its headers name")
         return message
+
+    def _seal(self, body: bytes, headers: dict[str, str], task_id: str) -> bytes:
+        keyring = self._keyring
+        assert keyring is not None
+        ce = "zlib+aesgcm" if "ce" in headers else "aesgcm"
+        sealed = keyring.seal(body, ct=self.format, ce=ce, tid=task_id)
+        headers["ce"] = ce
+        headers["ekid"] = keyring.current
+        return sealed
+
+    def _open(self, body: bytes, headers: Mapping[str, str], ce: str) -> tuple[str, bytes]:
+        """The task id and plaintext of ``body`` (its signature, if signing
+        is on, already checked)."""
+        kid = _header(headers, "ekid", _BAD_ENCRYPTION)
+        if kid is None:
+            raise DecryptError("the message is encrypted but has no 'ekid' header")
+        if self._keyring is None:
+            tid, _ = task_id_of(body)
+            raise DecryptError(
+                f"the message is encrypted (key id {kid[:64]!r}) and this worker has no "
+                "encryption keys: configure encryption_keys (TASKLOOM_ENCRYPTION_KEYS)",
+                task_id=tid, authenticated=bool(self._keys))
+        ct = _header(headers, "ct", _DECODE_ERROR) or ""
+        return self._keyring.open(body, kid=kid, ct=ct, ce=ce, authenticated=bool(self._keys))
 
     def _verify(self, body: bytes, headers: Mapping[str, str]) -> None:
         kid = _header(headers, "kid", _BAD_SIGNATURE)

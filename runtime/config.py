@@ -17,6 +17,12 @@ Variable (``Runtime`` argument): value, default.
 - ``TASKLOOM_MAX_MESSAGE_BYTES`` (``max_message_bytes``): a positive integer; 1048576.
 - ``TASKLOOM_RESULT_TTL_S`` (``result_ttl_s``): positive seconds; 86400.
 - ``TASKLOOM_RESULT_TIMEOUT_S`` (``result_timeout_s``): positive seconds; 300.
+- ``TASKLOOM_ENCRYPTION_KEYS`` (``encryption_keys``): ``id1:base64key,id2:base64key``,
+  each key 32 bytes in standard or URL-safe base64; none (encryption off).
+- ``TASKLOOM_ENCRYPTION_KEY_ID`` (``encryption_key_id``): the key id that
+  encrypts; optional with one key.
+
+A bad key is a ``ConfigError`` naming the variable and the key id, never the key.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from collections.abc import Mapping
 from typing import get_args
 
 from runtime.codec import Format
+from runtime.encryption import parse_keys
 from runtime.errors import ConfigError
 
 __all__ = ["VARIABLES", "Environment"]
@@ -41,6 +48,8 @@ VARIABLES: dict[str, str] = {
     "TASKLOOM_MAX_MESSAGE_BYTES": "max_message_bytes",
     "TASKLOOM_RESULT_TTL_S": "result_ttl_s",
     "TASKLOOM_RESULT_TIMEOUT_S": "result_timeout_s",
+    "TASKLOOM_ENCRYPTION_KEYS": "encryption_keys",
+    "TASKLOOM_ENCRYPTION_KEY_ID": "encryption_key_id",
 }
 
 
@@ -104,3 +113,10 @@ class Environment:
         if number <= 0:
             raise self._bad(name, value, "a positive whole number, e.g. 1048576")
         return number
+
+    def encryption_keys(self, name: str) -> dict[str, bytes] | None:
+        """``id1:base64key,id2:base64key`` -> {id: 32-byte key}."""
+        value = self._raw(name)
+        if value is None:
+            return None
+        return parse_keys(value, f"environment variable {name}")

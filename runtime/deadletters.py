@@ -22,6 +22,11 @@ class DeadLetterReason(enum.StrEnum):
     #: Signing is on and the message is unsigned, signed with an unknown key,
     #: or its signature is malformed or does not match the body.
     BAD_SIGNATURE = "bad_signature"
+    #: Encryption is on and the message is not encrypted, or it is encrypted
+    #: and cannot be read: its key id is not configured on the worker (or the
+    #: worker has no keys), or it fails authentication (tampered, another key
+    #: under that id, headers changed).
+    BAD_ENCRYPTION = "bad_encryption"
     #: The body is over ``max_message_bytes`` (or inflates past 4x of it).
     TOO_LARGE = "too_large"
     #: The message decodes but its canvas references do not hold together (a
