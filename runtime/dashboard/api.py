@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from runtime.dashboard.events import sse
+from runtime.dashboard.family import family
 from runtime.dashboard.source import BadInput, NotFound, NotSupported, Source, phases_of
 from runtime.errors import (
     BrokerConnectionError,
@@ -83,6 +84,7 @@ class CancelFilter(msgspec.Struct, forbid_unknown_fields=True):
     ids: list[str] | None = None
     name: str | None = None
     queue: str | None = None
+    dry_run: bool = False
 
 
 def _check_filter(ids: list[str] | None, *texts: str | None) -> None:
@@ -206,6 +208,17 @@ async def get_task(request: Request) -> Response:
     return JSONResponse(_hide(request, await _source(request).task(_path_id(request))))
 
 
+async def get_family(request: Request) -> Response:
+    """The task's parent, root, children and canvas members, from the task index."""
+    src = _source(request)
+    task_id = _path_id(request)
+    out = await family(src.ops, task_id)
+    if out is None:
+        raise NotFound(f"the task index does not know {task_id!r} (it keeps each state's "
+                       "newest tasks for a while); check the id with GET /api/tasks/{id}")
+    return JSONResponse(out)
+
+
 async def cancel_task(request: Request) -> Response:
     return JSONResponse(await _source(request).cancel(_path_id(request)))
 
@@ -213,7 +226,8 @@ async def cancel_task(request: Request) -> Response:
 async def cancel_tasks(request: Request) -> Response:
     body: CancelFilter = await body_of(request, CancelFilter)
     _check_filter(body.ids, body.name, body.queue)
-    return JSONResponse(await _source(request).cancel_many(body.ids, body.name, body.queue))
+    return JSONResponse(await _source(request).cancel_many(body.ids, body.name, body.queue,
+                                                           dry_run=body.dry_run))
 
 
 async def retry_task(request: Request) -> Response:
@@ -310,6 +324,7 @@ def routes_table() -> list[tuple[str, str, Any, str]]:
         ("POST", "/api/tasks", submit, "admin"),
         ("GET", "/api/tasks", list_tasks, "read"),
         ("GET", "/api/tasks/{id}", get_task, "read"),
+        ("GET", "/api/tasks/{id}/family", get_family, "read"),
         ("POST", "/api/tasks/cancel", cancel_tasks, "admin"),
         ("POST", "/api/tasks/{id}/cancel", cancel_task, "admin"),
         ("POST", "/api/tasks/{id}/retry", retry_task, "admin"),

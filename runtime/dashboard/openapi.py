@@ -19,7 +19,9 @@ _SUMMARY = {
     "/api/health": "Brokers and stores reachable, workers alive (200) or not (503)",
     "/api/tasks": "Tasks: GET lists (filters, cursor pages); POST submits one by name",
     "/api/tasks/{id}": "One task: state, result or error with traceback, attempts, timings",
-    "/api/tasks/cancel": "Cancel tasks by ids, or every pending one of a task name or queue",
+    "/api/tasks/{id}/family": "A task's parent, root, children and canvas members (index)",
+    "/api/tasks/cancel": "Cancel tasks by ids, or every pending one of a task name or queue "
+                         "(dry_run: only count them)",
     "/api/tasks/{id}/cancel": "Cancel a task",
     "/api/tasks/{id}/retry": "Run a failed task again from its dead letter, under a new id",
     "/api/queues": "Queues: depths by state, paused",
@@ -54,7 +56,8 @@ _PURGE = {"type": "object", "additionalProperties": False, "properties": {
     "dry_run": {"type": "boolean", "default": False}}}
 _CANCEL = {"type": "object", "additionalProperties": False, "properties": {
     "ids": {"type": "array", "items": {"type": "string"}},
-    "name": {"type": "string"}, "queue": {"type": "string"}}}
+    "name": {"type": "string"}, "queue": {"type": "string"},
+    "dry_run": {"type": "boolean", "default": False}}}
 _BODIES = {("POST", "/api/tasks"): _SUBMIT, ("POST", "/api/tasks/cancel"): _CANCEL,
            ("POST", "/api/queues/{queue}/dead-letters/replay"): _REPLAY,
            ("POST", "/api/queues/{queue}/dead-letters/purge"): _PURGE}

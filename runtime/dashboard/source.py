@@ -25,6 +25,7 @@ from runtime.lifecycle import Phase
 from runtime.messages import Result, TaskMessage, TaskOptions
 from runtime.ops.api import Operations
 from runtime.ops.events import EventRecord
+from runtime.ops.verbs import PENDING as CANCELLABLE
 from runtime.ops.verbs import NothingToRetry, retry_id
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ __all__ = ["BadInput", "NotFound", "NotSupported", "Source", "display_state", "p
 log = structlog.get_logger("taskloom.dashboard")
 
 _LOCAL_MAX = 10_000   # arguments of the tasks submitted here, for their detail page
+CANCEL_MAX = 100_000  # tasks one cancel by filter tries at most (runtime.ops.verbs.cancel's limit)
 
 #: the index's phases in the result store's words (what the UI shows)
 _DISPLAY = {Phase.ENQUEUED: "PENDING", Phase.SCHEDULED: "PENDING", Phase.STARTED: "STARTED",
@@ -253,11 +255,39 @@ class Source:
         return {"id": task_id, "cancelled": report.revoked > 0}
 
     async def cancel_many(self, ids: list[str] | None, name: str | None,
-                          queue: str | None) -> dict[str, Any]:
-        """Cancel the tasks ``ids``, or every pending one of task ``name`` / ``queue``."""
+                          queue: str | None, *, dry_run: bool = False) -> dict[str, Any]:
+        """Cancel the tasks ``ids``, or every pending one of task ``name`` / ``queue``
+        (``dry_run``: only count the tasks a cancel would try, and change nothing)."""
+        if dry_run:
+            return {"matched": await self._cancel_matches(ids, name, queue), "revoked": 0,
+                    "unchanged": 0, "dry_run": True}
         report = await self.ops.cancel(ids or (), name=name, queue=queue)
         return {"matched": report.matched, "revoked": report.revoked,
-                "unchanged": report.unchanged}
+                "unchanged": report.unchanged, "dry_run": False}
+
+    async def _cancel_matches(self, ids: list[str] | None, name: str | None,
+                              queue: str | None) -> int:
+        """How many tasks ``ops.cancel`` would try: the ids, and the pending tasks of
+        the name or queue (counted from the index's sets when one filter is given,
+        else listed as cancel lists them)."""
+        if not ids and name is None and queue is None:
+            raise BadInput("cancel needs ids, a task name or a queue: with none it would "
+                           "cancel nothing (or everything)")
+        if name is None and queue is None:
+            return len(set(ids or ()))
+        if not ids and (name is None) != (queue is None):
+            counts = [await self.ops.count(p, name=name, queue=queue) for p in CANCELLABLE]
+            return min(sum(counts), CANCEL_MAX)
+        found = set(ids or ())
+        cursor = None
+        while len(found) < CANCEL_MAX:
+            page = await self.ops.tasks(state=CANCELLABLE, name=name, queue=queue, limit=500,
+                                        cursor=cursor)
+            found.update(s.id for s in page.items)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        return min(len(found), CANCEL_MAX)
 
     async def retry(self, task_id: str) -> dict[str, Any]:
         """Run a failed or dead-lettered task again from its dead letter, under the id

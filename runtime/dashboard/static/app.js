@@ -163,7 +163,8 @@ async function tasks(cursor) {
     h("select", { name: "state" }, ["", "PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE", "dead_lettered", "REVOKED", "EXPIRED"].map(s => h("option", s === q.state ? { selected: "" } : {}, s))),
     h("input", { name: "queue", placeholder: "queue", value: q.queue || "" }),
     h("input", { name: "name", placeholder: "task name", value: q.name || "" }),
-    h("button", { type: "submit" }, "Filter"));
+    h("button", { type: "submit" }, "Filter"), " ",
+    h("button", { type: "button", class: "danger", id: "cancel-matching", onclick: () => cancelMatching(form) }, "Cancel matching…"));
   const page = await api("GET", "/api/tasks?" + params);
   const rows = page.items.map(t => h("tr", {},
     h("td", {}, h("a", { href: "#/task/" + encodeURIComponent(t.id) }, t.id)), h("td", {}, t.name), h("td", {}, t.queue),
@@ -171,8 +172,27 @@ async function tasks(cursor) {
   const nav = h("p", {},
     state.cursorStack.length ? h("button", { onclick: () => tasks(state.cursorStack.pop()) }, "Newer") : "",
     " ", page.next_cursor ? h("button", { id: "older", onclick: () => { state.cursorStack.push(cursor || ""); tasks(page.next_cursor); } }, "Older") : "");
-  view().replaceChildren(h("h2", {}, "Tasks"), form, h("table", { id: "tasks-table" },
+  view().replaceChildren(h("h2", {}, "Tasks"), form, state.cancelResult || "", h("table", { id: "tasks-table" },
     h("thead", {}, h("tr", {}, ["id", "task", "queue", "state", "when"].map(t => h("th", {}, t)))), h("tbody", {}, rows)), nav);
+}
+
+// cancel every pending task of the queue and/or task name typed in the filters: a dry run
+// first says how many match, the operator confirms, the result stays on the page
+async function cancelMatching(form) {
+  const f = new FormData(form), body = {};
+  if (f.get("queue")) body.queue = f.get("queue");
+  if (f.get("name")) body.name = f.get("name");
+  if (!body.queue && !body.name) { toast("type a queue or a task name to cancel by"); return; }
+  const what = [body.queue && `queue ${body.queue}`, body.name && `task ${body.name}`].filter(Boolean).join(", ");
+  const dry = await api("POST", "/api/tasks/cancel", { ...body, dry_run: true });
+  if (!dry.matched) { toast(`no pending task matches ${what}`); return; }
+  if (!confirm(`Cancel ${dry.matched} pending task(s) of ${what}? This cannot be undone.`)) return;
+  const out = await api("POST", "/api/tasks/cancel", body);
+  state.cancelResult = h("p", { id: "cancel-result" }, `Cancelled ${out.revoked} of ${out.matched} matching task(s) of ${what}` +
+    (out.unchanged ? `; ${out.unchanged} had already ended.` : "."));
+  state.filters = { queue: body.queue, name: body.name }; state.cursorStack = [];
+  await tasks();
+  state.cancelResult = null;
 }
 
 async function renderTask(id) {
@@ -199,7 +219,8 @@ async function renderTask(id) {
     h("thead", {}, h("tr", {}, ["attempt", "state", "worker", "started", "finished"].map(c => h("th", {}, c)))),
     h("tbody", {}, t.attempts.map(a => h("tr", {}, h("td", {}, a.attempt), h("td", {}, badge(a.state)), h("td", {}, a.worker || ""),
       h("td", {}, when(a.started_ms)), h("td", {}, when(a.finished_ms)))))));
-  if (t.children && t.children.length) parts.push(h("h3", {}, "Children"), h("ul", {}, t.children.map(c => h("li", {}, h("a", { href: "#/task/" + encodeURIComponent(c) }, c)))));
+  const fam = h("div", { id: "task-family" });
+  parts.push(fam);
   const actions = h("p", {});
   if (t.state === "FAILURE") actions.append(h("button", { id: "retry-btn", onclick: async () => {
     const out = await api("POST", `/api/tasks/${encodeURIComponent(id)}/retry`);
@@ -210,6 +231,35 @@ async function renderTask(id) {
   } }, "Cancel"));
   parts.push(actions);
   if (current().name === "task" && current().arg === id) view().replaceChildren(...parts);
+  renderFamily(id, fam);
+}
+
+// -- a task's canvas: parent, root, children, members (from the task index; cached a few seconds
+// because the page re-renders on every live event of the task)
+function taskRows(tableId, rows) {
+  return h("table", { id: tableId }, h("thead", {}, h("tr", {}, ["id", "task", "state", "queue"].map(c => h("th", {}, c)))),
+    h("tbody", {}, rows.map(r => h("tr", {}, h("td", {}, h("a", { href: r.link }, r.id)), h("td", {}, r.name),
+      h("td", {}, badge(r.state)), h("td", {}, r.queue)))));
+}
+
+async function renderFamily(id, box) {
+  const cache = state.family || (state.family = {});
+  let f = cache[id];
+  if (!f || Date.now() - f.at > 3000) {
+    try { f = cache[id] = { at: Date.now(), data: await api("GET", `/api/tasks/${encodeURIComponent(id)}/family`) }; }
+    catch (e) { return; }   // not in the index (yet): the page shows what the store knows
+  }
+  const d = f.data, kids = [];
+  if (!d.parent_id && !d.children.length && !d.members.length) return;
+  kids.push(h("h3", {}, "Canvas"));
+  const link = (label, rid, row) => h("p", { id: "task-" + label }, label + ": ", h("a", { href: "#/task/" + encodeURIComponent(rid) }, rid),
+    row ? [" ", row.name, " ", badge(row.state)] : " (not in the index)");
+  if (d.parent_id) kids.push(link("parent", d.parent_id, d.parent));
+  if (d.root_id !== id) kids.push(link("root", d.root_id, d.root));
+  if (d.children.length) kids.push(h("h4", {}, `Children (${d.children.length})`), taskRows("task-children", d.children));
+  if (d.members.length) kids.push(h("h4", {}, `Every task under the root (${d.members.length})`), taskRows("task-members", d.members));
+  if (!d.complete) kids.push(h("p", { class: "muted" }, `Looked at the ${d.scanned} newest tasks since the root was enqueued; older members may be missing.`));
+  box.replaceChildren(...kids);
 }
 
 function runningCell(w) {
