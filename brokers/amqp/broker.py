@@ -9,10 +9,10 @@
   that fails makes the broker declare again on next use.
 * **Dead letters**: on quorum queues RabbitMQ dead-letters a message delivered
   more than ``delivery_limit`` times by itself (at-least-once), with reason
-  ``delivery_limit``. ``dead_letters()`` reads without removing: it takes the
-  oldest messages with ``basic.get`` on a private channel and hands them back
-  (nack with requeue), which puts them back in place; while it runs, another
-  reader of the same dead-letter queue sees them as unacked.
+  ``delivery_limit``. ``dead_letters()`` and ``dead_letter_entries()`` read
+  without removing and ``remove_dead_letters()`` removes chosen ones, leaving
+  the others in order: see :mod:`brokers.amqp.deadletters` (a lock per
+  dead-letter queue, ``basic.get`` then ack or hand back).
 
 Limits: ``stats().delayed`` scans the delay levels of the queue (a message moving
 down a level during the scan may be counted twice or missed). On quorum queues
@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self, cast
 
@@ -44,10 +45,11 @@ from aio_pika.abc import AbstractRobustChannel
 from pamqp.commands import Basic
 from yarl import URL
 
+from brokers.amqp import deadletters
 from brokers.amqp._aiormq import Item, can_batch, send_batch
 from brokers.amqp.consumer import CLOSE_TIMEOUT_S, AmqpConsumer, Consuming
 from brokers.amqp.errors import mapped
-from brokers.amqp.headers import H_DELIVERED, H_REASON, bounded, count_header, user_headers
+from brokers.amqp.headers import H_DEAD_AT, H_DELIVERED, H_REASON
 from brokers.amqp.options import (
     DEFAULT_DELIVERY_LIMIT,
     AmqpBrokerOptions,
@@ -260,6 +262,7 @@ class AmqpBroker:
                 headers[H_DELIVERED] = delivered
             if reason is not None:
                 headers[H_REASON] = reason
+                headers[H_DEAD_AT] = int(time.time() * 1000)
         priority = None
         if envelope.priority > 0 and self.capabilities.max_priority:
             priority = min(envelope.priority, self.capabilities.max_priority)
@@ -394,54 +397,20 @@ class AmqpBroker:
         return total
 
     async def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
-        """The oldest dead letters of ``queue``, left in place: taken with
-        ``basic.get`` on a private channel, then handed back (nack with requeue),
-        which restores their order."""
-        q = self._queue(queue)
-        if limit <= 0:
-            return []
-        scratch = _Scratch(self)
-        messages: list[aiormq.abc.DeliveredMessage] = []
-        try:
-            with mapped(f"reading dead letters of {queue!r}"):
-                ch = await scratch.channel()
-                try:
-                    while len(messages) < limit:
-                        message = await ch.basic_get(q.dlq, no_ack=False)
-                        if not isinstance(message.delivery, Basic.GetOk):
-                            break
-                        messages.append(message)
-                except aex.ChannelNotFoundEntity:
-                    return []
-                finally:
-                    if messages and not ch.is_closed:
-                        tag = cast(Basic.GetOk, messages[-1].delivery).delivery_tag or 0
-                        await cast(aiormq.Channel, ch).basic_nack(tag, multiple=True,
-                                                                  requeue=True)
-        finally:
-            await scratch.aclose()
-        return [self._dead_letter(q, m) for m in messages]
+        """The oldest dead letters of ``queue``, left in place and in order (see
+        :mod:`brokers.amqp.deadletters`)."""
+        return [e.letter for e in await deadletters.read(self, self._queue(queue), limit)]
 
-    def _dead_letter(self, q: Queue, message: aiormq.abc.DeliveredMessage) -> DeadLetter:
-        props = message.header.properties
-        table: Mapping[str, Any] = props.headers or {}
-        envelope = Envelope(id=props.message_id or "", queue=q.name, body=message.body,
-                            headers=user_headers(table), priority=props.priority or 0)
-        delivered = count_header(table, H_DELIVERED, props.message_id) or 0
-        reason = table.get(H_REASON)
-        if reason is not None:  # dead-lettered by dead_letter(): the count is exact
-            return DeadLetter(envelope=envelope, reason=bounded(reason),
-                              delivery_count=delivered)
-        # Dead-lettered by RabbitMQ: the newest x-death entry of the queue says why.
-        deaths = table.get("x-death") or []
-        why = next((d.get("reason") for d in deaths
-                    if isinstance(d, dict) and d.get("queue") == q.amqp), None)
-        why = bounded(why or table.get("x-first-death-reason") or "unknown")
-        if why == "delivery_limit" and self.delivery_limit is not None:
-            delivered += self.delivery_limit + 1
-        elif why == "rejected":
-            delivered += 1
-        return DeadLetter(envelope=envelope, reason=why, delivery_count=delivered)
+    async def dead_letter_entries(self, queue: str) -> list[deadletters.DeadLetterEntry]:
+        """Every dead letter of ``queue``, oldest first, each with the key that
+        removes it and when it was dead-lettered; left in place and in order."""
+        return await deadletters.read(self, self._queue(queue), None)
+
+    async def remove_dead_letters(self, queue: str, keys: Sequence[str]) -> int:
+        """Remove the dead letters of ``queue`` with these keys (from
+        :meth:`dead_letter_entries`); the others stay, in order. Returns how many
+        were removed (idempotent: a key already removed counts nothing)."""
+        return await deadletters.remove(self, self._queue(queue), keys)
 
     async def purge_namespace(self) -> int:
         """Test helper: delete the queues and exchanges this broker declared under its

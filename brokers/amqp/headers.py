@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import structlog
 
-__all__ = ["H_DELIVERED", "H_REASON", "bounded", "count_header", "user_headers"]
+__all__ = ["H_DEAD_AT", "H_DELIVERED", "H_REASON", "bounded", "count_header", "user_headers"]
 
 log = structlog.get_logger("brokers.amqp")
 
@@ -23,6 +23,10 @@ log = structlog.get_logger("brokers.amqp")
 H_DELIVERED: Final = "x-taskloom-delivered"
 #: Why a message was dead-lettered.
 H_REASON: Final = "x-taskloom-reason"
+#: When a message was dead-lettered by taskloom (epoch ms). Additive: a dead letter
+#: written by an older taskloom has none, and then only RabbitMQ's ``x-death`` time
+#: (if any) says when.
+H_DEAD_AT: Final = "x-taskloom-dead-at"
 _INTERNAL_PREFIX: Final = "x-taskloom-"
 #: Headers RabbitMQ adds; never shown to users as envelope headers.
 _SERVER_HEADERS: Final = frozenset({

@@ -6,6 +6,9 @@ when the namespace is empty)::
     <ns>.<queue>               the queue: durable, classic (x-max-priority) or quorum
                                (x-delivery-limit, at-least-once dead-lettering)
     <ns>.<queue>.dlq           its dead letters (classic, durable), bound to the DLX
+    <ns>.<queue>.dlq.lock      transient, single-active-consumer: whoever holds its one
+                               token message reads or removes single dead letters
+                               (:mod:`brokers.amqp.deadletters`)
     <ns>.taskloom.dlx          direct exchange: routing key <ns>.<queue> -> <queue>.dlq
     <ns>.<queue>.delay.NN      delay level NN: messages wait 2**NN ticks (TTL), then are
                                dead-lettered to the level below
@@ -54,15 +57,17 @@ _MAX_NAME_BYTES: Final = 255 - 2 * DELAY_LEVELS - 12
 class Queue:
     """Names and declaration state (in this process) of one logical queue."""
 
-    __slots__ = ("amqp", "bound", "created_levels", "declared", "dlq", "levels", "name")
+    __slots__ = ("amqp", "bound", "created_levels", "declared", "dlq", "dlq_lock", "levels",
+                 "name")
 
     def __init__(self, prefix: str, name: str) -> None:
         if not name or "*" in name or "#" in name:
             raise ValueError(f"invalid queue name {name!r}: it must be non-empty and "
                              "contain neither '*' nor '#'")
-        if name.endswith(".dlq") or _LEVEL_SUFFIX.search(name):
-            raise ValueError(f"invalid queue name {name!r}: names ending in '.dlq' or "
-                             "'.delay.NN' are reserved for dead-letter and delay queues")
+        if name.endswith((".dlq", ".dlq.lock")) or _LEVEL_SUFFIX.search(name):
+            raise ValueError(f"invalid queue name {name!r}: names ending in '.dlq', "
+                             "'.dlq.lock' or '.delay.NN' are reserved for dead-letter and "
+                             "delay queues")
         self.name = name
         self.amqp = prefix + name
         if len(self.amqp.encode()) > _MAX_NAME_BYTES:
@@ -70,6 +75,7 @@ class Queue:
                              f"{_MAX_NAME_BYTES} bytes with the namespace (delay routing "
                              "keys need the rest of RabbitMQ's 255)")
         self.dlq = self.amqp + ".dlq"
+        self.dlq_lock = self.dlq + ".lock"
         self.declared = False
         #: Highest delay level declared (-1: none), and whether the queue is bound to
         #: the delay hand-back exchange.
@@ -233,6 +239,7 @@ class Topology:
                 await ch.queue_delete(q.level(k))
             await ch.queue_delete(q.amqp)
             await ch.queue_delete(q.dlq)
+            await ch.queue_delete(q.dlq_lock)
             deleted += 2 + q.created_levels + 1
         for name in sorted(self.created_exchanges, reverse=True):
             await ch.exchange_delete(name)

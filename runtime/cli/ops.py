@@ -4,15 +4,16 @@
     taskloom inspect APP                       # workers, what each runs, orphaned tasks
     taskloom events APP [--since ID] [--json]  # follows the event stream (Ctrl-C stops)
     taskloom retry APP ID [--queue q]
-    taskloom replay APP --queue q [--reason r] [--name n] [--dry-run]
-    taskloom purge-dead APP --queue q [--reason r] [--name n] [--dry-run]
+    taskloom replay APP --queue q [--id ID ...] [--reason r] [--name n] [--limit N] [--dry-run]
+    taskloom purge-dead APP --queue q [--id ID ...] [--reason r] [--name n] [--limit N] [--dry-run]
     taskloom cancel APP [ID ...] [--name n] [--queue q]
     taskloom pause APP --queue q   /   taskloom resume APP --queue q
 
 Every command takes ``--json`` (one JSON object per line) for scripts.
 
 Exit codes: 0 done; 1 an operational error (a server down, the app cannot be
-loaded, nothing to retry: one line says what and what to do); 2 usage error.
+loaded, nothing to retry, an ``--id`` that is not a dead letter of the queue:
+one line says what and what to do, and nothing is done); 2 usage error.
 
 ``register(main)`` adds them to the ``taskloom`` group.
 """
@@ -29,8 +30,11 @@ import click
 import msgspec
 
 from runtime.cli import common
+from runtime.errors import TaskloomError
 from runtime.ops.api import Operations
+from runtime.ops.deadletters import UnknownDeadLetter, admin_for
 from runtime.ops.index import TaskSummary
+from runtime.ops.verbs import DeadReport, retry_id
 
 __all__ = ["register"]
 
@@ -198,10 +202,15 @@ def _dead_options(fn: Callable[..., None]) -> Callable[..., None]:
     for option in reversed([
         click.argument("app"),
         click.option("--queue", required=True, help="The queue whose dead letters to act on."),
+        click.option("--id", "ids", multiple=True,
+                     help="Only this task id (repeat for several); an id that is not a "
+                          "dead letter of --queue is an error, and nothing is done."),
         click.option("--reason", default=None, help="Only this reason (e.g. failed)."),
         click.option("--name", default=None, help="Only this task name."),
         click.option("--since", type=float, default=None, help="Epoch seconds: not before."),
         click.option("--until", type=float, default=None, help="Epoch seconds: not after."),
+        click.option("--limit", type=click.IntRange(min=1), default=None,
+                     help="At most this many (the oldest first)."),
         click.option("--dry-run", is_flag=True, help="Only count what matches."),
         _JSON,
     ]):
@@ -209,32 +218,74 @@ def _dead_options(fn: Callable[..., None]) -> Callable[..., None]:
     return fn
 
 
+async def _known(ops: Operations, task_id: str) -> bool:
+    """Whether the result store or the task index knows ``task_id``."""
+    if await ops.rt.results.get(task_id) is not None:
+        return True
+    try:
+        return await ops.task(task_id) is not None
+    except TaskloomError:  # the index is off
+        return False
+
+
+async def _check_ids(ops: Operations, queue: str, ids: Sequence[str], *,
+                     replaying: bool) -> list[str]:
+    """The ids already replayed (their retry is known); raises
+    :class:`UnknownDeadLetter` for ids that are neither a dead letter of ``queue``
+    nor (when ``replaying``) already replayed."""
+    kept = {e.letter.envelope.id for e in await admin_for(ops.rt.broker).entries(queue)}
+    absent = [i for i in dict.fromkeys(ids) if i not in kept]
+    done = [i for i in absent if replaying and await _known(ops, retry_id(i))]
+    unknown = [i for i in absent if i not in done]
+    if unknown:
+        raise UnknownDeadLetter(queue, unknown, "already replayed with no result kept, or never "
+                                "dead-lettered there" if replaying else
+                                "already purged or replayed, or never dead-lettered there")
+    return done
+
+
+def _dead_verb(replaying: bool, app: str, queue: str, ids: tuple[str, ...],
+               filters: dict[str, Any]) -> tuple[DeadReport, list[str]]:
+    async def act(ops: Operations) -> tuple[DeadReport, list[str]]:
+        done = await _check_ids(ops, queue, ids, replaying=replaying) if ids else []
+        verb = ops.replay if replaying else ops.purge_dead
+        return await verb(queue, ids=ids or None, **filters), done
+
+    what = "could not replay the dead letters" if replaying else \
+        "could not purge the dead letters"
+    return _with_ops(app, what, act)
+
+
 @click.command()
 @_dead_options
-def replay(app: str, queue: str, reason: str | None, name: str | None, since: float | None,
-           until: float | None, dry_run: bool, as_json: bool) -> None:
+def replay(app: str, queue: str, ids: tuple[str, ...], reason: str | None, name: str | None,
+           since: float | None, until: float | None, limit: int | None, dry_run: bool,
+           as_json: bool) -> None:
     """Publish again the dead letters of --queue that match, each as a new
     attempt (its dead letter is then removed; safe to repeat)."""
-    report = _with_ops(app, "could not replay the dead letters", lambda ops: ops.replay(
-        queue, reason=reason, name=name, since_ms=_ms(since), until_ms=_ms(until),
+    report, already = _dead_verb(True, app, queue, ids, dict(
+        reason=reason, name=name, since_ms=_ms(since), until_ms=_ms(until), limit=limit,
         dry_run=dry_run))
     if as_json:
-        _emit(report)
+        _emit({**msgspec.to_builtins(report), "already_replayed": already})
         return
     verb = "would replay" if dry_run else "replayed"
     click.echo(f"{queue}: {report.matched} matched, {verb} "
                f"{report.matched - report.undecodable if dry_run else report.done}"
                + (f", {report.undecodable} not task messages (purge them)"
                   if report.undecodable else ""))
+    for task_id in already:
+        click.echo(f"{task_id} was already replayed as {retry_id(task_id)}; nothing sent")
 
 
 @click.command(name="purge-dead")
 @_dead_options
-def purge_dead(app: str, queue: str, reason: str | None, name: str | None,
-               since: float | None, until: float | None, dry_run: bool, as_json: bool) -> None:
+def purge_dead(app: str, queue: str, ids: tuple[str, ...], reason: str | None,
+               name: str | None, since: float | None, until: float | None, limit: int | None,
+               dry_run: bool, as_json: bool) -> None:
     """Remove the dead letters of --queue that match."""
-    report = _with_ops(app, "could not purge the dead letters", lambda ops: ops.purge_dead(
-        queue, reason=reason, name=name, since_ms=_ms(since), until_ms=_ms(until),
+    report, _ = _dead_verb(False, app, queue, ids, dict(
+        reason=reason, name=name, since_ms=_ms(since), until_ms=_ms(until), limit=limit,
         dry_run=dry_run))
     if as_json:
         _emit(report)

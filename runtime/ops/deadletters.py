@@ -2,15 +2,22 @@
 
 The Broker protocol lists dead letters (``dead_letters(queue, limit)``) but has
 no way to remove one, which replay and purge need. A broker may offer the two
-methods of ``DeadLetterAdmin`` itself (``dead_letter_entries`` and
-``remove_dead_letters``); for the brokers of this repository that do not yet,
-this module reaches the same data:
+methods itself: ``dead_letter_entries(queue)``, every dead letter oldest first,
+each an object with ``key`` (str), ``letter`` (``DeadLetter``) and ``at_ms``
+(epoch ms or None) attributes (a broker cannot import this module's
+``DeadEntry``), and ``remove_dead_letters(queue, keys) -> int``, which removes
+one letter per key given (idempotent). For the brokers of this repository that
+do not, this module reaches the same data:
 
 - memory: the queue's list of ``DeadLetter`` objects;
 - Redis: the dead-letter stream ``<ns>{<queue>}:dead`` (entry ids carry the
   time each letter was written; removal is ``XDEL``);
-- AMQP: not supported here (removing one message from a queue needs a
-  consume-and-requeue walk): ``ConfigError`` says so.
+- AMQP: offers the two methods (``brokers.amqp.deadletters``: a lock per
+  dead-letter queue, ``basic.get`` without ack, then ack the chosen and hand the
+  others back in place).
+
+Replay publishes (and awaits the confirm of) the new attempt before it removes
+the dead letter, so a crash in between duplicates, never loses.
 """
 
 from __future__ import annotations
@@ -20,10 +27,10 @@ from typing import Any, Protocol
 import msgspec
 
 from brokers.base import DeadLetter, Envelope
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, TaskloomError
 from runtime.ops.common import OpsUnavailable
 
-__all__ = ["DeadEntry", "DeadLetterAdmin", "admin_for"]
+__all__ = ["DeadEntry", "DeadLetterAdmin", "UnknownDeadLetter", "admin_for"]
 
 _PAGE = 1000
 
@@ -34,6 +41,18 @@ class DeadEntry(msgspec.Struct, frozen=True):
     key: str
     letter: DeadLetter
     at_ms: int | None = None
+
+
+class UnknownDeadLetter(TaskloomError):
+    """Dead letters were asked for by id and some are not in the queue."""
+
+    def __init__(self, queue: str, ids: list[str], why: str) -> None:
+        self.queue = queue
+        self.ids = ids
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        super().__init__(f"no dead letter of queue {queue!r} has the id {shown} ({why}); "
+                         "nothing was done: list them with `taskloom dlq APP --queue "
+                         f"{queue}` and check the id and the queue")
 
 
 class DeadLetterAdmin(Protocol):
@@ -47,7 +66,8 @@ class _BrokerOwn:
         self.broker = broker
 
     async def entries(self, queue: str) -> list[DeadEntry]:
-        return list(await self.broker.dead_letter_entries(queue))
+        return [e if isinstance(e, DeadEntry) else DeadEntry(str(e.key), e.letter, e.at_ms)
+                for e in await self.broker.dead_letter_entries(queue)]
 
     async def remove(self, queue: str, keys: list[str]) -> int:
         return int(await self.broker.remove_dead_letters(queue, keys))
