@@ -82,6 +82,12 @@ def _aesgcm() -> type[AESGCM]:
     return AESGCM
 
 
+def _invalid_tag() -> type[Exception]:
+    from cryptography.exceptions import InvalidTag
+
+    return InvalidTag
+
+
 def _check_kid(kid: object, where: str) -> str:
     if not isinstance(kid, str) or not _KID.fullmatch(kid):
         raise ConfigError(f"{where}: key id {str(kid)[:70]!r} is not 1-64 characters of "
@@ -89,8 +95,9 @@ def _check_kid(kid: object, where: str) -> str:
     return kid
 
 
-def _aad(kid: str, ct: str, ce: str, framing: bytes) -> bytes:
-    return b"\0".join((_AAD_PREFIX, kid.encode(), ct.encode(), ce.encode(), framing))
+def _aad_head(kid: str, ct: str, ce: str) -> bytes:
+    """The associated data up to the task id framing (which follows it)."""
+    return b"\0".join((_AAD_PREFIX, kid.encode(), ct.encode(), ce.encode(), b""))
 
 
 class Keyring:
@@ -100,7 +107,7 @@ class Keyring:
     encrypts (optional when there is one key). Raises ``ConfigError`` naming
     the key id for a bad key, or saying what to install without the extra."""
 
-    __slots__ = ("_ciphers", "_nonce", "current")
+    __slots__ = ("_aad_heads", "_ciphers", "_invalid_tag", "_nonce", "current")
 
     def __init__(self, keys: Mapping[str, bytes], current: str | None = None, *,
                  nonce: Callable[[int], bytes] = os.urandom) -> None:
@@ -126,6 +133,18 @@ class Keyring:
         self._ciphers = {kid: cipher(bytes(key)) for kid, key in keys.items()}
         self.current = current
         self._nonce = nonce
+        self._invalid_tag: type[Exception] = _invalid_tag()
+        #: (key id, ct, ce) -> associated data head; a few entries (key ids known)
+        self._aad_heads: dict[tuple[str, str, str], bytes] = {}
+
+    def _aad(self, kid: str, ct: str, ce: str, framing: bytes) -> bytes:
+        key = (kid, ct, ce)
+        head = self._aad_heads.get(key)
+        if head is None:
+            head = _aad_head(kid, ct, ce)
+            if len(self._aad_heads) < 64:  # ct/ce come from headers: bound the cache
+                self._aad_heads[key] = head
+        return head + framing
 
     @property
     def key_ids(self) -> frozenset[str]:
@@ -136,7 +155,7 @@ class Keyring:
         headers: ``len(tid) (2 bytes) || tid || nonce || ciphertext || tag``."""
         framing = _framing(tid)
         nonce = self._nonce(NONCE_BYTES)
-        aad = _aad(self.current, ct, ce, framing)
+        aad = self._aad(self.current, ct, ce, framing)
         return framing + nonce + self._ciphers[self.current].encrypt(nonce, body, aad)
 
     def open(self, body: bytes, *, kid: str, ct: str, ce: str,
@@ -151,16 +170,14 @@ class Keyring:
                 f"encryption key id {kid[:64]!r} is not configured on this worker (it has "
                 f"{sorted(self._ciphers)}); add the key back to encryption_keys to read it",
                 task_id=tid, authenticated=authenticated)
-        sealed = body[len(framing):]
-        if len(sealed) < NONCE_BYTES + TAG_BYTES:
+        start = len(framing) + NONCE_BYTES
+        if len(body) < start + TAG_BYTES:
             raise DecryptError(f"the encrypted body of task {tid[:64]!r} is too short to hold a "
                                "nonce and a tag")
-        from cryptography.exceptions import InvalidTag
-
         try:
-            plain = cipher.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:],
-                                   _aad(kid, ct, ce, framing))
-        except InvalidTag:
+            plain = cipher.decrypt(body[len(framing):start], body[start:],
+                                   self._aad(kid, ct, ce, framing))
+        except self._invalid_tag:
             raise DecryptError(
                 f"the message of task {tid[:64]!r} does not authenticate under encryption key "
                 f"{kid!r}: tampered, encrypted with another key under that id, or its headers "
