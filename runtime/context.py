@@ -41,6 +41,7 @@ class CurrentTask:
         "_cancelled",
         "_flush_pending",
         "_home",
+        "_sink",
         "_soft",
         "_states",
         "delivery_count",
@@ -57,7 +58,8 @@ class CurrentTask:
                  started_ms: int | None = None,
                  home: tuple[asyncio.AbstractEventLoop, int] | None = None,
                  soft: tuple[float, float] | None = None,
-                 lend: Callable[[], AbstractContextManager[None]] | None = None) -> None:
+                 lend: Callable[[], AbstractContextManager[None]] | None = None,
+                 sink: Callable[[Progress], None] | None = None) -> None:
         self.message = message
         self.delivery_count = delivery_count
         self.worker = worker
@@ -75,6 +77,8 @@ class CurrentTask:
         self._soft = soft
         #: the worker's way to lend this task's slot while it awaits a nested run
         self.lend = lend
+        #: where a pool process sends each report (to the pool, which calls :meth:`report`)
+        self._sink = sink
 
     # -- progress ------------------------------------------------------------------
 
@@ -89,16 +93,25 @@ class CurrentTask:
 
     def progress_sync(self, done: float, total: float | None = None,
                       message: str | None = None, **meta: Any) -> None:
-        """:meth:`progress` for a thread task (or a process task: there the
-        last report comes back with its outcome)."""
+        """:meth:`progress` for a thread or process task (from a process, the
+        latest report reaches the worker while the task runs, coalesced the same way)."""
         self._note(done, total, message, meta)
         if self._cancelled:
             self.raise_if_cancelled()
 
     def _note(self, done: float, total: float | None, message: str | None,
               meta: dict[str, Any]) -> None:
-        self.last_progress = Progress(done=done, total=total, message=message, meta=meta,
-                                      at_ms=int(time.time() * 1000))
+        self.report(Progress(done=done, total=total, message=message, meta=meta,
+                             at_ms=int(time.time() * 1000)))
+
+    def report(self, progress: Progress) -> None:
+        """Record ``progress`` as the latest report (the process pool does, for
+        the reports a process task sends while it runs)."""
+        self.last_progress = progress
+        sink = self._sink
+        if sink is not None:
+            sink(progress)
+            return
         states = self._states
         if states is None:
             return

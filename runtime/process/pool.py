@@ -10,10 +10,15 @@ task's *name* and its arguments as MessagePack; the pool process looks the
 function up by that name in its own registry. Results come back the same way,
 errors as type name, message and traceback (:class:`RemoteTaskError`).
 
-Time limits are hard: a call past its limit has its process killed
-(SIGKILL) and raises :class:`runtime.execution.TimeLimit`; a replacement is
-started in the background. A call whose process dies raises
-:class:`PoolProcessDied` and is replaced the same way.
+Progress a task reports (``current_task().progress_sync``) comes back while it
+runs, coalesced in the pool process, and is recorded on the worker's context
+(so ``handle.updates()`` sees it live). A task's ``soft_timeout`` is raised in
+its body by the pool process itself (``SIGUSR1`` to its main thread, see
+:mod:`runtime.process.pool_live`). Time limits are hard: a call past its limit
+has its process killed (SIGKILL) and raises
+:class:`runtime.execution.TimeLimit`; a replacement is started in the
+background. A call whose process dies raises :class:`PoolProcessDied` and is
+replaced the same way.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from runtime.context import current
 from runtime.errors import ConfigError, Reject, Retry
 from runtime.execution import TimeLimit
 from runtime.messages import ChordRef
-from runtime.process.pool_child import MAX_FRAME, Call, Done, Failed, Ready, Reply
+from runtime.process.pool_child import MAX_FRAME, Call, Done, Failed, Progressed, Ready, Reply
 
 __all__ = ["PoolProcessDied", "ProcessPool", "RemoteTaskError"]
 
@@ -187,6 +192,8 @@ class ProcessPool:
         self.respawn_max_s = respawn_max_s
         self.started = 0
         """How many pool processes were started, replacements included."""
+        self.progress_frames = 0
+        """How many progress reports came from running tasks (after coalescing)."""
         self._procs: set[_Proc] = set()
         self._names: dict[Callable[..., Any], str] = {}
         self._keys: dict[_FnKey, str] = {}
@@ -352,6 +359,11 @@ class ProcessPool:
                 try:
                     await proc.send(body)
                     reply = await proc.receive()
+                    while isinstance(reply, Progressed):  # reported while the task runs
+                        self.progress_frames += 1
+                        if ctx is not None:
+                            ctx.report(reply.progress)
+                        reply = await proc.receive()
                 except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError,
                         anyio.ClosedResourceError, OSError):
                     with anyio.CancelScope(shield=True):

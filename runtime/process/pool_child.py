@@ -6,7 +6,10 @@ It imports the application, then answers calls over its stdin/stdout: each
 frame is a 4-byte big-endian length and a MessagePack body (never pickle).
 A call names a task; the function is looked up by that name in the runtime's
 registry and its arguments are checked and converted by ``Task.bind`` again.
-The reply carries the value, or the error as type name, message and traceback.
+The reply carries the value, or the error as type name, message and traceback;
+before it, while the body runs, come its progress reports (coalesced) and, at
+the task's ``soft_timeout``, ``SoftTimeLimitExceeded`` is raised in the body
+(:mod:`runtime.process.pool_live`).
 
 The file descriptors 0 and 1 are kept for the protocol and replaced by
 ``/dev/null`` and stderr, so a task that prints cannot corrupt a frame. The
@@ -15,19 +18,25 @@ process dies with its parent (``PR_SET_PDEATHSIG``) and exits at EOF on stdin.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import struct
 import sys
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from runtime.context import CurrentTask, current
 from runtime.messages import Progress, TaskMessage
+from runtime.process.pool_live import Progressed, ProgressOut, SoftLimit
 
-__all__ = ["Call", "Done", "Failed", "Ready", "Reply", "main", "read_frame", "write_frame"]
+if TYPE_CHECKING:
+    from runtime.app import Runtime
+
+__all__ = ["Call", "Done", "Failed", "Progressed", "Ready", "Reply", "main", "read_frame",
+           "write_frame"]
 
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 256 * 1024 * 1024
@@ -72,7 +81,7 @@ class Failed(msgspec.Struct, tag="failed", tag_field="op", frozen=True):
     progress: Progress | None = None
 
 
-Reply = Ready | Done | Failed
+Reply = Ready | Done | Failed | Progressed
 
 
 def read_frame(fd: int) -> bytes | None:
@@ -132,35 +141,48 @@ def serve(spec: str, proto_in: int, proto_out: int) -> int:
     rt = load_runtime(spec)
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(Call)
+    live = ProgressOut(functools.partial(write_frame, proto_out))
+    soft = SoftLimit()
     write_frame(proto_out, encoder.encode(Ready(pid=os.getpid())))
     while True:
         body = read_frame(proto_in)
         if body is None:
             return 0
-        call = decoder.decode(body)
-        reply: Done | Failed
-        ctx = None if call.context is None else CurrentTask(
-            call.context, delivery_count=call.delivery_count, worker=call.worker)
-        token = current.set(ctx)
-        try:
-            task = rt.registry[call.task]
-            args, kwargs = task.bind(call.args, call.kwargs)
-            value = task.fn(*args, **kwargs)
-            reply = Done(value=value)
-            if ctx is not None and (ctx.meta or ctx.last_progress is not None):
-                reply = Done(value=value, meta=ctx.meta, progress=ctx.last_progress)
-            out = encoder.encode(reply)
-        except BaseException as e:  # the task's failure is the caller's to handle
-            failed = _failure(e)
-            if ctx is not None and (ctx.meta or ctx.last_progress is not None):
-                failed = msgspec.structs.replace(failed, meta=ctx.meta, progress=ctx.last_progress)
-            try:
-                out = encoder.encode(failed)
-            except (TypeError, ValueError):  # meta that cannot be encoded: leave it out
-                out = encoder.encode(_failure(e))
-        finally:
-            current.reset(token)
+        out = _answer(rt, decoder.decode(body), encoder, live, soft)
         write_frame(proto_out, out)
+
+
+def _answer(rt: Runtime, call: Call, encoder: msgspec.msgpack.Encoder, live: ProgressOut,
+            soft: SoftLimit) -> bytes:
+    """Run ``call``; its encoded reply. Its progress goes out through ``live`` as it runs."""
+    ctx = None if call.context is None else CurrentTask(
+        call.context, delivery_count=call.delivery_count, worker=call.worker, sink=live.note)
+    token = current.set(ctx)
+    try:
+        task = rt.registry[call.task]
+        args, kwargs = task.bind(call.args, call.kwargs)
+        live.begin()
+        try:
+            if task.soft_timeout is not None:
+                soft.arm(task.soft_timeout)
+            value = task.fn(*args, **kwargs)
+        finally:
+            soft.disarm()
+            live.end()
+        reply = Done(value=value)
+        if ctx is not None and (ctx.meta or ctx.last_progress is not None):
+            reply = Done(value=value, meta=ctx.meta, progress=ctx.last_progress)
+        return encoder.encode(reply)
+    except BaseException as e:  # the task's failure is the caller's to handle
+        failed = _failure(e)
+        if ctx is not None and (ctx.meta or ctx.last_progress is not None):
+            failed = msgspec.structs.replace(failed, meta=ctx.meta, progress=ctx.last_progress)
+        try:
+            return encoder.encode(failed)
+        except (TypeError, ValueError):  # meta that cannot be encoded: leave it out
+            return encoder.encode(_failure(e))
+    finally:
+        current.reset(token)
 
 
 def main(argv: list[str] | None = None) -> int:
