@@ -6,18 +6,21 @@ all or nothing of what is removed, never a part."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 
+import aio_pika
 import anyio
 import pytest
 
 from brokers.amqp import AmqpBroker
-from brokers.base import Envelope
+from brokers.base import ConnectionLost, Envelope
 from runtime import Runtime
 from runtime.ops.api import Operations
 from runtime.ops.deadletters import admin_for
 from runtime.ops.verbs import retry_id
-from tests.amqp.conftest import amqp_url
+from tests.amqp.conftest import MakeBroker, amqp_url
+from tests.amqp.test_quorum import next_message_of
 
 pytestmark = pytest.mark.amqp
 
@@ -103,33 +106,40 @@ async def test_list_replay_one_and_purge_by_filter(rt: Runtime) -> None:
         assert _ids(left) == order and {d.reason for d in left} == {"failed"}
         assert (await ops.purge_dead("dq", name="dlq.other")).done == 0
         assert (await rt.broker.stats("dq")).dead == 2
+        first = order.pop(0)  # retry by id takes the same way
+        assert (await ops.retry(first, queue="dq")).retried
+        assert _ids(await rt.broker.dead_letters("dq")) == order
+        await _drain(rt)
+        assert await rt.handle(retry_id(first)).result(timeout=LIMIT) == 2 * int(
+            rt.codec.decode(by_id[first].envelope.body, by_id[first].envelope.headers).args[0])
 
 
-async def test_removal_by_key_is_exact_and_idempotent(make_broker: object) -> None:
-    broker: AmqpBroker = await make_broker()  # type: ignore[operator]
-    async with broker.consume(["cp"], prefetch=10) as consumer:
-        for body in (b"a", b"same", b"same", b"b"):
-            await broker.publish(Envelope(id="m-" + body.decode(), queue="cp", body=body))
-        with anyio.fail_after(LIMIT):
-            for _ in range(4):
-                await (await consumer.receive()).dead_letter("rejected")
+async def test_removal_by_key_is_exact_and_idempotent(
+    make_broker: MakeBroker, raw: aio_pika.abc.AbstractChannel, namespace: str
+) -> None:
+    broker = await make_broker()
+    await broker.declare("cp")
+    for body in (b"a", b"same", b"same", b"b"):  # two identical copies share one key
+        await raw.default_exchange.publish(
+            aio_pika.Message(body, message_id="m-" + body.decode(),
+                             headers={"x-taskloom-reason": "rejected"}),
+            routing_key=f"{namespace}.cp.dlq")
     entries = await broker.dead_letter_entries("cp")
     assert [e.letter.envelope.id for e in entries] == ["m-a", "m-same", "m-same", "m-b"]
-    assert entries[1].key != entries[2].key  # two copies dead-lettered at other times
-    assert await broker.remove_dead_letters("cp", [entries[2].key]) == 1
-    left = await broker.dead_letter_entries("cp")
-    assert [e.key for e in left] == [entries[0].key, entries[1].key, entries[3].key]
-    # a key given twice removes at most as many copies as there are; unknown: nothing
-    assert await broker.remove_dead_letters(
-        "cp", [entries[1].key, entries[1].key, entries[2].key, "nope#0"]) == 1
-    assert [e.letter.envelope.id for e in await broker.dead_letter_entries("cp")] == [
-        "m-a", "m-b"]
+    a, same, _, b = (e.key for e in entries)
+    assert entries[2].key == same and len({a, same, b}) == 3
+    assert await broker.remove_dead_letters("cp", [same, b]) == 2  # one key: one copy
+    assert [e.key for e in await broker.dead_letter_entries("cp")] == [a, same]
+    # a key given more often than there are copies removes those there are; unknown: none
+    assert await broker.remove_dead_letters("cp", [same, same, "nope#0"]) == 1
+    assert [e.key for e in await broker.dead_letter_entries("cp")] == [a]
+    assert await broker.remove_dead_letters("cp", [same]) == 0  # idempotent
     assert await broker.remove_dead_letters("missing-queue", ["x#1"]) == 0
     assert await broker.dead_letter_entries("missing-queue") == []
 
 
-async def test_a_listing_beside_a_removal_sees_all_or_nothing(make_broker: object) -> None:
-    broker: AmqpBroker = await make_broker()  # type: ignore[operator]
+async def test_a_listing_beside_a_removal_sees_all_or_nothing(make_broker: MakeBroker) -> None:
+    broker = await make_broker()
     n = 200
     await broker.declare("cc")
     async with broker.consume(["cc"], prefetch=50) as consumer:
@@ -161,3 +171,74 @@ async def test_a_listing_beside_a_removal_sees_all_or_nothing(make_broker: objec
     for ids in seen:  # each listing ran wholly before or wholly after the removal
         assert ids in (every, every[:n // 2]), (len(ids), ids[:3])
     assert [d.envelope.id for d in await broker.dead_letters("cc", limit=n)] == every[:n // 2]
+
+
+async def test_letters_dead_lettered_by_rabbitmq_are_dated_and_removable(
+    make_broker: MakeBroker, namespace: str
+) -> None:
+    broker = await make_broker(queue_type="quorum", delivery_limit=1)
+    before_ms = int(time.time() * 1000)
+    await broker.publish(Envelope(id="poison", queue="qj", body=b"x"))
+    for _ in range(2):  # each consumer dies holding it (as a crashing worker would)
+        async with broker.consume(["qj"], prefetch=1) as consumer:
+            with anyio.fail_after(LIMIT):
+                await consumer.receive()
+    with anyio.fail_after(LIMIT):
+        await next_message_of(f"{namespace}.qj.dlq")
+    [entry] = await broker.dead_letter_entries("qj")
+    assert (entry.letter.envelope.id, entry.letter.reason) == ("poison", "delivery_limit")
+    # x-death's time has whole seconds; a wide window: only "when" is checked, not speed
+    assert entry.at_ms is not None and before_ms - 2000 <= entry.at_ms <= time.time() * 1000
+    assert await broker.remove_dead_letters("qj", [entry.key]) == 1
+    assert await broker.dead_letter_entries("qj") == []
+
+
+class _CrashBeforeRemoval(AmqpBroker):
+    """Dies (as a process killed there would) after the replay's publish was confirmed
+    and before its dead letter is removed."""
+
+    crash = True
+
+    async def remove_dead_letters(self, queue: str, keys: Sequence[str]) -> int:
+        if self.crash:
+            raise ConnectionLost("killed between the confirmed publish and the removal")
+        return await super().remove_dead_letters(queue, keys)
+
+
+async def test_a_crash_between_publish_and_removal_duplicates_never_loses(
+    namespace: str
+) -> None:
+    broker = _CrashBeforeRemoval.from_url(amqp_url(), namespace=namespace)
+    rt = Runtime(broker, results="memory://", namespace=namespace)
+
+    @rt.task(name="dlq.once", queue="cr")
+    async def once(x: int) -> int:
+        if broken["on"]:
+            raise ValueError(x)
+        return x + 1
+
+    broken["on"] = True
+    try:
+        async with rt, Operations(rt) as ops:
+            h = await rt.enqueue(rt.signature("dlq.once", 1))
+            with anyio.fail_after(LIMIT):
+                async with rt.worker(queues=["cr"], concurrency=1) as w:
+                    await w.idle()
+            with pytest.raises(ConnectionLost):
+                await ops.replay("cr", ids=[h.id])
+            # the new attempt is stored and the dead letter is still there
+            assert (await rt.broker.stats("cr")).ready == 1
+            assert _ids(await rt.broker.dead_letters("cr")) == [h.id]
+            broker.crash = False  # "restarted": removal works again
+            broken["on"] = False
+            again = await ops.replay("cr", ids=[h.id])
+            assert (again.matched, again.done) == (1, 1)
+            assert (await rt.broker.stats("cr")).ready == 2  # a duplicate, of the same id
+            with anyio.fail_after(LIMIT):
+                async with rt.worker(queues=["cr"], concurrency=1) as w:
+                    await w.idle()
+            assert await rt.handle(retry_id(h.id)).result(timeout=LIMIT) == 2
+            assert await rt.broker.dead_letters("cr") == []
+    finally:
+        async with rt:
+            await broker.purge_namespace()
