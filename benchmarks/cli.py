@@ -20,7 +20,8 @@ import click
 __all__ = ["bench"]
 
 _CHOICES = {
-    "workloads": ("throughput", "enqueue", "latency", "io", "cpu", "memory", "scale", "pool"),
+    "workloads": ("throughput", "enqueue", "latency", "io", "cpu", "memory", "scale", "pool",
+                  "limits"),
     "brokers": ("memory", "redis", "amqp"),
     "frameworks": ("taskloom", "raw", "celery", "taskiq", "dramatiq", "arq"),
 }
@@ -121,9 +122,10 @@ class _RichProgress:
                    "baselines every taskloom figure is divided by; peers off: taskloom,raw).")
 @click.option("--workloads", default=None, callback=_listed("workloads"),
               metavar="NAMES",
-              help="throughput,enqueue,latency,io,cpu,memory,scale,pool (default: all; scale = "
-                   "1 -> 2 worker processes, pool = 40 tasks of 100 ms CPU in a process pool "
-                   "of 2).")
+              help="throughput,enqueue,latency,io,cpu,memory,scale,pool,limits (default: all; "
+                   "scale = 1 -> 2 worker processes, pool = 40 tasks of 100 ms CPU in a process "
+                   "pool of 2, limits = the no-op drain alone and with rate- or "
+                   "concurrency-limited tasks waiting in the same worker, Redis).")
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(min=1),
               help="Measurements of each figure; the table shows median and min-max.")
 @click.option("--scale", default=1.0, show_default=True, type=click.FloatRange(min=0.0001),

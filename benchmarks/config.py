@@ -31,7 +31,8 @@ APPS_DIR = BENCH_DIR / "apps"
 VENVS_DIR = BENCH_DIR / "venvs"
 RESULTS_DIR = BENCH_DIR / "results"
 
-WORKLOADS = ("throughput", "enqueue", "latency", "io", "cpu", "memory", "scale", "pool")
+WORKLOADS = ("throughput", "enqueue", "latency", "io", "cpu", "memory", "scale", "pool",
+             "limits")
 BROKERS = ("memory", "redis", "amqp")
 #: ``raw``: the raw-client baselines (benchmarks/baselines.py), taskloom's ratios' denominators
 FRAMEWORKS = ("taskloom", "raw", "celery", "taskiq", "dramatiq", "arq")
@@ -73,6 +74,22 @@ METRICS = (
     Metric("pool", "wall_s", "pool of 2: wall", "s", False),
     Metric("pool", "efficiency", "pool of 2: ideal ÷ wall", "%", True),
     Metric("pool", "startup_s", "pool start-up (apart)", "s", False),
+    Metric("limits", "alone_per_s", "no-op drain alone", "tasks/s", True),
+    Metric("limits", "rate_noop_per_s", "no-op drain, rate-limited waiting", "tasks/s", True),
+    Metric("limits", "rate_ratio", "rate-limited waiting ÷ alone", "x", True),
+    Metric("limits", "rate_ran_during", "rate-limited run during the drain", "tasks", True),
+    Metric("limits", "rate_ran", "rate-limited run (observed window)", "tasks", True),
+    Metric("limits", "rate_observed_per_s", "rate-limited observed rate", "tasks/s", False),
+    Metric("limits", "rate_max_1s", "rate-limited most starts in 1 s", "tasks", False),
+    Metric("limits", "conc_noop_per_s", "no-op drain, concurrency-limited waiting", "tasks/s",
+           True),
+    Metric("limits", "conc_ratio", "concurrency-limited waiting ÷ alone", "x", True),
+    Metric("limits", "conc_ran_during", "concurrency-limited run during the drain", "tasks",
+           True),
+    Metric("limits", "conc_ran", "concurrency-limited run (observed window)", "tasks", True),
+    Metric("limits", "conc_observed_per_s", "concurrency-limited observed rate", "tasks/s",
+           False),
+    Metric("limits", "conc_peak", "concurrency-limited peak running per key", "tasks", False),
 )
 
 
@@ -93,6 +110,15 @@ class Params:
     #: the process-pool efficiency workload: tasks of pool_task_ms CPU in a pool of 2
     pool_n: int = 40
     pool_task_ms: float = 100.0
+    #: the limits workload (issue 16): limited tasks waiting beside the no-op drain
+    #: (throughput_n no-ops); each run watches them for limits_observe_s from the
+    #: worker's start (or until the no-ops are done, if that is later)
+    limits_m: int = 100
+    limits_rate: str = "5/s"
+    limits_concurrency: int = 2
+    limits_keys: int = 2
+    limits_hold_s: float = 0.25
+    limits_observe_s: float = 10.0
     #: the raw Redis baseline's XREADGROUP loops in flight in its one process
     raw_streams: int = 4
     #: messages per enqueue_many() call (taskloom) / concurrent calls (async peers)
@@ -112,7 +138,8 @@ class Params:
             self, throughput_n=n(self.throughput_n), latency_n=n(self.latency_n),
             latency_warmup=max(1, n(self.latency_warmup)), io_n=n(self.io_n),
             cpu_n=max(self.cpu_processes, n(self.cpu_n)), producer_n=n(self.producer_n),
-            pool_n=max(self.cpu_processes, n(self.pool_n)))
+            pool_n=max(self.cpu_processes, n(self.pool_n)),
+            limits_m=max(self.limits_keys, n(self.limits_m)))
 
 
 def _with_db(url: str, db: int) -> str:

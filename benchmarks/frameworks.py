@@ -41,7 +41,7 @@ class Counting:
 class RunContext:
     """What one run needs to know."""
 
-    workload: str  # throughput | enqueue | latency | io | cpu | memory
+    workload: str  # throughput | enqueue | latency | io | cpu | memory | scale | pool | limits
     broker: str  # memory | redis | amqp
     namespace: str  # unique to the run: queue names, key prefixes
     servers: Servers
@@ -184,6 +184,10 @@ class Taskloom(Framework):
             # kind="process" tasks (a process pool) only where they are used
             "BENCH_PROCESS_TASKS": ("1" if ctx.broker == "memory" and ctx.workload in ("cpu", "pool")
                                     else ""),
+            # tasks with rate and concurrency limits (a LimitsGate) only where they are used
+            "BENCH_LIMITS": (json.dumps({"rate": ctx.params.limits_rate,
+                                         "concurrency": ctx.params.limits_concurrency})
+                             if ctx.workload == "limits" else ""),
             # the checkout the suite runs from, not whatever taskloom is installed
             "PYTHONPATH": os.pathsep.join((str(APPS_DIR), str(BENCH_DIR.parent))),
         }

@@ -20,13 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import psutil
 
+from benchmarks import flow
 from benchmarks.config import APPS_DIR, BASELINE, BENCH_DIR, Run
 from benchmarks.frameworks import Framework, RunContext, WorkerPlan
 
@@ -178,8 +179,13 @@ def _drain_n(ctx: RunContext) -> int:
             "memory": p.producer_n}.get(ctx.workload, p.throughput_n)
 
 
-async def _drain(fw: Framework, ctx: RunContext, *, drain: bool, cpu_task_s: float
-                 ) -> dict[str, float]:
+#: called once every task is done, the workers still running, with the epoch seconds
+#: of the workers' start, the first completion seen and the last
+After = Callable[[float, float, float], Awaitable[None]]
+
+
+async def _drain(fw: Framework, ctx: RunContext, *, drain: bool, cpu_task_s: float,
+                 after: After | None = None) -> dict[str, float]:
     p = ctx.params
     n = _drain_n(ctx)
     plan = fw.worker(ctx)
@@ -252,6 +258,9 @@ async def _drain(fw: Framework, ctx: RunContext, *, drain: bool, cpu_task_s: flo
             t_done = time.perf_counter()
             cpu_done = workers.cpu_s()
             peak = max(peak, workers.rss_bytes())
+            if after is not None:
+                epoch = time.time() - t_done
+                await after(t_spawn + epoch, (first or (t_done, 0))[0] + epoch, t_done + epoch)
     if count > n:
         raise BenchError(f"{count} results for {n} tasks: some ran twice")
     assert first is not None
@@ -346,6 +355,47 @@ async def _scale(fw: Framework, ctx: RunContext, cpu_task_s: float) -> dict[str,
             "speedup": rates[1] / rates[0], "n": float(_drain_n(ctx))}
 
 
+async def _limited(fw: Framework, ctx: RunContext, kind: str, cpu_task_s: float
+                   ) -> dict[str, float]:
+    """One drain of no-op tasks with ``limits_m`` tasks of the ``kind`` ("rate" or
+    "conc") limited task queued beside them; the worker is kept until
+    ``limits_observe_s`` after its start, then the limited tasks' ledger is read."""
+    p = ctx.params
+    await run_driver(fw, ctx, "enqueue_limited", {"kind": kind, "m": p.limits_m,
+                                                  "keys": p.limits_keys, "hold_s": p.limits_hold_s})
+    seen: list[flow.Window] = []
+
+    async def observe(spawn: float, first: float, last: float) -> None:
+        await anyio.sleep(max(0.0, spawn + p.limits_observe_s - time.time()))
+        seen.append(flow.Window(spawn, first, last, time.time()))
+
+    drained = await _drain(fw, ctx, drain=True, cpu_task_s=cpu_task_s, after=observe)
+    entries = await flow.read_ledger(ctx.servers.redis_url, ctx.namespace)
+    return {f"{kind}_noop_per_s": drained["tasks_per_s"], **flow.figures(kind, entries, seen[0])}
+
+
+async def _limits(fw: Framework, ctx: RunContext, cpu_task_s: float) -> dict[str, float]:
+    """The no-op drain alone, then with rate-limited, then with concurrency-limited
+    tasks waiting on their limits in the same worker (``benchmarks/flow.py``), each
+    under a namespace of its own; the ratios are of this measurement's own drains."""
+    p = ctx.params
+    metrics = {"n": float(p.throughput_n), "m": float(p.limits_m)}
+    for kind in flow.KINDS:
+        sub = dataclasses.replace(ctx, workload="throughput" if kind == "alone" else "limits",
+                                  namespace=f"{ctx.namespace}{kind[0]}")
+        await anyio.to_thread.run_sync(fw.prepare, sub)
+        try:
+            if kind == "alone":
+                drained = await _drain(fw, sub, drain=True, cpu_task_s=cpu_task_s)
+                metrics["alone_per_s"] = drained["tasks_per_s"]
+            else:
+                metrics.update(await _limited(fw, sub, kind, cpu_task_s))
+                metrics[f"{kind}_ratio"] = metrics[f"{kind}_noop_per_s"] / metrics["alone_per_s"]
+        finally:
+            await anyio.to_thread.run_sync(fw.cleanup, sub)
+    return metrics
+
+
 def _raw_role(ctx: RunContext, job: str) -> tuple[str, dict[str, Any]]:
     p = ctx.params
     redis = ctx.servers.redis_url
@@ -400,6 +450,8 @@ async def _measure(fw: Framework, ctx: RunContext, job: str, drain: bool,
         return await _producer_memory(fw, ctx, cpu_task_s)
     if job == "scale":
         return await _scale(fw, ctx, cpu_task_s)
+    if job == "limits":
+        return await _limits(fw, ctx, cpu_task_s)
     raise ValueError(f"unknown job {job!r}")
 
 

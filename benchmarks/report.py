@@ -88,6 +88,8 @@ def format_value(value: float | None, unit: str) -> str:
         return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
     if unit == "µs":
         return f"{value:.1f}" if value < 100 else f"{value:,.0f}"
+    if unit == "tasks":
+        return f"{value:,.0f}" if value == int(value) else f"{value:,.1f}"
     if unit == "MiB":
         return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
     if value >= 100_000:
@@ -205,6 +207,11 @@ def targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         sp = _find(rows, "speedup", "scale", broker)
         if sp is not None:
             add(f"{broker}: 2 worker processes ÷ 1", sp["median"], ">= 1.6", sp["median"] >= 1.6)
+    for key, what in (("rate_ratio", "rate"), ("conc_ratio", "concurrency")):
+        row = _find(rows, key, "limits", "redis")
+        if row is not None:
+            add(f"redis: no-op drain with {what}-limited tasks waiting ÷ alone (issue 16)",
+                row["median"], ">= 0.9", row["median"] >= 0.9)
     for broker in ("redis", "amqp", "memory"):
         for key, limit, who in (("producer_rss_mib", 200, "producer"),
                                 ("queued_worker_rss_mib", 150, "worker")):
@@ -255,7 +262,8 @@ def render(runs: Sequence[Run], meta: dict[str, Any], console: Any) -> None:
                       highlight=False, soft_wrap=True)
     goals = targets(rows)
     if goals:
-        console.print("issue 18 targets (this run's medians):", style="bold", highlight=False)
+        console.print("issue 18 targets (and issue 16's, marked; this run's medians):",
+                      style="bold", highlight=False)
         for g in goals:
             mark = "[green]reached[/green]" if g["reached"] else "[red]not reached[/red]"
             console.print(f"  {g['target']}: {g['value']:.2f} (target {g['goal']}) {mark}",

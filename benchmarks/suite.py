@@ -75,7 +75,7 @@ class Plan:
 class Job:
     """One kind of measurement, and which workloads' figures it yields."""
 
-    name: str  # drain | latency | producer
+    name: str  # drain | latency | producer | scale | limits
     workload: str  # the RunContext workload (sizes, settings)
     yields: tuple[str, ...]  # workloads whose records it produces
     drain: bool = True
@@ -101,6 +101,8 @@ def plan_jobs(workloads: Sequence[str]) -> list[Job]:
         jobs.append(Job("scale", "scale", ("scale",)))
     if "pool" in wanted:
         jobs.append(Job("drain", "pool", ("pool",)))
+    if "limits" in wanted:
+        jobs.append(Job("limits", "limits", ("limits",)))
     if "memory" in wanted:
         jobs.append(Job("producer", "memory", ("memory",), drain=False, once=True))
     return jobs
@@ -298,8 +300,10 @@ def _not_applicable(fw: Framework, job: Job, broker: str) -> str | None:
     if fw.name == BASELINE and not (job.name == "latency"
                                     or (job.name == "drain" and job.workload == "throughput")):
         return "the raw baselines cover throughput, enqueue and latency"
-    if job.workload in ("scale", "pool") and fw.name != "taskloom":
+    if job.workload in ("scale", "pool", "limits") and fw.name != "taskloom":
         return f"the {job.workload} workload is measured for taskloom only"
+    if job.workload == "limits" and broker != "redis":
+        return "the limits workload runs on Redis (its no-op queue's stats count the drain)"
     if job.workload == "pool" and broker != "memory":
         return "the process-pool workload runs on the memory broker (the pool is the point)"
     if job.workload == "scale" and broker == "memory":

@@ -9,6 +9,7 @@ The memory broker lives in one process, so on ``memory://`` the roles
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from typing import Any
@@ -59,6 +60,39 @@ if os.environ.get("BENCH_PROCESS_TASKS"):
     TASKS["cpu_process"] = cpu_process
 
 
+#: the limits workload only (issue 16): ``{"rate": "5/s", "concurrency": 2}``. Tasks with
+#: limits make the worker install its LimitsGate, so the plain runs leave them out.
+LIMITS: dict[str, Any] | None = json.loads(os.environ.get("BENCH_LIMITS") or "null")
+LIMITED_QUEUE = "limited"
+#: where the limited tasks record their runs: a Redis list under the run's namespace
+#: (deleted with it), one line per run: "rate START" or "KEY START END" (epoch seconds)
+LEDGER = f"{NAMESPACE}:bench:limited-ledger"
+_ledger: list[Any] = []  # the worker's Redis client for the ledger, made on first use
+
+if LIMITS:
+    async def _record(line: str) -> None:
+        if not _ledger:
+            import redis.asyncio as aredis
+
+            _ledger.append(aredis.Redis.from_url(BROKER_URL))
+        await _ledger[0].rpush(LEDGER, line)
+
+    @rt.task(name="bench.rate_limited", queue=LIMITED_QUEUE, rate_limit=LIMITS["rate"],
+             timeout=_TIMEOUT)
+    async def rate_limited(i: int) -> None:
+        await _record(f"rate {time.time():.6f}")
+
+    @rt.task(name="bench.concurrency_limited", queue=LIMITED_QUEUE,
+             concurrency_limit=LIMITS["concurrency"], concurrency_key="key", timeout=_TIMEOUT)
+    async def concurrency_limited(key: str, hold_s: float) -> None:
+        start = time.time()
+        await anyio.sleep(hold_s)
+        await _record(f"{key} {start:.6f} {time.time():.6f}")
+
+    TASKS["rate_limited"] = rate_limited
+    TASKS["concurrency_limited"] = concurrency_limited
+
+
 def _run(fn: Any, *args: Any) -> Any:
     return anyio.run(fn, *args, backend_options={"use_uvloop": True})
 
@@ -82,6 +116,24 @@ def enqueue(task: str, arg: Any, n: int, batch: int) -> dict[str, Any]:
             baseline = rss_kb()
             seconds = await _enqueue_all(task, arg, n, batch)
             return {"seconds": seconds, "baseline_rss_kb": baseline, "peak_now_kb": rss_kb()}
+
+    result: dict[str, Any] = _run(go)
+    return result
+
+
+def enqueue_limited(kind: str, m: int, keys: int, hold_s: float) -> dict[str, Any]:
+    """The limits workload: ``m`` tasks of the rate- or the concurrency-limited task
+    (``keys`` keys round robin, each run holding its permit ``hold_s``)."""
+    if kind == "rate":
+        sigs = [TASKS["rate_limited"].s(i) for i in range(m)]
+    else:
+        sigs = [TASKS["concurrency_limited"].s(f"k{i % keys}", hold_s) for i in range(m)]
+
+    async def go() -> dict[str, Any]:
+        async with rt:
+            t0 = time.perf_counter()
+            await rt.enqueue_many(sigs)
+            return {"seconds": time.perf_counter() - t0}
 
     result: dict[str, Any] = _run(go)
     return result
