@@ -9,12 +9,10 @@ install. (It is imported by name: the layers contract keeps ``cli`` and
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
-import socket
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -22,11 +20,9 @@ import click
 
 from runtime.cli.common import fail, load_runtime, log
 from runtime.errors import ConfigError, one_error
+from runtime.process.metrics_hub import AGGREGATED_ENV, bind_metrics, quiet_server
 
 __all__ = ["metrics_listener", "metrics_port_of", "register", "serve_with_metrics"]
-
-#: set by the supervisor for each child worker process (0, 1, ...)
-SLOT_ENV = "TASKLOOM_WORKER_SLOT"
 
 _LOOPBACK_NAMES = ("localhost",)
 
@@ -56,49 +52,24 @@ def metrics_listener() -> Any:
 
 
 def metrics_port_of(port: int) -> int:
-    """This process's metrics port: ``port`` itself, or ``port + slot`` in a
-    supervised child (``--processes N`` serves ports port .. port+N-1)."""
-    slot = os.environ.get(SLOT_ENV, "")
-    return port + int(slot) if slot.isdigit() else port
-
-
-def _bind(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
-        sock.listen(64)
-    except OSError as e:
-        sock.close()
-        raise ConfigError(f"cannot serve metrics on 127.0.0.1:{port} ({e.strerror or e}); "
-                          "pass a free --metrics-port (with --processes N the worker "
-                          "processes use that port and the N-1 after it)") from None
-    sock.setblocking(False)
-    return sock
-
-
-def _quiet_server(app: Any) -> Any:
-    """A uvicorn server that leaves signals and logging to the worker: it runs
-    beside ``serve_worker``, which owns SIGTERM/SIGINT (drain, then stop)."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    return Server(uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
-                                 lifespan="off", timeout_graceful_shutdown=1))
+    """This process's metrics port. Kept for callers: with ``--processes N`` the
+    supervisor serves ``port`` (the sum over its children) and the children none,
+    so this is ``port`` itself."""
+    return port
 
 
 async def serve_with_metrics(run: Callable[[], Awaitable[int]], listener: Any, port: int) -> int:
     """``run()`` (the worker; its exit code is returned) with Prometheus text served
     at http://127.0.0.1:``port``/metrics from ``listener``'s metrics, in this event
-    loop; the endpoint closes when the worker has stopped."""
+    loop; the endpoint closes when the worker has stopped. A supervised child
+    whose supervisor serves the sum (``AGGREGATED_ENV``) serves nothing itself:
+    its metrics reach the supervisor through prometheus-client's multiprocess files."""
     from runtime.dashboard.metrics import metrics_app
 
-    sock = _bind(port)
-    server = _quiet_server(metrics_app(listener))
+    if os.environ.get(AGGREGATED_ENV):
+        return await run()
+    sock = bind_metrics(port)
+    server = quiet_server(metrics_app(listener))
     log.info("metrics serving", url=f"http://127.0.0.1:{port}/metrics")
     try:
         with one_error:   # the worker's own error, not a group of one

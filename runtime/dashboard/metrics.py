@@ -13,14 +13,18 @@ transitions, and the per-queue / per-worker gauges the dashboard process sets.
 | ``taskloom_tasks_expired_total`` | counter | task, queue | tasks that expired unrun |
 | ``taskloom_task_run_seconds`` | histogram | task, queue | STARTED to the end of the attempt |
 | ``taskloom_task_queue_wait_seconds`` | histogram | task, queue | ENQUEUED (or due time) to STARTED |
-| ``taskloom_tasks_in_flight`` | gauge | task, queue | started, not yet ended (this process's view) |
+| ``taskloom_tasks_in_flight`` | gauge | task, queue | started, not ended (summed over live children) |
 | ``taskloom_queue_depth`` | gauge | queue, state | ready/delayed/in_flight/dead (broker, by the dashboard) |
 | ``taskloom_worker_loop_lag_seconds`` | gauge | worker | max loop lag since its last heartbeat |
 | ``taskloom_worker_in_flight`` | gauge | worker | tasks the worker holds (prefetched or running) |
 | ``taskloom_workers_online`` | gauge | | workers with a live heartbeat |
 
 No task ids in labels: task names, queues, dead-letter reasons and worker ids
-are bounded sets. Each ``Metrics`` has its own ``CollectorRegistry``.
+are bounded sets. Each ``Metrics`` has its own ``CollectorRegistry``. In a
+worker process started by ``taskloom worker --processes N --metrics-port P``
+prometheus-client runs in multiprocess mode (the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR``) and the supervisor serves the sum on P
+(:mod:`runtime.process.metrics_hub`).
 """
 
 from __future__ import annotations
@@ -62,17 +66,19 @@ class Metrics:
         self.wait_seconds = Histogram("taskloom_task_queue_wait_seconds",
                                       "Time from enqueue (or due time) to start", tq,
                                       buckets=_BUCKETS, registry=r)
+        # under a supervisor (prometheus-client's multiprocess mode) in-flight is summed
+        # over the live children; the dashboard's gauges keep the latest value
         self.in_flight = Gauge("taskloom_tasks_in_flight", "Tasks started and not yet ended", tq,
-                               registry=r)
+                               registry=r, multiprocess_mode="livesum")
         self.queue_depth = Gauge("taskloom_queue_depth", "Messages in a queue by state",
-                                 ["queue", "state"], registry=r)
+                                 ["queue", "state"], registry=r, multiprocess_mode="mostrecent")
         self.worker_lag = Gauge("taskloom_worker_loop_lag_seconds",
                                 "Largest event-loop lag since the worker's last heartbeat",
-                                ["worker"], registry=r)
+                                ["worker"], registry=r, multiprocess_mode="mostrecent")
         self.worker_in_flight = Gauge("taskloom_worker_in_flight", "Tasks a worker holds",
-                                      ["worker"], registry=r)
+                                      ["worker"], registry=r, multiprocess_mode="mostrecent")
         self.workers_online = Gauge("taskloom_workers_online", "Workers with a live heartbeat",
-                                    registry=r)
+                                    registry=r, multiprocess_mode="mostrecent")
         self._known_workers: set[str] = set()
 
     def set_queues(self, queues: list[dict[str, Any]]) -> None:

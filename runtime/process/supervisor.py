@@ -22,6 +22,11 @@ forked from this process's loop and nothing is pickled. The supervisor:
   margin) it kills what is left. A second signal kills every child now
   (SIGKILL; their unfinished tasks return to the broker) and exits 130.
 
+With ``metrics_port`` (by default the ``--metrics-port`` of the child command)
+it serves http://127.0.0.1:PORT/metrics itself: the sum over all its children,
+through prometheus-client's multiprocess mode (see
+:mod:`runtime.process.metrics_hub`); the children serve no port.
+
 Children are in their own sessions (a terminal's Ctrl-C reaches only the
 supervisor) and exit when the supervisor dies: ``PR_SET_PDEATHSIG`` and EOF
 on the stdin pipe both make them drain.
@@ -43,6 +48,8 @@ import msgspec
 import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from runtime.errors import ConfigError
+from runtime.process.metrics_hub import MetricsHub, metrics_port_in
 from runtime.process.serve import (
     EXIT_CONFIG,
     EXIT_CRASH_LOOP,
@@ -121,6 +128,7 @@ class Supervisor:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         handle_signals: bool = True,
+        metrics_port: int | None = None,
     ) -> None:
         if processes < 1:
             raise ValueError(f"a supervisor needs at least one process, got {processes}")
@@ -139,6 +147,9 @@ class Supervisor:
         self.env = dict(os.environ if env is None else env)
         self.cwd = cwd
         self.handle_signals = handle_signals
+        #: where the sum of the children's metrics is served (None: nowhere)
+        self.metrics_port = metrics_port if metrics_port is not None else metrics_port_in(command)
+        self._metrics: MetricsHub | None = None
         #: children started so far (restarts and replacements included)
         self.spawned = 0
         #: the most recent child exits
@@ -207,15 +218,28 @@ class Supervisor:
     async def run(self) -> int:
         """Supervise until stopped; the exit code (see :mod:`runtime.process.serve`)."""
         log.info("supervisor started", pid=os.getpid(), processes=self.processes)
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            if self.handle_signals:
-                tg.start_soon(self._signals)
-            async with anyio.create_task_group() as slots:
-                for slot in range(self.processes):
-                    slots.start_soon(self._slot, slot)
-            tg.cancel_scope.cancel()
-        self._tg = None
+        if self.metrics_port is not None:
+            hub = self._metrics = MetricsHub(self.metrics_port)
+            try:
+                hub.open(self.env)
+            except ConfigError as e:
+                log.error("the supervisor cannot serve metrics", error=str(e))
+                return EXIT_CONFIG
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                if self.handle_signals:
+                    tg.start_soon(self._signals)
+                if self._metrics is not None:
+                    tg.start_soon(self._metrics.serve)
+                async with anyio.create_task_group() as slots:
+                    for slot in range(self.processes):
+                        slots.start_soon(self._slot, slot)
+                tg.cancel_scope.cancel()
+        finally:
+            self._tg = None
+            if self._metrics is not None:
+                self._metrics.close()
         log.info("supervisor stopped", code=self._code, spawned=self.spawned)
         return self._code
 
@@ -234,6 +258,8 @@ class Supervisor:
                 ready, recycled, fatal, pid = child.ready, child.recycling, child.fatal, child.pid
                 self.exits.append(ChildExit(slot=slot, pid=pid, code=code, uptime_s=uptime,
                                             ready=ready, recycled=recycled, fatal=fatal))
+                if self._metrics is not None:   # its live gauges leave the sum
+                    self._metrics.child_gone(pid)
             if ready:
                 unreachable = 0
             if self._stopping.is_set():
