@@ -46,6 +46,7 @@ dead-lettered while a walk runs may or may not be part of it.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 from collections import Counter
@@ -71,7 +72,7 @@ from brokers.amqp.headers import (
     user_headers,
 )
 from brokers.amqp.topology import Queue
-from brokers.base import BrokerError, DeadLetter, Envelope
+from brokers.base import BrokerError, ConnectionLost, DeadLetter, Envelope
 
 if TYPE_CHECKING:
     from brokers.amqp.broker import AmqpBroker
@@ -157,10 +158,11 @@ async def _locked(broker: AmqpBroker, q: Queue) -> AsyncIterator[aiormq.abc.Abst
     unsettled messages handed back) before the lock is let go."""
     lock = await broker._raw_channel()
     try:
-        token = anyio.Event()
+        token: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def on_token(_: aiormq.abc.DeliveredMessage) -> None:
-            token.set()
+            if not token.done():
+                token.set_result(None)
 
         with mapped(f"locking the dead letters of {q.name!r}"):
             ok = await lock.queue_declare(q.dlq_lock, arguments=_LOCK_ARGUMENTS)
@@ -168,9 +170,19 @@ async def _locked(broker: AmqpBroker, q: Queue) -> AsyncIterator[aiormq.abc.Abst
                 await lock.basic_publish(b"", routing_key=q.dlq_lock)
             await lock.basic_qos(prefetch_count=1)
             await lock.basic_consume(q.dlq_lock, on_token)
-        with anyio.move_on_after(LOCK_WAIT_S):
-            await token.wait()
-        if not token.is_set():
+        closing = lock.closing  # an observer: cancelling it leaves the channel alone
+        try:
+            await asyncio.wait({token, closing}, timeout=LOCK_WAIT_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if closing.done() and not closing.cancelled():
+                closing.exception()  # read, so that asyncio does not log it
+            closing.cancel()
+        if not token.done():
+            if lock.is_closed:
+                raise ConnectionLost(f"the connection to RabbitMQ was lost while waiting to "
+                                     f"read the dead letters of queue {q.name!r}; nothing "
+                                     "was changed, try again")
             raise DeadLetterLockTimeout(
                 f"the dead letters of queue {q.name!r} were held by another reader for "
                 f"{LOCK_WAIT_S:.0f} s (a replay, purge or listing of a large dead-letter "

@@ -14,12 +14,13 @@ import anyio
 import pytest
 
 from brokers.amqp import AmqpBroker
+from brokers.amqp.deadletters import LOCK_WAIT_S, _locked
 from brokers.base import ConnectionLost, Envelope
 from runtime import Runtime
 from runtime.ops.api import Operations
 from runtime.ops.deadletters import admin_for
 from runtime.ops.verbs import retry_id
-from tests.amqp.conftest import MakeBroker, amqp_url
+from tests.amqp.conftest import MakeBroker, amqp_url, running_proxy
 from tests.amqp.test_quorum import next_message_of
 
 pytestmark = pytest.mark.amqp
@@ -242,3 +243,41 @@ async def test_a_crash_between_publish_and_removal_duplicates_never_loses(
     finally:
         async with rt:
             await broker.purge_namespace()
+
+
+async def test_the_lock_passes_on_at_once_when_its_holder_dies(make_broker: MakeBroker,
+                                                                 namespace: str) -> None:
+    reader = await make_broker()  # its clean-up removes the queues, the lock's too
+    async with running_proxy() as proxy, AmqpBroker.from_url(
+            amqp_url(netloc=f"127.0.0.1:{proxy.port}"), namespace=namespace) as holder:
+        async with reader.consume(["lk"], prefetch=1) as consumer:
+            await reader.publish(Envelope(id="d1", queue="lk", body=b"x"))
+            with anyio.fail_after(LIMIT):
+                await (await consumer.receive()).dead_letter("rejected")
+        letters: list[list[str]] = []
+
+        async def listing() -> None:
+            letters.append(_ids(await reader.dead_letters("lk")))
+
+        # LIMIT is below LOCK_WAIT_S: only the holder's death can let the reader in
+        assert LIMIT < LOCK_WAIT_S
+        async with _locked(holder, holder._queue("lk")):
+            with anyio.fail_after(LIMIT):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(listing)
+                    while (lock := await _lock_state(namespace))[0] < 2:  # the reader is in line
+                        await anyio.sleep(0.02)
+                    # a second token (the reader saw none ready) waits for it: not delivered
+                    # while the holder is the active consumer, so the reader has not read
+                    assert lock == (2, 1) and letters == []
+                    await proxy.reset()  # the holder's connection dies (a crash)
+        assert letters == [["d1"]]
+
+
+async def _lock_state(namespace: str) -> tuple[int, int]:
+    """Consumers and ready tokens of the dead-letter lock of queue ``lk``."""
+    async with await aio_pika.connect(amqp_url()) as connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(f"{namespace}.lk.dlq.lock", passive=True)
+        ok = queue.declaration_result
+        return int(ok.consumer_count or 0), int(ok.message_count or 0)
