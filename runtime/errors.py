@@ -154,7 +154,17 @@ class ResultTimeout(ResultError, TimeoutError):
 
 
 class ResultExpired(ResultError, LookupError):
-    """The result existed but its time to live has passed."""
+    """The task finished, but its result's time to live has passed: it will
+    never arrive (raised at once instead of waiting for ``ResultTimeout``)."""
+
+    def __init__(self, task_id: str, ttl_s: float | None = None) -> None:
+        self.task_id = task_id
+        self.ttl_s = ttl_s
+        kept = f" (results are kept {ttl_s:g}s after the task ends)" if ttl_s else ""
+        super().__init__(
+            f"task {task_id} finished but its result has expired{kept}; read results "
+            "sooner, or keep them longer with @rt.task(result_ttl=...) or "
+            "Runtime(result_ttl_s=...)")
 
 
 class ResultStoreUnavailable(ResultError):

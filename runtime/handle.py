@@ -11,6 +11,7 @@ import msgspec
 from runtime.context import current
 from runtime.deadletters import DeadLetterReason
 from runtime.errors import (
+    ResultExpired,
     ResultTimeout,
     TaskCancelled,
     TaskDeadLettered,
@@ -45,14 +46,16 @@ class TaskHandle(Generic[R]):
         self.runtime = runtime
         self.id = task_id
         self._return_type = return_type
-        #: True when ``enqueue(task_id=...)`` found that id already started or
-        #: finished: nothing was sent, this handle follows the existing task
+        #: True when ``enqueue(task_id=...)`` found that id already pending,
+        #: running, finished (within the result TTL) or cancelled: nothing was
+        #: sent, this handle follows the existing task
         self.duplicate = duplicate
 
     async def result(self, timeout: float | None = None) -> R:
         """The task's return value. Raises ``TaskError`` (or a subclass) if it
         failed, ``ResultTimeout`` if none arrives within ``timeout`` seconds
-        (default: the runtime's ``result_timeout_s``)."""
+        (default: the runtime's ``result_timeout_s``), ``ResultExpired`` at
+        once if the task finished but its result has expired."""
         rt = self.runtime
         ctx = current.get()  # inside a task: lend its slot while it waits
         with one_error, (ctx.lend() if ctx is not None and ctx.lend is not None
@@ -85,9 +88,13 @@ class TaskHandle(Generic[R]):
         raise TaskError(info, self.id)
 
     async def status(self) -> State:
-        """PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
+        """PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED; ``ResultExpired``
+        if the task finished but its result has expired (not PENDING)."""
+        store = self.runtime.results
         with one_error:
-            found = await self.runtime.results.get(self.id)
+            found = await store.get(self.id)
+            if found is None and await store.expired(self.id):
+                raise ResultExpired(self.id, store.ttl_s)
         return found.state if found is not None else State.PENDING
 
     async def info(self) -> Result | None:

@@ -1,19 +1,41 @@
 """Where results live: the ``ResultStore`` protocol every store keeps.
 
-Rules every store keeps (tested in tests/results_contract):
+The contract (each promise has a test on every store, memory and Redis, in
+``tests/results_contract``, tagged ``@pytest.mark.result_promise(n)``):
 
-- The first terminal result (SUCCESS, FAILURE, REVOKED) of an id wins; later
-  writes of that id are ignored (``put`` returns False). A non-terminal state
-  (STARTED, RETRY) never overwrites a terminal one.
-- Results expire after the store's ``ttl_s``.
-- ``wait`` needs no polling: a notification wakes the waiter. It raises
-  ``ResultTimeout`` after ``timeout`` seconds, never hangs.
-- ``join`` counts distinct members of a group or chord: adding a member twice
-  counts once. Once all ``size`` members are in, every call returns the
-  values in member order (so a worker that completes the join after a crash
-  can still continue it); before that it returns None.
-- ``claim`` takes an id for one execution (``SET NX`` with a TTL); the same
-  holder claiming again renews it.
+1. ``put`` then ``get`` (from any process of the app, on a shared store)
+   returns the record as stored; ``get`` of an id never stored is None.
+2. The first terminal result (SUCCESS, FAILURE, REVOKED) of an id wins; later
+   writes of that id are ignored (``put`` returns False). A non-terminal state
+   (STARTED, RETRY) never overwrites a terminal one. ``put_many`` keeps this
+   per result and says which were stored.
+3. Results expire after the store's ``ttl_s`` (or the record's own ``ttl_s``).
+4. ``wait`` needs no polling: a notification wakes the waiter. It raises
+   ``ResultTimeout`` after ``timeout`` seconds, never hangs.
+5. A result that cannot be stored (unencodable, over ``max_result_bytes``)
+   raises ``EncodeError`` / ``PayloadTooLarge`` and nothing is stored.
+6. ``revoke`` stores REVOKED unless a terminal result exists, wakes waiters,
+   and reaches ``is_revoked`` of every watching store of the app.
+7. ``join`` counts distinct members of a group or chord: adding a member twice
+   counts once. Once all ``size`` members are in, every call returns the
+   values in member order (so a worker that completes the join after a crash
+   can still continue it); before that it returns None.
+8. ``claim`` takes an id for one execution (``SET NX`` with a TTL); the same
+   holder claiming again renews it.
+9. Expiry is told apart from absence: storing the first terminal result of an
+   id also stores, in the same atomic write, a small marker that outlives the
+   result (``marker_ttl_s``, see :func:`marker_ttl_s`; twice a record's own
+   ``ttl_s`` if that is longer). ``wait`` of an id whose
+   marker remains but whose result is gone raises ``ResultExpired`` at once;
+   ``expired`` says so without waiting. The marker is additive: a record
+   written by an older taskloom has none, and its expiry reads as absence
+   (``wait`` then times out, as before).
+10. ``reserve`` is an atomic put-if-absent (``SET NX``, the store's ``ttl_s``)
+    of a PENDING record per id, in one round trip for many ids: True where the
+    id had no record (it is now reserved), False where it had one (pending,
+    running, finished or revoked). ``release`` deletes a reservation that is
+    still only that (a worker's record replaces it), so a failed publish
+    leaves the id free again.
 """
 
 from __future__ import annotations
@@ -26,18 +48,38 @@ import anyio
 import msgspec
 
 from runtime.errors import EncodeError, PayloadTooLarge
-from runtime.messages import ErrorInfo, Result
+from runtime.messages import ErrorInfo, Result, State
 
-__all__ = ["CANCELLED", "DEFAULT_MAX_RESULT_BYTES", "DEFAULT_TTL_S", "ResultStore", "encode_result"]
+__all__ = ["CANCELLED", "DEFAULT_MAX_RESULT_BYTES", "DEFAULT_TTL_S", "MARKER_EXTRA_MAX_S",
+           "MARKER_EXTRA_MIN_S", "ResultStore", "encode_result", "marker_ttl_s", "reservation"]
 
 DEFAULT_TTL_S = 24 * 3600.0
 DEFAULT_MAX_RESULT_BYTES = 16 * 1024 * 1024
+#: How much longer than its result an expiry marker lives, at least and at most
+#: (promise 9): ``marker_ttl_s``.
+MARKER_EXTRA_MIN_S = 3600.0
+MARKER_EXTRA_MAX_S = 7 * 24 * 3600.0
 
 #: The error stored with a result revoked by ``TaskHandle.cancel()``.
 CANCELLED = ErrorInfo(type="TaskCancelled", reason="cancelled",
                       message="cancelled by TaskHandle.cancel() before it finished")
 
 _ENCODER = msgspec.msgpack.Encoder()
+
+
+def marker_ttl_s(ttl_s: float) -> float:
+    """How long the expiry marker of a result kept ``ttl_s`` lives: twice the
+    result's TTL, at least one hour and at most seven days longer than it
+    (default TTL of a day: two days). A marker costs Redis about 185 bytes, so
+    markers take about as much memory as small results; a caller asking about
+    an id that ended longer ago than this is told what it is told of an id
+    never seen (``ResultTimeout``)."""
+    return ttl_s + min(max(ttl_s, MARKER_EXTRA_MIN_S), MARKER_EXTRA_MAX_S)
+
+
+def reservation(task_id: str) -> bytes:
+    """The stored form of the PENDING record that reserves ``task_id``."""
+    return b"N" + _ENCODER.encode(Result(id=task_id, state=State.PENDING))
 
 
 def encode_result(result: Result, limit: int) -> bytes:
@@ -77,7 +119,8 @@ class ResultStore(Protocol):
     async def get(self, task_id: str) -> Result | None: ...
 
     async def wait(self, task_id: str, timeout: float) -> Result:
-        """The terminal result of ``task_id``; ``ResultTimeout`` after ``timeout`` s."""
+        """The terminal result of ``task_id``; ``ResultTimeout`` after ``timeout`` s,
+        ``ResultExpired`` at once if it finished but its result expired."""
         ...
 
     def updates(self, task_id: str) -> AsyncIterator[Result]:
@@ -111,4 +154,16 @@ class ResultStore(Protocol):
     async def claim(self, task_id: str, ttl_s: float, *, holder: str = "") -> bool:
         """Take ``task_id`` for one execution for ``ttl_s`` seconds; False if
         another holder has it. The same holder claiming again renews it."""
+        ...
+
+    async def expired(self, task_id: str) -> bool:
+        """Whether ``task_id`` finished but its result has expired (promise 9)."""
+        ...
+
+    async def reserve(self, task_ids: Sequence[str]) -> list[bool]:
+        """Put a PENDING record under each id that has none (promise 10)."""
+        ...
+
+    async def release(self, task_ids: Sequence[str]) -> None:
+        """Delete the reservations of ``task_ids`` that are still only that."""
         ...

@@ -10,9 +10,18 @@ from typing import Any, Self
 import anyio
 import msgspec
 
-from runtime.errors import ResultTimeout
+from runtime.errors import ResultExpired, ResultTimeout
 from runtime.messages import Result, State
-from runtime.results.base import CANCELLED, DEFAULT_MAX_RESULT_BYTES, DEFAULT_TTL_S, encode_result
+from runtime.results.base import (
+    CANCELLED,
+    DEFAULT_MAX_RESULT_BYTES,
+    DEFAULT_TTL_S,
+    encode_result,
+    reservation,
+)
+from runtime.results.base import (
+    marker_ttl_s as marker_ttl,
+)
 
 __all__ = ["MemoryResultStore"]
 
@@ -23,9 +32,15 @@ class MemoryResultStore:
     """Results in this process; the embedded default."""
 
     def __init__(self, *, ttl_s: float = DEFAULT_TTL_S,
-                 max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> None:
+                 max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+                 marker_ttl_s: float | None = None) -> None:
         self.ttl_s = ttl_s
         self.max_result_bytes = max_result_bytes
+        #: how long an expiry marker outlives the end of its task (promise 9)
+        self.marker_ttl_s = marker_ttl(ttl_s) if marker_ttl_s is None else marker_ttl_s
+        # id -> monotonic expiry of its marker; pruned as it grows
+        self._finished: dict[str, float] = {}
+        self._prune_finished_at = 1024
         # stored encoded, as a remote store would: what cannot be encoded fails
         # here too, and readers get decoded copies, never the worker's objects
         self._results: dict[str, tuple[float, Result, bytes]] = {}
@@ -72,10 +87,43 @@ class MemoryResultStore:
             if changed is not None:
                 changed.set()
         if result.state.terminal:
+            self._mark_finished(result)
             event = self._waiters.pop(result.id, None)
             if event is not None:
                 event.set()
         return True
+
+    def _mark_finished(self, result: Result) -> None:
+        now = time.monotonic()
+        self._finished[result.id] = now + max(self.marker_ttl_s, 2 * (result.ttl_s or 0.0))
+        if len(self._finished) >= self._prune_finished_at:
+            self._finished = {k: t for k, t in self._finished.items() if t > now}
+            self._prune_finished_at = max(1024, 2 * len(self._finished))
+
+    def _gone(self, task_id: str) -> bool:
+        """Whether ``task_id`` has an expiry marker (its record may be gone)."""
+        return task_id in self._finished and self._finished[task_id] > time.monotonic()
+
+    async def expired(self, task_id: str) -> bool:
+        return self._gone(task_id) and self._live(task_id) is None
+
+    async def reserve(self, task_ids: Sequence[str]) -> list[bool]:
+        out = []
+        now = time.monotonic()
+        for task_id in task_ids:
+            if self._live(task_id) is not None:
+                out.append(False)
+                continue
+            record = Result(id=task_id, state=State.PENDING)
+            self._results[task_id] = (now + self.ttl_s, record, reservation(task_id)[1:])
+            out.append(True)
+        return out
+
+    async def release(self, task_ids: Sequence[str]) -> None:
+        for task_id in task_ids:
+            entry = self._results.get(task_id)
+            if entry is not None and entry[1].state is State.PENDING:
+                del self._results[task_id]
 
     async def put(self, result: Result) -> bool:
         return self._put(result)
@@ -92,6 +140,8 @@ class MemoryResultStore:
                 current = self._live(task_id)
                 if current is not None and current.state.terminal:
                     return current
+                if current is None and self._gone(task_id):
+                    raise ResultExpired(task_id, self.ttl_s)
                 event = self._waiters.get(task_id)
                 if event is None:
                     event = self._waiters[task_id] = anyio.Event()

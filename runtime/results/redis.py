@@ -3,7 +3,12 @@
 Keys (``ns`` is the namespace, ``taskloom`` by default)::
 
     {ns}:result:{<id>}   string   b"T" or b"N" + msgpack(Result), PX ttl
-                                  (T: terminal, so Lua can compare without decoding)
+                                  (T: terminal, so Lua can compare without decoding;
+                                  enqueue(task_id=...) reserves it: N + PENDING, SET NX)
+    {ns}:ended:{<id>}    string   b"1", PX marker_ttl_s (two days for the default TTL of
+                                  one day; base.marker_ttl_s): set with the first terminal
+                                  result, outlives it; result gone + marker = expired.
+                                  Additive: older writers set none (absence as before)
     {ns}:join:{<id>}     hash     member index -> msgpack(value), PX ttl
     {ns}:claim:{<id>}    string   SET NX PX
     {ns}:revoked         zset     task id -> expiry (epoch ms), trimmed on revoke
@@ -31,13 +36,11 @@ when Redis cannot be reached (retryable), ``ResultError`` when Redis refuses.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from importlib import resources
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -53,17 +56,33 @@ from brokers.base import is_connection_failure
 from runtime.errors import (
     ConfigError,
     ConnectionFailed,
-    DecodeError,
     EncodeError,
     PayloadTooLarge,
-    ResultError,
+    ResultExpired,
     ResultStoreUnavailable,
     ResultTimeout,
 )
 from runtime.messages import Result, State
-from runtime.results.base import CANCELLED, DEFAULT_MAX_RESULT_BYTES, DEFAULT_TTL_S, encode_result
+from runtime.results.base import (
+    CANCELLED,
+    DEFAULT_MAX_RESULT_BYTES,
+    DEFAULT_TTL_S,
+    encode_result,
+    reservation,
+)
+from runtime.results.base import marker_ttl_s as marker_ttl
 from runtime.results.batching import Batcher
-from runtime.results.notify import CONNECTION_ERRORS, Notifications, connect
+from runtime.results.notify import Notifications, connect
+from runtime.results.redis_wire import (
+    Script,
+    decode_stored,
+    execute,
+    glob_escape,
+    mapped,
+    pack,
+    pairs,
+    roundtrip,
+)
 
 __all__ = ["RedisResultStore"]
 
@@ -80,59 +99,21 @@ _MAX_CONNECTIONS = 32
 #: Results per EVALSHA: bounds how long one script call holds Redis.
 _WRITES_PER_SCRIPT = 256
 _INLINE_NOTIFY = b"%d" % _INLINE_NOTIFY_BYTES
-#: Redis replies that mean "not now" rather than "never": the caller may retry.
-_TRANSIENT = ("LOADING", "READONLY", "OOM", "MISCONF", "BUSY", "MASTERDOWN", "TRYAGAIN",
-              "CLUSTERDOWN")
 
-# result key, completion channel, update channel, mark + msgpack, ttl ms
-_Write = tuple[bytes, bytes, bytes, bytes, bytes]
+# result key, marker key, completion channel, update channel, mark + msgpack, ttl ms
+_Write = tuple[bytes, bytes, bytes, bytes, bytes, bytes]
 
 _ENCODER = msgspec.msgpack.Encoder()
-_RESULT_DECODER = msgspec.msgpack.Decoder(Result)
 _VALUE_DECODER = msgspec.msgpack.Decoder()
 
-class _Script:
-    """A Lua script of ``lua/`` (beside this module), read once at import."""
-
-    __slots__ = ("sha", "source")
-
-    def __init__(self, name: str) -> None:
-        self.source = (resources.files(__package__) / "lua" / name).read_text(encoding="utf-8")
-        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
-
-
 #: The batched compare-and-set write of results (first terminal wins).
-_PUT = _Script("put.lua")
+_PUT = Script("put.lua")
 #: Count a member into a join; the values in member order once all are in.
-_JOIN = _Script("join.lua")
+_JOIN = Script("join.lua")
 #: Take a free claim, or renew one this holder has.
-_CLAIM = _Script("claim.lua")
-
-
-
-
-def _decode_stored(task_id: str, raw: bytes) -> Result:
-    try:
-        return _RESULT_DECODER.decode(memoryview(raw)[1:])
-    except msgspec.MsgspecError as e:
-        raise DecodeError("bad_result", f"the stored result of task {task_id} "
-                          f"cannot be decoded ({e}); it was not written by taskloom") from e
-
-
-async def _execute(client: aioredis.Redis, *args: Any) -> Any:
-    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-def _pack(args: Sequence[bytes]) -> bytes:
-    """One command in RESP."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
-    return b"".join(parts)
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+_CLAIM = Script("claim.lua")
+#: Delete reservations that are still only that.
+_RELEASE = Script("release.lua")
 
 
 class RedisResultStore:
@@ -145,8 +126,8 @@ class RedisResultStore:
     """
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, ttl_s: float = DEFAULT_TTL_S,
-                 namespace: str = "",
-                 max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> None:
+                 namespace: str = "", max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+                 marker_ttl_s: float | None = None) -> None:
         if not 0 < ttl_s < math.inf:
             raise ConfigError(f"ttl_s must be a positive number of seconds, not {ttl_s!r}")
         if max_result_bytes <= 0:
@@ -160,6 +141,9 @@ class RedisResultStore:
                               f"unix://, not {url!r}")
         self.ttl_s = ttl_s
         self._ttl_ms = b"%d" % max(1, int(ttl_s * 1000))
+        #: how long an expiry marker lives after its task ends (base.py, promise 9)
+        self.marker_ttl_s = marker_ttl(ttl_s) if marker_ttl_s is None else marker_ttl_s
+        self._marker_ms = b"%d" % max(1, int(self.marker_ttl_s * 1000))
         self.max_result_bytes = max_result_bytes
         self.namespace = namespace
         self._url = url
@@ -216,7 +200,7 @@ class RedisResultStore:
             protocol=2)
         client = aioredis.Redis.from_pool(pool)
         try:
-            await _execute(client, "PING")
+            await execute(client, "PING")
             await self._load_scripts(client)
         except Exception as e:
             if not (isinstance(e, rex.RedisError) or is_connection_failure(e)):
@@ -261,34 +245,12 @@ class RedisResultStore:
         return self._tg
 
     async def _load_scripts(self, client: aioredis.Redis) -> None:
-        for script in (_PUT, _JOIN):
-            await _execute(client, "SCRIPT LOAD", script.source)
+        for script in (_PUT, _JOIN, _RELEASE):
+            await execute(client, "SCRIPT LOAD", script.source)
 
-    @contextmanager
-    def _errors(self, doing: str) -> Iterator[None]:
-        """Map redis-py errors to taskloom errors at the boundary: every connection
-        failure (as :func:`brokers.base.is_connection_failure` sees it: resets,
-        timeouts, a write on a transport a reset closed) is ``ResultStoreUnavailable``."""
-        try:
-            yield
-        except (ResultError, DecodeError, EncodeError):
-            raise
-        except rex.ResponseError as e:
-            if str(e).startswith(_TRANSIENT):
-                raise ResultStoreUnavailable(
-                    f"could not {doing}: the result store at {self._where} refused for now "
-                    f"({e}); the call can be retried once Redis recovers") from e
-            raise ResultError(f"could not {doing}: Redis at {self._where} refused: {e}") from e
-        except Exception as e:
-            if is_connection_failure(e, CONNECTION_ERRORS):
-                raise ResultStoreUnavailable(
-                    f"could not {doing}: the result store at {self._where} is unreachable "
-                    f"({type(e).__name__}: {e}); check that Redis is running; "
-                    "the call can be retried") from e
-            if isinstance(e, rex.RedisError):
-                raise ResultError(f"could not {doing} in the result store at {self._where}: "
-                                  f"{type(e).__name__}: {e}") from e
-            raise
+    def _errors(self, doing: str) -> AbstractContextManager[None]:
+        """Map redis-py errors to taskloom errors (:func:`redis_wire.mapped`)."""
+        return mapped(self._where, doing)
 
     # -- keys ------------------------------------------------------------------------
 
@@ -298,14 +260,17 @@ class RedisResultStore:
     def _done_channel(self, task_id: str) -> str:
         return f"{self._ns}:done:{task_id}"
 
+    def _marker_key(self, task_id: str) -> str:
+        return f"{self._ns}:ended:{{{task_id}}}"
+
     # -- writing ---------------------------------------------------------------------
 
     def _encode(self, result: Result) -> _Write:
         body = encode_result(result, self.max_result_bytes)
         ns, task_id = self._ns, result.id
         ttl = self._ttl_ms if result.ttl_s is None else b"%d" % max(1, int(result.ttl_s * 1000))
-        return (f"{ns}:result:{{{task_id}}}".encode(), f"{ns}:done:{task_id}".encode(),
-                f"{ns}:update:{task_id}".encode(),
+        return (f"{ns}:result:{{{task_id}}}".encode(), f"{ns}:ended:{{{task_id}}}".encode(),
+                f"{ns}:done:{task_id}".encode(), f"{ns}:update:{task_id}".encode(),
                 (b"T" if result.state.terminal else b"N") + body, ttl)
 
     async def put(self, result: Result) -> bool:
@@ -328,14 +293,15 @@ class RedisResultStore:
             commands = []
             for c in todo:
                 chunk = chunks[c]
-                args: list[bytes] = [b"EVALSHA", _PUT.sha.encode(), b"%d" % len(chunk)]
-                args.extend(key for key, _, _, _, _ in chunk)
-                args.append(_INLINE_NOTIFY)
-                for _, channel, update, data, ttl in chunk:
+                args: list[bytes] = [b"EVALSHA", _PUT.sha.encode(), b"%d" % (2 * len(chunk))]
+                for key, marker, _, _, _, _ in chunk:
+                    args += (key, marker)
+                args += (_INLINE_NOTIFY, self._marker_ms)
+                for _, _, channel, update, data, ttl in chunk:
                     args += (data, channel, update, ttl)
-                commands.append(_pack(args))
+                commands.append(pack(args))
             with self._errors("store results"):
-                for c, reply in zip(todo, await self._roundtrip(client, commands), strict=True):
+                for c, reply in zip(todo, await roundtrip(client, commands), strict=True):
                     replies[c] = reply
             todo = [c for c in todo if isinstance(replies[c], rex.NoScriptError)]
             if not todo or attempt:
@@ -350,40 +316,26 @@ class RedisResultStore:
             stored.extend(flag == 1 for flag in reply)
         return stored
 
-    async def _roundtrip(self, client: aioredis.Redis, commands: list[bytes]) -> list[Any]:
-        """Send packed commands in one write; their replies (errors in place)."""
-        pool = client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await conn.send_packed_command(commands, check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except rex.ResponseError as e:  # read in full: the next reply follows
-                    replies.append(e)
-            return replies
-        finally:
-            await pool.release(conn)
-
-    async def _eval(self, script: _Script, key: str, args: Sequence[Any], doing: str) -> Any:
+    async def _eval(self, script: Script, keys: str | Sequence[str], args: Sequence[Any],
+                    doing: str) -> Any:
         client = self._client()
+        keys = [keys] if isinstance(keys, str) else list(keys)
         with self._errors(doing):
             try:
-                return await _execute(client, "EVALSHA", script.sha, 1, key, *args)
+                return await execute(client, "EVALSHA", script.sha, len(keys), *keys, *args)
             except rex.NoScriptError:
                 await self._load_scripts(client)
-                return await _execute(client, "EVALSHA", script.sha, 1, key, *args)
+                return await execute(client, "EVALSHA", script.sha, len(keys), *keys, *args)
 
     # -- reading ---------------------------------------------------------------------
 
     async def get(self, task_id: str) -> Result | None:
         raw = (await self._reads.submit([self._result_key(task_id)]))[0]
-        return None if raw is None else _decode_stored(task_id, raw)
+        return None if raw is None else decode_stored(task_id, raw)
 
     async def _read(self, keys: list[str]) -> list[bytes | None]:
         with self._errors("read results"):
-            values: list[bytes | None] = await _execute(self._client(), "MGET", *keys)
+            values: list[bytes | None] = await execute(self._client(), "MGET", *keys)
         return values
 
     async def wait(self, task_id: str, timeout: float) -> Result:
@@ -392,14 +344,25 @@ class RedisResultStore:
             with anyio.move_on_after(timeout):
                 return await self._wait(task_id, seen)
         else:
-            current = await self.get(task_id)
+            current = await self._first_read(task_id)
             if current is not None and current.state.terminal:
                 return current
             seen[0] = current.state if current else State.PENDING
         raise ResultTimeout(task_id, timeout, seen[0])
 
+    async def _first_read(self, task_id: str) -> Result | None:
+        """The record of ``task_id``, read with its expiry marker in the same
+        MGET; ``ResultExpired`` if only the marker is left."""
+        raw, marker = await self._reads.submit([self._result_key(task_id),
+                                                self._marker_key(task_id)])
+        if raw is None:
+            if marker is not None:
+                raise ResultExpired(task_id, self.ttl_s)
+            return None
+        return decode_stored(task_id, raw)
+
     async def _wait(self, task_id: str, seen: list[State]) -> Result:
-        current = await self.get(task_id)
+        current = await self._first_read(task_id)
         while current is None or not current.state.terminal:
             if current is not None:
                 seen[0] = current.state
@@ -414,7 +377,7 @@ class RedisResultStore:
                 await waiters.fired.wait()
                 waiters.check()
                 if len(waiters.note) > 1:
-                    current = _decode_stored(task_id, waiters.note)
+                    current = decode_stored(task_id, waiters.note)
                 else:
                     current = await self.get(task_id)
             finally:
@@ -507,9 +470,9 @@ class RedisResultStore:
                         if isinstance(reply, list) and reply[:1] == [b"subscribe"]:
                             break
                     now_ms = int(time.time() * 1000)
-                    recent = await _execute(
+                    recent = await execute(
                         client, "ZRANGE", self._revoked_key, now_ms, "+inf", "BYSCORE", "WITHSCORES")
-                for task_id, expires_ms in _pairs(recent):
+                for task_id, expires_ms in pairs(recent):
                     self._note_revoked(task_id, (expires_ms - now_ms) / 1000)
                 if not started:
                     started = True
@@ -538,6 +501,35 @@ class RedisResultStore:
             await anyio.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, _WAIT_RETRY_MAX_S)
 
+    # -- expiry and reservations -----------------------------------------------------
+
+    async def expired(self, task_id: str) -> bool:
+        try:
+            await self._first_read(task_id)
+        except ResultExpired:
+            return True
+        return False
+
+    async def reserve(self, task_ids: Sequence[str]) -> list[bool]:
+        """``SET NX PX ttl`` of a PENDING record per id, all in one round trip."""
+        if not task_ids:
+            return []
+        ttl = self._ttl_ms
+        commands = [pack((b"SET", self._result_key(t).encode(), reservation(t), b"NX", b"PX", ttl))
+                    for t in task_ids]
+        with self._errors("reserve task ids"):
+            replies = await roundtrip(self._client(), commands)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return [reply is not None for reply in replies]
+
+    async def release(self, task_ids: Sequence[str]) -> None:
+        if task_ids:
+            keys = [self._result_key(t) for t in task_ids]
+            await self._eval(_RELEASE, keys, [reservation(t) for t in task_ids],
+                             "release reserved task ids")
+
     # -- joins and claims ------------------------------------------------------------
 
     async def join(self, join_id: str, index: int, size: int, value: Any) -> list[Any] | None:
@@ -562,9 +554,9 @@ class RedisResultStore:
         ttl_ms = max(1, int(ttl_s * 1000))
         with self._errors(f"claim task {task_id}"):
             if not holder:
-                reply = await _execute(self._client(), "SET", key, b"1", "NX", "PX", ttl_ms)
+                reply = await execute(self._client(), "SET", key, b"1", "NX", "PX", ttl_ms)
             else:
-                reply = await _execute(self._client(), "EVAL", _CLAIM.source, 1, key,
+                reply = await execute(self._client(), "EVAL", _CLAIM.source, 1, key,
                                        holder.encode(), ttl_ms)
         return bool(reply)
 
@@ -581,19 +573,9 @@ class RedisResultStore:
         cursor = 0
         with self._errors(f"purge namespace {self.namespace}"):
             while True:
-                cursor, keys = await _execute(
-                    client, "SCAN", cursor, "MATCH", _glob_escape(self._ns) + ":*", "COUNT", 1000)
+                cursor, keys = await execute(
+                    client, "SCAN", cursor, "MATCH", glob_escape(self._ns) + ":*", "COUNT", 1000)
                 if keys:
-                    deleted += await _execute(client, "UNLINK", *keys)
+                    deleted += await execute(client, "UNLINK", *keys)
                 if int(cursor) == 0:
                     return deleted
-
-
-def _pairs(reply: Any) -> Iterator[tuple[str, float]]:
-    """ZRANGE ... WITHSCORES as (member, score), whether RESP2 (flat) or RESP3 (pairs)."""
-    if reply and isinstance(reply[0], list | tuple):
-        for member, score in reply:
-            yield member.decode(), float(score)
-    else:
-        for i in range(0, len(reply or ()), 2):
-            yield reply[i].decode(), float(reply[i + 1])

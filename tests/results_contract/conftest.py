@@ -37,6 +37,12 @@ STORES = [
 OpenStore = Callable[..., AbstractAsyncContextManager[Any]]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "result_promise(*numbers): the numbered promises of runtime/results/base.py "
+        "this result-store contract test proves (tests/test_meta_promises.py)")
+
+
 @asynccontextmanager
 async def _hosted(store: Any) -> AsyncIterator[Any]:
     """``async with store`` run by one helper task, awaited on the way out."""

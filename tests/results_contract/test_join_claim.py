@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import pytest
 
 from tests.results_contract.conftest import OpenStore
 from tests.results_contract.helpers import eventually
 
 
+@pytest.mark.result_promise(7)
 async def test_join_counts_each_member_once_and_returns_values_in_order(store: Any) -> None:
     assert await store.join("g1", 2, 3, "c") is None
     assert await store.join("g1", 0, 3, {"a": 1}) is None
@@ -22,6 +24,7 @@ async def test_join_counts_each_member_once_and_returns_values_in_order(store: A
     assert await store.join("g1", 0, 3, None) == [{"a": 1}, [2], "c"]
 
 
+@pytest.mark.result_promise(7)
 async def test_joins_are_independent(store: Any) -> None:
     assert await store.join("g1", 0, 2, "x") is None
     assert await store.join("g2", 1, 2, "y") is None
@@ -30,6 +33,7 @@ async def test_joins_are_independent(store: Any) -> None:
     assert await store.join("g3", 0, 1, None) == [None]
 
 
+@pytest.mark.result_promise(7)
 async def test_concurrent_members_complete_the_join_exactly_once(store: Any) -> None:
     completions: list[list[Any]] = []
 
@@ -45,6 +49,7 @@ async def test_concurrent_members_complete_the_join_exactly_once(store: Any) -> 
     assert completions == [[i * 10 for i in range(50)]]
 
 
+@pytest.mark.result_promise(7)
 async def test_a_join_of_10000_members_completes_once(store: Any) -> None:
     size, lanes = 10_000, 20
     completions: list[list[Any]] = []
@@ -64,12 +69,14 @@ async def test_a_join_of_10000_members_completes_once(store: Any) -> None:
     assert await store.join("big", 0, size, "again") == list(range(size))
 
 
+@pytest.mark.result_promise(8)
 async def test_claim_is_exclusive(store: Any) -> None:
     assert await store.claim("t1", 30) is True
     assert await store.claim("t1", 30) is False
     assert await store.claim("t2", 30) is True
 
 
+@pytest.mark.result_promise(8)
 async def test_concurrent_claims_of_one_id_grant_one(store: Any) -> None:
     grants: list[bool] = []
 
@@ -83,6 +90,7 @@ async def test_concurrent_claims_of_one_id_grant_one(store: Any) -> None:
     assert grants.count(True) == 1 and len(grants) == 20
 
 
+@pytest.mark.result_promise(8)
 async def test_a_claim_expires_after_its_ttl(open_store: OpenStore) -> None:
     async with open_store() as s:
         assert await s.claim("t1", 0.2) is True

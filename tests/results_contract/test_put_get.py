@@ -26,6 +26,7 @@ VALUES = [
 
 
 @pytest.mark.parametrize("value", VALUES)
+@pytest.mark.result_promise(1)
 async def test_put_then_get_round_trips_the_value(store: Any, value: Any) -> None:
     result = ok("t1", value, task="app.add", attempt=2, delivery_count=3, worker="w1",
                 started_ms=1_700_000_000_000)
@@ -35,6 +36,7 @@ async def test_put_then_get_round_trips_the_value(store: Any, value: Any) -> Non
     assert await store.get("t1") == result
 
 
+@pytest.mark.result_promise(1)
 async def test_a_failure_round_trips_its_error_info(store: Any) -> None:
     result = Result(id="t1", state=State.FAILURE, task="app.div",
                     error=ErrorInfo(type="ZeroDivisionError", message="division by zero",
@@ -45,10 +47,12 @@ async def test_a_failure_round_trips_its_error_info(store: Any) -> None:
     assert await store.get("t1") == result
 
 
+@pytest.mark.result_promise(1)
 async def test_get_of_an_unknown_id_is_none(store: Any) -> None:
     assert await store.get("never-stored") is None
 
 
+@pytest.mark.result_promise(2)
 async def test_the_first_terminal_result_wins(store: Any) -> None:
     assert await store.put(ok("t1", "first")) is True
 
@@ -60,6 +64,7 @@ async def test_the_first_terminal_result_wins(store: Any) -> None:
     assert (current.state, current.value) == (State.SUCCESS, "first")
 
 
+@pytest.mark.result_promise(2)
 async def test_a_non_terminal_state_after_a_terminal_one_is_ignored(store: Any) -> None:
     await store.put(failed("t1"))
 
@@ -70,6 +75,7 @@ async def test_a_non_terminal_state_after_a_terminal_one_is_ignored(store: Any) 
     assert current is not None and current.state is State.FAILURE
 
 
+@pytest.mark.result_promise(2)
 async def test_states_advance_until_a_terminal_one(store: Any) -> None:
     assert await store.put(started("t1")) is True
     assert await store.put(Result(id="t1", state=State.RETRY, attempt=1)) is True
@@ -80,6 +86,7 @@ async def test_states_advance_until_a_terminal_one(store: Any) -> None:
     assert current is not None and (current.state, current.value) == (State.SUCCESS, 7)
 
 
+@pytest.mark.result_promise(2)
 async def test_put_many_stores_each_result_and_says_which(store: Any) -> None:
     await store.put(ok("done", "earlier"))
 
@@ -93,6 +100,7 @@ async def test_put_many_stores_each_result_and_says_which(store: Any) -> None:
     assert await store.put_many([]) == []
 
 
+@pytest.mark.result_promise(1)
 async def test_concurrent_puts_all_land(store: Any) -> None:
     outcomes: dict[str, bool] = {}
 
@@ -109,6 +117,7 @@ async def test_concurrent_puts_all_land(store: Any) -> None:
         assert got is not None and got.value == i
 
 
+@pytest.mark.result_promise(2)
 async def test_concurrent_terminal_puts_of_one_id_store_exactly_one(store: Any) -> None:
     outcomes: list[bool] = []
 
@@ -125,6 +134,7 @@ async def test_concurrent_terminal_puts_of_one_id_store_exactly_one(store: Any) 
     assert got is not None and isinstance(got.value, int) and 0 <= winner < 50
 
 
+@pytest.mark.result_promise(3)
 async def test_results_expire_after_the_ttl(open_store: OpenStore) -> None:
     async with open_store(ttl_s=1.0) as short:
         await short.put(ok("t1", "soon gone"))
@@ -139,6 +149,7 @@ async def test_results_expire_after_the_ttl(open_store: OpenStore) -> None:
         assert await short.put(ok("t1", "again")) is True
 
 
+@pytest.mark.result_promise(5)
 async def test_a_result_over_max_result_bytes_raises_payload_too_large(
         open_store: OpenStore) -> None:
     async with open_store(max_result_bytes=1000) as small:
@@ -151,6 +162,7 @@ async def test_a_result_over_max_result_bytes_raises_payload_too_large(
         assert await small.put(failed("t1", "result too large")) is True
 
 
+@pytest.mark.result_promise(5)
 async def test_a_value_that_cannot_be_encoded_raises_encode_error(store: Any) -> None:
     with pytest.raises(EncodeError, match="t1"):
         await store.put(ok("t1", object()))

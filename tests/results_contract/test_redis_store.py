@@ -17,6 +17,7 @@ from runtime.errors import (
     ConnectionFailed,
     PayloadTooLarge,
     ResultStoreUnavailable,
+    ResultTimeout,
 )
 from runtime.messages import State
 from runtime.results.redis import RedisResultStore
@@ -271,8 +272,8 @@ async def test_purge_namespace_deletes_only_its_own_keys(namespace: str) -> None
         await mine.revoke("t2")
         await theirs.put(ok("t1"))
 
-        # results t1 and t2, join g1, claim t1, the revoked set
-        assert await mine.purge_namespace() == 5
+        # results t1 and t2 and their expiry markers, join g1, claim t1, the revoked set
+        assert await mine.purge_namespace() == 7
 
         assert await mine.get("t1") is None
         assert await theirs.get("t1") is not None
@@ -300,3 +301,36 @@ async def test_a_waiter_gets_a_result_too_big_to_ride_in_the_notification(
                 await store.put(ok("t1", big))
 
     assert got == [big]
+
+
+# -- the expiry marker is additive ----------------------------------------------------
+
+
+async def test_a_result_written_without_a_marker_expires_as_before(namespace: str) -> None:
+    """An older taskloom writes no expiry marker: its expired result reads as
+    absent, and a waiter times out as it always did (no ResultExpired)."""
+    async with opened(namespace=namespace, ttl_s=1.0) as store, raw(REDIS_URL) as client:
+        await store.put(ok("old"))
+        marker = f"{namespace}:ended:{{old}}"
+        assert await client.exists(marker) == 1
+        ttl_ms = await client.pttl(marker)
+        assert ttl_ms > 3000 * 1000  # the marker outlives the 1 s result by an hour
+        await client.delete(marker)  # as an older writer leaves it
+
+        async def gone() -> bool:
+            return await store.get("old") is None
+
+        await eventually(gone, what="the result expiring")
+        assert not await store.expired("old")
+        with pytest.raises(ResultTimeout):
+            await store.wait("old", timeout=0.05)
+
+
+async def test_reserve_of_many_ids_sends_one_set_each_and_nothing_else(own_redis: OwnRedis) -> None:
+    async with opened(own_redis.url) as store, raw(own_redis.url) as client:
+        await client.config_resetstat()
+        assert await store.reserve([f"id{i}" for i in range(100)]) == [True] * 100
+        stats = await client.info("commandstats")
+        assert stats["cmdstat_set"]["calls"] == 100
+        clients = await client.info("stats")
+        assert clients["total_commands_processed"] <= 102  # the SETs, INFO, CONFIG

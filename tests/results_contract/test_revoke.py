@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import pytest
 
 from runtime.messages import State
 from runtime.results import CANCELLED
 from tests.results_contract.helpers import eventually, ok, started
+
+pytestmark = pytest.mark.result_promise(6)
 
 
 async def test_revoke_is_seen_by_a_watching_peer(store: Any, peer: Any) -> None:

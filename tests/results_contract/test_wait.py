@@ -11,6 +11,8 @@ from runtime.errors import ResultTimeout
 from runtime.messages import Result, State
 from tests.results_contract.helpers import failed, ok, started
 
+pytestmark = pytest.mark.result_promise(4)
+
 
 async def test_wait_returns_a_result_stored_earlier(store: Any) -> None:
     await store.put(ok("t1", "ready"))
