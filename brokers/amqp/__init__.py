@@ -17,6 +17,8 @@ Where each part lives (each module's docstring holds its design notes):
   stats, purge, dead letters);
 * :mod:`~brokers.amqp.consumer`: :class:`AmqpConsumer` and
   :class:`AmqpDelivery` (prefetch, merged acks, nack, re-subscription, closing);
+* :mod:`~brokers.amqp.deadletters`: listing and removing single dead letters
+  (a lock per dead-letter queue; the others stay in order);
 * :mod:`~brokers.amqp.watchdog`: noticing a consumer gone silent on a dead link;
 * :mod:`~brokers.amqp.headers`: the delivery count and user headers, not trusted;
 * :mod:`~brokers.amqp.errors`: errors leave only as :mod:`brokers.base` types;

@@ -40,8 +40,16 @@ time: a removal then misses them (the replay's count of removed letters is
 lower than the matched one, and replaying again would publish those a second
 time). A walk holds every message it takes until it settles them, so it is
 bounded by the consumer's memory and RabbitMQ's ``consumer_timeout``; it reads
-one message per round trip (thousands per second on a local server). Messages
-dead-lettered while a walk runs may or may not be part of it.
+one message per round trip: on a local RabbitMQ 3.10 (a loaded 2-core machine)
+about 2,400 letters a second, and 800 once a walk has handed them back (a
+5,000-letter queue: 2 to 6 s a walk). A replay is one walk to list, then one
+per 500 letters replayed, each stopping at the last letter it looks for. A
+walker waits at most :data:`LOCK_WAIT_S` for another, so queues beyond some
+50,000 letters need the broker's own tools (or a purge). Pushing with
+``basic.consume`` would be faster, but RabbitMQ numbers the deliveries of a
+get and of a consumer on one channel out of queue order, and a consumer alone
+cannot tell the end of the queue. Messages dead-lettered while a walk runs may
+or may not be part of it.
 """
 
 from __future__ import annotations
