@@ -15,6 +15,7 @@ import pytest
 
 from brokers.amqp import AmqpBroker
 from brokers.amqp.deadletters import LOCK_WAIT_S, _locked
+from brokers.amqp.topology import Queue
 from brokers.base import ConnectionLost, Envelope
 from runtime import Runtime
 from runtime.ops.api import Operations
@@ -281,3 +282,9 @@ async def _lock_state(namespace: str) -> tuple[int, int]:
         queue = await channel.declare_queue(f"{namespace}.lk.dlq.lock", passive=True)
         ok = queue.declaration_result
         return int(ok.consumer_count or 0), int(ok.message_count or 0)
+
+
+def test_the_lock_queue_name_is_reserved() -> None:
+    with pytest.raises(ValueError, match="reserved"):
+        Queue("ns.", "jobs.dlq.lock")
+    assert Queue("ns.", "jobs").dlq_lock == "ns.jobs.dlq.lock"
