@@ -47,6 +47,7 @@ from runtime.logs import ensure_logging
 from runtime.messages import Result, TaskMessage
 from runtime.middleware import Middleware
 from runtime.registry import Hook, Kind, Task, TaskDecorator, TaskRegistry
+from runtime.reserving import checked_ids, send_reserved
 from runtime.results import DEFAULT_TTL_S, ResultStore
 from runtime.seams import open_listeners
 from runtime.wiring import (
@@ -57,7 +58,6 @@ from runtime.wiring import (
     dedupe,
     default_results,
     install_limits_gate,
-    known_id,
     results_for,
     retry_policy,
 )
@@ -294,8 +294,15 @@ class Runtime(Hooks):
         return None if limit is None else limit * 0.9
 
     def signature(self, name: str, *args: Any, **kwargs: Any) -> canvas.Signature[Any]:
-        """A signature of a task by its registered name (UnknownTaskError if none)."""
-        return self.registry[name].s(*args, **kwargs)
+        """A signature of the task named ``name``. If this runtime registered it,
+        its arguments are checked at enqueue as ``task.s()``'s are. If not (a
+        producer without the task's code), no argument can be checked here: the
+        call goes to ``default_queue`` (``.set(queue=...)`` for another), and a
+        worker without the task dead-letters it, which reaches the caller at
+        once as ``TaskDeadLettered`` with reason ``unknown_task``."""
+        task = self.registry.get(name) or self.registry.remote(
+            name, queue=self.default_queue, owner=self)
+        return task.s(*args, **kwargs)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -422,51 +429,52 @@ class Runtime(Hooks):
         if the input is bad.
 
         ``task_id`` names the outcome (1 to 200 bytes of printable characters
-        without spaces). If the result store already has a record under it
-        (the task started, finished within the result TTL, or was cancelled),
+        without spaces) and makes the enqueue idempotent: the id is reserved
+        in the result store (an atomic put-if-absent, kept for the result
+        TTL) before anything is sent. If the id already has a record (the task
+        is pending, running, finished within the result TTL, or cancelled),
         nothing is sent and the handle of the existing task is returned with
-        ``handle.duplicate`` set. This check is one read before the publish:
-        two producers enqueuing the same new id at the same moment can both
-        send it (the result store keeps the first terminal result)."""
+        ``handle.duplicate`` set (``runtime.reserving``)."""
         self._require_started()
         if task_id is not None:
             check_task_id(task_id)
         messages, handle = self._compile(target, countdown=countdown, eta=eta, priority=priority,
                                          queue=queue, task_id=task_id, expires=expires)
+        deduped = _deduped(target)  # unique_for / debounce (runtime.ops.limits)
         with one_error:
-            if task_id is not None and await self._known(task_id):
-                handle.duplicate = True
-                return handle
-            if _deduped(target):  # unique_for / debounce (runtime.ops.limits)
+            if task_id is not None:
+                return (await send_reserved(self, [(messages, handle, task_id)], dedupe=(
+                    (lambda m, h: dedupe(self, m, h)) if deduped else None)))[0]
+            if deduped:
                 messages, handle = await dedupe(self, messages, handle)
             await self.publish(messages)
         return handle
 
-    _known = known_id
-
     async def enqueue_many(self, targets: Iterable[canvas.Composable[R]], *,
-                           rate: str | None = None) -> list[TaskHandle[R]]:
+                           rate: str | None = None,
+                           task_ids: Sequence[str | None] | None = None) -> list[TaskHandle[R]]:
         """Publish many signatures or canvases in one batch; with ``rate``
         ("100/s"), in batches of the rate's burst spaced by it (a producer that
         must not flood the queue). Tasks with ``unique_for``/``debounce`` are
-        enqueued one by one."""
+        enqueued one by one. ``task_ids`` (one per target, None for a
+        generated one) are idempotent as in ``enqueue``, all reserved in one
+        round trip; a target whose id is taken is not sent and its handle has
+        ``duplicate`` set."""
         self._require_started()
+        targets = list(targets)
+        ids = checked_ids(len(targets), task_ids, paced=rate is not None)
         if rate is not None:
             from runtime.ops.limits import enqueue_paced
 
             return await enqueue_paced(self, targets, rate=rate)
-        targets = list(targets)
         if any(_deduped(t) for t in targets):
-            return [await self.enqueue(t) for t in targets]
-        messages: list[TaskMessage] = []
-        handles: list[TaskHandle[R]] = []
-        for target in targets:
-            msgs, handle = self._compile(target)
-            messages.extend(msgs)
-            handles.append(handle)
+            return [await self.enqueue(t, task_id=i) for t, i in zip(targets, ids, strict=True)]
+        calls = [(*self._compile(t, task_id=i), i) for t, i in zip(targets, ids, strict=True)]
         with one_error:
-            await self.publish(messages)
-        return handles
+            if task_ids is None:
+                await self.publish([m for msgs, _, _ in calls for m in msgs])
+                return [handle for _, handle, _ in calls]
+            return await send_reserved(self, calls)
 
     async def run(self, target: canvas.Composable[R], *, timeout: float | None = None) -> R:
         """Enqueue ``target`` and await its result.

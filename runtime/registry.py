@@ -251,6 +251,19 @@ class TaskRegistry:
 
     def __init__(self) -> None:
         self._tasks: dict[str, Task[Any, Any]] = {}
+        #: stand-ins of tasks sent by name without their code (:meth:`remote`)
+        self._remote: dict[str, Task[Any, Any]] = {}
+
+    def remote(self, name: str, *, queue: str, owner: Any) -> Task[Any, Any]:
+        """A stand-in for a task this process sends by name but does not have:
+        it takes any arguments (none can be checked) and goes to ``queue``.
+        It is never dispatched (``get``, ``in`` and iteration see registered
+        tasks only), so a worker of this runtime dead-letters such a message as
+        ``unknown_task``; canvases can still start with it."""
+        task = self._remote.get(name)
+        if task is None or task.queue != queue:
+            task = self._remote[name] = Task(_sent_by_name, name=name, queue=queue, owner=owner)
+        return task
 
     def add(self, task: Task[Any, Any]) -> None:
         existing = self._tasks.get(task.name)
@@ -265,7 +278,7 @@ class TaskRegistry:
         return self._tasks.get(name)
 
     def __getitem__(self, name: str) -> Task[Any, Any]:
-        task = self._tasks.get(name)
+        task = self._tasks.get(name) or self._remote.get(name)
         if task is None:
             raise UnknownTaskError(name, list(self._tasks))
         return task
@@ -281,3 +294,9 @@ class TaskRegistry:
 
     def queues(self) -> list[str]:
         return sorted({t.queue for t in self._tasks.values()})
+
+
+async def _sent_by_name(*args: Any, **kwargs: Any) -> Any:
+    """The body of a task sent by name: this process does not have its code."""
+    raise ConfigError("this task was sent by name and its code is not in this process; "
+                      "register it with @runtime.task on the workers that run it")
