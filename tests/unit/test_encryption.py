@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runtime.codec import Codec
 from runtime.encryption import DecryptError
@@ -185,8 +186,36 @@ def test_the_size_limit_counts_the_encryption_overhead() -> None:
 
 def test_a_sealed_id_that_is_not_the_message_id_is_bad_encryption() -> None:
     codec = _codec()
-    body, headers = Codec().encode(_msg("real-id"))  # plaintext JSON of task "real-id"
+    body, _ = Codec().encode(_msg("real-id"))  # plaintext JSON of task "real-id"
     sealed = codec._keyring.seal(body, ct="json", ce="aesgcm", tid="other-id")  # type: ignore[union-attr]
     with pytest.raises(DecryptError) as info:
         codec.decode(sealed, {"ct": "json", "ce": "aesgcm", "ekid": "k1"})
     assert "not the id" in str(info.value)
+
+
+def test_the_keyring_binds_the_task_id_by_itself() -> None:
+    keyring = _codec()._keyring
+    assert keyring is not None
+    sealed = keyring.seal(b"payload", ct="json", ce="aesgcm", tid="task-a")
+    assert keyring.open(sealed, kid="k1", ct="json", ce="aesgcm", authenticated=False) == \
+        ("task-a", b"payload")
+    relabelled = sealed.replace(b"task-a", b"task-b", 1)  # same length, other id
+    with pytest.raises(DecryptError):
+        keyring.open(relabelled, kid="k1", ct="json", ce="aesgcm", authenticated=False)
+
+
+#: random bytes, and bodies that start with a well-formed task id framing
+_bodies = st.binary(max_size=200) | st.builds(
+    lambda tid, rest: len(tid).to_bytes(2, "big") + tid + rest,
+    st.binary(max_size=8), st.binary(max_size=60))
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=_bodies, ce=st.sampled_from(["aesgcm", "zlib+aesgcm"]),
+       kid=st.sampled_from(["k1", "k9", "", "é" * 200]), ct=st.sampled_from(["json", "msgpack", "x"]))
+def test_hostile_encrypted_bodies_only_ever_raise_decode_error(body: bytes, ce: str, kid: str,
+                                                               ct: str) -> None:
+    for codec in (_codec(), Codec()):
+        with pytest.raises(DecodeError) as info:
+            codec.decode(body, {"ct": ct, "ce": ce, "ekid": kid})
+        assert info.value.reason == "bad_encryption"
