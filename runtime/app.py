@@ -94,6 +94,8 @@ class Runtime(Hooks):
         compress_over: int | None = None,
         signing_keys: dict[str, bytes] | None = None,
         signing_key_id: str | None = None,
+        encryption_keys: dict[str, bytes] | None = None,
+        encryption_key_id: str | None = None,
         max_message_bytes: int | None = None,
         result_ttl_s: float | None = None,
         result_timeout_s: float | None = None,
@@ -124,6 +126,10 @@ class Runtime(Hooks):
             codec = env.codec("TASKLOOM_CODEC") or "json"
         if max_message_bytes is None:
             max_message_bytes = env.positive_int("TASKLOOM_MAX_MESSAGE_BYTES") or DEFAULT_MAX_BYTES
+        if encryption_keys is None:
+            encryption_keys = env.encryption_keys("TASKLOOM_ENCRYPTION_KEYS")
+        if encryption_key_id is None:
+            encryption_key_id = env.text("TASKLOOM_ENCRYPTION_KEY_ID")
         if result_ttl_s is None:
             result_ttl_s = env.seconds("TASKLOOM_RESULT_TTL_S") or DEFAULT_TTL_S
         if result_timeout_s is None:
@@ -153,7 +159,8 @@ class Runtime(Hooks):
             if isinstance(results, str) else results
         )
         self.codec = Codec(codec, compress_over=compress_over, signing_keys=signing_keys,
-                           signing_key_id=signing_key_id, max_message_bytes=max_message_bytes)
+                           signing_key_id=signing_key_id, max_message_bytes=max_message_bytes,
+                           encryption_keys=encryption_keys, encryption_key_id=encryption_key_id)
         broker_limit = self.broker.capabilities.max_message_bytes
         if broker_limit is not None and max_message_bytes > broker_limit:
             raise ConfigError(f"max_message_bytes {max_message_bytes} is above the broker's "
