@@ -189,10 +189,7 @@ class Flow:
             if outcome.kind is Kind.REPLACE:
                 await self.replace(msg, outcome.value)
                 return outcome
-            result = Result(id=msg.id, task=msg.task, state=State.SUCCESS, value=outcome.value,
-                            attempt=msg.attempt, delivery_count=count, worker=self.worker,
-                            started_ms=started, finished_ms=now_ms(),
-                            ttl_s=self._ttl(msg, failed=False), **_extra(outcome))
+            result = self.success(msg, outcome, count)
             try:
                 await self.store(result)
             except (PayloadTooLarge, EncodeError) as e:
@@ -205,6 +202,13 @@ class Flow:
                   duration_ms=result.finished_ms - started
                   if result.finished_ms and started is not None else None)
         return outcome
+
+    def success(self, msg: TaskMessage, outcome: Outcome, count: int) -> Result:
+        """The SUCCESS record of ``msg`` that returned ``outcome.value``."""
+        return Result(id=msg.id, task=msg.task, state=State.SUCCESS, value=outcome.value,
+                      attempt=msg.attempt, delivery_count=count, worker=self.worker,
+                      started_ms=outcome.started, finished_ms=now_ms(),
+                      ttl_s=self._ttl(msg, failed=False), **_extra(outcome))
 
     async def _retry(self, msg: TaskMessage, outcome: Outcome, count: int) -> None:
         await self.store(Result(id=msg.id, task=msg.task, state=State.RETRY, error=outcome.info,

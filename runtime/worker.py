@@ -2,7 +2,7 @@
 
 Each delivery's outcome is decided once (a :class:`runtime.flow.Outcome`:
 success, replacement, retry, failure, revoked, expired, duplicate,
-dead-letter, release) and taken down one path, :meth:`Worker._conclude`:
+dead-letter, release) and taken down one path, :meth:`runtime.settling.Concluder.conclude`:
 :meth:`runtime.flow.Flow.carry_out` stores it and publishes what follows (next
 chain step, chord join, replacement, next attempt, errbacks), and only then
 :func:`runtime.screening.settle`, the one place a delivery is settled, acks,
@@ -41,21 +41,20 @@ import anyio.abc
 import structlog
 
 from brokers.base import BrokerConnectionError, Consumer, Delivery
-from runtime import canvas
 from runtime.context import CurrentTask, current
 from runtime.deadletters import DeadLetterReason as Why
 from runtime.errors import ArgumentsError, ConfigError
 from runtime.execution import ProcessRunner, execute, running
 from runtime.flow import Flow, Kind, Outcome, error_info, now_ms
-from runtime.hooks import after_outcome
 from runtime.judging import cancelled, count_of, judge, message_id, named
 from runtime.messages import Result, State, TaskMessage
 from runtime.middleware import CallNext, Middleware, TaskContext, build_chain
 from runtime.pausing import Generation, PauseView, Selector
 from runtime.persist import StoreRetry, type_name
 from runtime.registry import Task
-from runtime.screening import decode, report, screen, settle
+from runtime.screening import decode, screen, settle
 from runtime.seams import Admission, started
+from runtime.settling import RELEASE_DELAY_S, Concluder, Settler
 from runtime.states import StateWriter
 
 if TYPE_CHECKING:
@@ -70,12 +69,8 @@ log = structlog.get_logger("taskloom.worker")
 
 #: The cap of the backoff between result-store retries while it is down.
 _STORE_RETRY_MAX_S = 5.0
-#: How long a delivery released after an unexpected error stays invisible.
-_RELEASE_DELAY_S = 5.0
 #: How long a stopping worker tries to mark a handed-back task PENDING.
 _HAND_BACK_WRITE_S = 2.0
-#: What a task returns to be replaced by a canvas.
-_CANVASES = (canvas.Signature, canvas.Chain, canvas.Group, canvas.Chord)
 
 
 class _Lent:
@@ -164,8 +159,13 @@ class Worker:
         self._changed: anyio.Event | None = None
         self._states = StateWriter(runtime.results)
         self._home: tuple[asyncio.AbstractEventLoop, int] | None = None
-        self._flow = Flow(runtime, self.name, StoreRetry(cap_s=_STORE_RETRY_MAX_S),
-                          states=self._states)
+        persist = StoreRetry(cap_s=_STORE_RETRY_MAX_S)
+        self._flow = Flow(runtime, self.name, persist, states=self._states)
+        concluder = Concluder(runtime, self.name, self._flow)
+        self._conclude = concluder.conclude
+        #: plain successes: stored in batches, then acked, off the runners
+        self._settler = Settler(runtime.results.put_many, persist, concluder, self._settled)
+        self._deadline = math.inf  # stop()'s: when the grace ends
 
     @property
     def failed(self) -> int:
@@ -248,6 +248,7 @@ class Worker:
                 async with anyio.create_task_group() as watching:
                     if self._pauses is not None:
                         watching.start_soon(self._close_on_change, active, gen)
+                    watching.start_soon(self._settler.serve)
                     async with anyio.create_task_group() as runners:
                         for _ in range(self.concurrency):
                             runners.start_soon(self._runner, consumer, None, gen)
@@ -258,10 +259,21 @@ class Worker:
 
                         self._spawn = spawn
                         ready()
+                    await self._drain_settler()
                     watching.cancel_scope.cancel()
             self._spawn = None
             if not gen.closing:
                 return  # stopped, or the consumer ended
+
+    async def _drain_settler(self) -> None:
+        """What the runners handed over is stored and settled before the consumer
+        closes, within a stop's grace; past it (or killed) it goes back to the broker."""
+        with anyio.CancelScope(deadline=self._deadline) as scope:
+            self._scopes.add(scope)
+            try:
+                await self._settler.drain()
+            finally:
+                self._scopes.discard(scope)
 
     async def _close_on_change(self, active: list[str], gen: Generation) -> None:
         await self._select.change_from(active)
@@ -348,7 +360,7 @@ class Worker:
         self._stopping = True
         if self.state != "stopped":
             self.state = "draining"
-        deadline = anyio.current_time() + self.shutdown_grace_s
+        deadline = self._deadline = anyio.current_time() + self.shutdown_grace_s
         for scope in list(self._waits):
             scope.cancel()
         for scope in list(self._scopes):
@@ -360,6 +372,7 @@ class Worker:
     def kill(self) -> None:
         """Stop now: cancel running tasks too; their deliveries go back to the broker."""
         self.stop()
+        self._deadline = -math.inf
         for scope in list(self._scopes):
             scope.cancel()
 
@@ -381,6 +394,12 @@ class Worker:
                     return
             await changed.wait()
 
+    def _settled(self) -> None:
+        """A delivery handed to the settler is concluded (or left to the broker)."""
+        self.in_flight -= 1
+        self.processed += 1
+        self._signal()
+
     def _signal(self) -> None:
         if self.in_flight:
             return  # idle() only returns once nothing is in flight
@@ -397,8 +416,9 @@ class Worker:
 
     async def _handle(self, delivery: Delivery, runner: int) -> None:
         self.in_flight += 1
+        handed = False
         try:
-            await self._process(delivery, runner)
+            handed = await self._process(delivery, runner)
         except BrokerConnectionError as e:
             # the broker will redeliver what we could not settle
             log.warning("could not settle a delivery; the broker will redeliver it",
@@ -416,53 +436,55 @@ class Worker:
                             message_id=message_id(delivery), error=str(settle_error)[:300])
         finally:
             running.pop(runner, None)
-            self.in_flight -= 1
-            self.processed += 1
-            self._signal()
+            if not handed:  # else the settler counts it once settled
+                self.in_flight -= 1
+                self.processed += 1
+                self._signal()
 
-    async def _process(self, delivery: Delivery, runner: int) -> None:
-        """Decide the outcome of ``delivery`` once, then conclude it."""
+    async def _process(self, delivery: Delivery, runner: int) -> bool:
+        """Decide the outcome of ``delivery`` once, then conclude it; True: it was
+        handed to the settler (which concludes it)."""
         msg = decode(self.runtime.codec, delivery)
         if isinstance(msg, Outcome):
             await self._conclude(delivery, None, msg)
-            return
+            return False
         running[runner] = msg
         task = self.runtime.registry.get(msg.task)
         outcome = screen(msg, task, self.runtime.results.is_revoked, self.name)
         if outcome is not None:
             await self._conclude(delivery, msg, outcome)
-            return
+            return False
         assert task is not None
         try:
             args, kwargs = task.bind(msg.args, msg.kwargs)
         except ArgumentsError as e:
             await self._conclude(delivery, msg,
                                  Outcome.failure(error_info(e, Why.BAD_ARGUMENTS)))
-            return
+            return False
         if self._admission is None:
-            await self._start(delivery, msg, task, args, kwargs)
-            return
+            return await self._start(delivery, msg, task, args, kwargs)
         admitted, delay = await self._admission.admit(msg)
         if delay is not None:
             self.deferred += 1
             self.processed -= 1  # a deferral is not counted as handled (see _handle)
             await self._conclude(delivery, msg, Outcome(kind=Kind.DEFERRED, delay_s=delay))
-            return
+            return False
         try:
-            await self._start(delivery, msg, task, args, kwargs)
+            return await self._start(delivery, msg, task, args, kwargs)
         finally:
             await self._admission.done(admitted, msg)
 
     async def _start(self, delivery: Delivery, msg: TaskMessage, task: Task[Any, Any],
-                     args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Claim ``msg`` if it runs at most once, run it, conclude."""
+                     args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Claim ``msg`` if it runs at most once, run it, conclude (True: a plain
+        success handed to the settler, which stores it, then acks)."""
         holder = ""
         if msg.once:
             holder = f"{self.name}:{uuid.uuid4().hex}"
             outcome = await self._flow.claim(msg, holder)
             if outcome is not None:
                 await self._conclude(delivery, msg, outcome)
-                return
+                return False
         at = now_ms()
         count = count_of(delivery)
         self._running[msg.id] = (msg.task, at)
@@ -492,7 +514,13 @@ class Worker:
             hooked = task.hooked or self._hooked
             if hooked or ctx.meta or ctx.last_progress is not None:
                 outcome = dataclasses.replace(outcome, ctx=ctx)
+            if (outcome.kind is Kind.SUCCESS and not hooked and not holder and not msg.links
+                    and msg.chord is None and self._admission is None):
+                self._states.discard(msg.id)  # a STARTED record must not follow it
+                self._settler.add(delivery, msg, outcome, self._flow.success(msg, outcome, count))
+                return True
             await self._conclude(delivery, msg, outcome, task if hooked else None)
+            return False
         finally:
             self._running.pop(msg.id, None)
 
@@ -535,7 +563,7 @@ class Worker:
             outcome = judge(msg, task, value, error, started)
             return outcome if error is None else dataclasses.replace(outcome, exc=error)
         except Exception as e:
-            return Outcome(kind=Kind.RELEASE, value=e, delay_s=_RELEASE_DELAY_S, ran=True)
+            return Outcome(kind=Kind.RELEASE, value=e, delay_s=RELEASE_DELAY_S, ran=True)
 
     def _revoked(self, task_id: str) -> None:
         """A revocation reached this worker: stop the tasks running under that
@@ -562,39 +590,3 @@ class Worker:
             except Exception as e:
                 log.debug("could not mark a handed-back task PENDING", task_id=msg.id,
                           error=str(e)[:300])
-
-    # -- the one settle path -------------------------------------------------------
-
-    async def _conclude(self, delivery: Delivery, msg: TaskMessage | None,
-                        outcome: Outcome, hooked: Task[Any, Any] | None = None) -> None:
-        """Store ``outcome``, publish what follows, and only then settle: the
-        late-ack order, kept here for every delivery. After the task ran, an
-        unexpected error (a bug, a broker error while sending what follows or
-        settling) releases the delivery to run again, never dead-letters it."""
-        try:
-            if outcome.kind is Kind.RELEASE and outcome.ran:
-                raise outcome.value  # the judging of what the task did failed
-            if msg is not None and outcome.kind is not Kind.DEAD_LETTER:
-                outcome = await self._flow.carry_out(msg, outcome, count_of(delivery))
-            if self._listeners:
-                report(self.runtime.transition, self.name, delivery, msg, outcome)
-            if hooked is not None:
-                await after_outcome(self.runtime.hooks, hooked, outcome)
-            await settle(delivery, outcome)
-        except Exception as e:
-            if not outcome.ran:
-                raise
-            assert msg is not None
-            if isinstance(e, BrokerConnectionError):
-                log.warning("could not send what follows a task or settle it; releasing it to "
-                            "run again", task_id=msg.id, task=msg.task, error=str(e)[:300])
-            else:
-                log.error("internal error after a task ran; releasing it to run again",
-                          task_id=msg.id, task=msg.task, error_type=type_name(e), exc_info=e)
-            try:
-                await settle(delivery, Outcome(kind=Kind.RELEASE,
-                                                     delay_s=_RELEASE_DELAY_S))
-            except Exception as settle_error:
-                # unsettled: the broker gives it back when the consumer's connection ends
-                log.warning("could not release a delivery; the broker will redeliver it",
-                            task_id=msg.id, error=str(settle_error)[:300])

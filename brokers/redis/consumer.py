@@ -35,7 +35,6 @@ outages: :mod:`.errors`):
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -57,6 +56,7 @@ from brokers.redis.delivery import Batch, RedisDelivery
 from brokers.redis.errors import Outage, as_broker_error, backoff, mapped
 from brokers.redis.keys import BANDS, Queue, Stream, decode
 from brokers.redis.options import ENVELOPE_HEADROOM, RedisBrokerOptions
+from brokers.redis.ready import ReadyQueue
 from brokers.redis.scripts import FETCH, PENDING, PROMOTE, RECLAIM, RELEASE, evalsha, evalsha_many
 
 __all__ = ["Host", "RedisConsumer"]
@@ -90,15 +90,14 @@ class RedisConsumer(ReceiveIteration):
         self._prefetch = prefetch
         self._low_water = max(1, prefetch // 4)
         self.name = broker._consumer_name()
-        self._ready: deque[RedisDelivery] = deque()
+        self._credit = anyio.Event()
+        self._ready: ReadyQueue[RedisDelivery] = ReadyQueue(self._credit_freed)
         self._unsettled: set[RedisDelivery] = set()
         self._reserved = 0  # credits of fetches in progress
         self._last_fetch = self._last_flush = -math.inf  # when the last round trip began
         self._closed = False
         self._closed_event = anyio.Event()
         self._started = False
-        self._has_ready = anyio.Event()
-        self._credit = anyio.Event()
         self._batch = Batch()
         self._flush_wake = anyio.Event()
         self._flush_lock = anyio.Lock()
@@ -124,17 +123,10 @@ class RedisConsumer(ReceiveIteration):
     # -- the receive stream ------------------------------------------------------------
 
     async def receive(self) -> RedisDelivery:
-        while True:
-            if self._closed:
-                raise anyio.EndOfStream
-            if self._ready:
-                delivery = self._ready.popleft()
-                if not self._ready:
-                    self._credit.set()
-                return delivery
-            if self._has_ready.is_set():
-                self._has_ready = anyio.Event()
-            await self._has_ready.wait()
+        return await self._ready.get()
+
+    def _credit_freed(self) -> None:
+        self._credit.set()
 
     async def aclose(self) -> None:
         """Stop fetching, flush settlements, hand unsettled deliveries back."""
@@ -143,7 +135,7 @@ class RedisConsumer(ReceiveIteration):
                 await self._closed_event.wait()
             return
         self._closed = True
-        self._has_ready.set()
+        self._ready.close()
         with anyio.CancelScope(shield=True):
             self._intake_scope.cancel()
             if self._started:
@@ -344,7 +336,7 @@ class RedisConsumer(ReceiveIteration):
             self._held_bytes += len(data)
             unsettled.add(delivery)
             ready.append(delivery)
-        self._has_ready.set()
+        ready.announce()
 
     async def _lease_loop(self) -> None:
         period = self._opts.lease_s / 3
