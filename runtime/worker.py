@@ -41,6 +41,7 @@ import anyio.abc
 import structlog
 
 from brokers.base import BrokerConnectionError, Consumer, Delivery
+from runtime import gc_tuning
 from runtime.context import CurrentTask, current
 from runtime.deadletters import DeadLetterReason as Why
 from runtime.errors import ArgumentsError, ConfigError
@@ -92,6 +93,8 @@ class Worker:
     not paused. ``max_tasks``: take at most that many deliveries, then drain
     and stop (``spent`` says so). Deliveries held: ``prefetch`` exactly when
     given, else ``concurrency + nested_waits`` (room for lent slots' children).
+    ``tune_gc``: tune the process's garbage collector once consuming
+    (:mod:`runtime.gc_tuning`).
     """
 
     def __init__(
@@ -108,12 +111,14 @@ class Worker:
         nested_waits: int | None = None,
         pauses: PauseView | None = None,
         max_tasks: int | None = None,
+        tune_gc: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
         if max_tasks is not None and max_tasks < 1:
             raise ConfigError(f"max_tasks must be at least 1 (or None: no limit), got {max_tasks}")
         self.max_tasks = max_tasks
+        self._tune_gc = tune_gc
         #: deliveries taken (counted with a ``max_tasks`` budget); whether it is spent
         self.taken, self.spent = 0, False
         self._pauses = pauses
@@ -223,6 +228,8 @@ class Worker:
                 started = True
                 if not self._stopping:
                     self.state = "running"
+                if self._tune_gc:
+                    gc_tuning.tune()
                 task_status.started()
 
         while not self._stopping:
