@@ -30,8 +30,8 @@ import brokers
 from brokers.base import Broker, Envelope
 from runtime import canvas
 from runtime.admission import Gate
-from runtime.codec import DEFAULT_MAX_BYTES, Codec, Format
-from runtime.config import Environment
+from runtime.codec import Format
+from runtime.config import Environment, codec_from
 from runtime.context import current
 from runtime.errors import (
     ConfigError,
@@ -80,6 +80,8 @@ Seconds = timedelta | float | None
 log = structlog.get_logger("taskloom.runtime")
 
 
+
+
 class Runtime(Hooks):
     """A task runtime. ``async with runtime:`` connects the broker and the
     result store; constructing one has no side effects."""
@@ -122,14 +124,6 @@ class Runtime(Hooks):
             results = env.url("TASKLOOM_RESULTS_URL")
         if namespace is None:
             namespace = env.text("TASKLOOM_NAMESPACE") or ""
-        if codec is None:
-            codec = env.codec("TASKLOOM_CODEC") or "json"
-        if max_message_bytes is None:
-            max_message_bytes = env.positive_int("TASKLOOM_MAX_MESSAGE_BYTES") or DEFAULT_MAX_BYTES
-        if encryption_keys is None:
-            encryption_keys = env.encryption_keys("TASKLOOM_ENCRYPTION_KEYS")
-        if encryption_key_id is None:
-            encryption_key_id = env.text("TASKLOOM_ENCRYPTION_KEY_ID")
         if result_ttl_s is None:
             result_ttl_s = env.seconds("TASKLOOM_RESULT_TTL_S") or DEFAULT_TTL_S
         if result_timeout_s is None:
@@ -158,13 +152,15 @@ class Runtime(Hooks):
             results_for(results, ttl_s=result_ttl_s, namespace=namespace)
             if isinstance(results, str) else results
         )
-        self.codec = Codec(codec, compress_over=compress_over, signing_keys=signing_keys,
-                           signing_key_id=signing_key_id, max_message_bytes=max_message_bytes,
-                           encryption_keys=encryption_keys, encryption_key_id=encryption_key_id)
+        self.codec = codec_from(env, codec, compress_over=compress_over,
+                                signing_keys=signing_keys, signing_key_id=signing_key_id,
+                                max_message_bytes=max_message_bytes,
+                                encryption_keys=encryption_keys,
+                                encryption_key_id=encryption_key_id)
         broker_limit = self.broker.capabilities.max_message_bytes
-        if broker_limit is not None and max_message_bytes > broker_limit:
-            raise ConfigError(f"max_message_bytes {max_message_bytes} is above the broker's "
-                              f"limit of {broker_limit} bytes")
+        if broker_limit is not None and self.codec.max_message_bytes > broker_limit:
+            raise ConfigError(f"max_message_bytes {self.codec.max_message_bytes} is above the "
+                              f"broker's limit of {broker_limit} bytes")
         self.registry = TaskRegistry()
         self.result_timeout_s = result_timeout_s
         self.default_queue = default_queue

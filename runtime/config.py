@@ -32,11 +32,11 @@ import os
 from collections.abc import Mapping
 from typing import get_args
 
-from runtime.codec import Format
+from runtime.codec import DEFAULT_MAX_BYTES, Codec, Format
 from runtime.encryption import parse_keys
 from runtime.errors import ConfigError
 
-__all__ = ["VARIABLES", "Environment"]
+__all__ = ["VARIABLES", "Environment", "codec_from"]
 
 #: variable -> the Runtime argument it stands for
 VARIABLES: dict[str, str] = {
@@ -120,3 +120,22 @@ class Environment:
         if value is None:
             return None
         return parse_keys(value, f"environment variable {name}")
+
+
+def codec_from(env: Environment, codec: Format | None, *, compress_over: int | None,
+               signing_keys: dict[str, bytes] | None, signing_key_id: str | None,
+               max_message_bytes: int | None, encryption_keys: dict[str, bytes] | None,
+               encryption_key_id: str | None) -> Codec:
+    """The runtime's codec: arguments left out are read from their ``TASKLOOM_*``
+    variables, else take their defaults."""
+    if encryption_keys is None:
+        encryption_keys = env.encryption_keys("TASKLOOM_ENCRYPTION_KEYS")
+    if encryption_key_id is None:
+        encryption_key_id = env.text("TASKLOOM_ENCRYPTION_KEY_ID")
+    if codec is None:
+        codec = env.codec("TASKLOOM_CODEC") or "json"
+    if max_message_bytes is None:
+        max_message_bytes = env.positive_int("TASKLOOM_MAX_MESSAGE_BYTES") or DEFAULT_MAX_BYTES
+    return Codec(codec, compress_over=compress_over, signing_keys=signing_keys,
+                 signing_key_id=signing_key_id, max_message_bytes=max_message_bytes,
+                 encryption_keys=encryption_keys, encryption_key_id=encryption_key_id)
