@@ -10,6 +10,12 @@ Time limits:
 - ``process`` tasks run in a pool of worker processes; at the limit the pool
   process is killed and replaced.
 
+Soft limits (``soft_timeout``) raise ``SoftTimeLimitExceeded`` inside the body:
+an ``async`` task at the await it is suspended in (:func:`soft_limited`), a
+``process`` task wherever it is (a signal to its pool process's main thread,
+interrupting a blocking call too), a ``thread`` task only at its next
+``current_task().raise_if_cancelled()``.
+
 What runs where: :data:`running` maps each worker runner (its task's id as
 anyio gives it: on asyncio, ``id()`` of the asyncio task) to the message it is
 handling, so that the loop-lag monitor, from its watchdog thread, can name

@@ -362,6 +362,8 @@ class ProcessPool:
                     while isinstance(reply, Progressed):  # reported while the task runs
                         self.progress_frames += 1
                         if ctx is not None:
+                            if reply.meta:
+                                ctx.meta.update(reply.meta)
                             ctx.report(reply.progress)
                         reply = await proc.receive()
                 except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError,

@@ -161,7 +161,7 @@ def _answer(rt: Runtime, call: Call, encoder: msgspec.msgpack.Encoder, live: Pro
     try:
         task = rt.registry[call.task]
         args, kwargs = task.bind(call.args, call.kwargs)
-        live.begin()
+        live.begin({} if ctx is None else ctx.meta)
         try:
             if task.soft_timeout is not None:
                 soft.arm(task.soft_timeout)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import msgspec
 
@@ -29,10 +31,13 @@ __all__ = ["SOFT_SIGNAL", "ProgressOut", "Progressed", "SoftLimit"]
 #: the signal a pool process raises ``SoftTimeLimitExceeded`` from (owned by taskloom there)
 SOFT_SIGNAL = signal.SIGUSR1
 
+
 class Progressed(msgspec.Struct, tag="progress", tag_field="op", frozen=True):
-    """The running task reported progress (sent while it runs)."""
+    """The running task reported progress (sent while it runs), with its
+    ``current_task().meta`` as it was then."""
 
     progress: Progress
+    meta: dict[str, Any] = {}
 
 
 class ProgressOut:
@@ -41,20 +46,23 @@ class ProgressOut:
     def __init__(self, write: Callable[[bytes], None]) -> None:
         self._write = write  # one frame to the pool
         self._encoder = msgspec.msgpack.Encoder()  # the writer thread's own
-        self._latest: Progress | None = None
+        #: the latest report, not yet sent (append and pop are atomic: none is lost)
+        self._latest: deque[Progress] = deque(maxlen=1)
+        self._meta: dict[str, Any] = {}  # the running task's current_task().meta
         self._open = False  # a call runs: its reports are sent
         self._wake = threading.Event()
         self._writing = threading.Lock()  # held while a frame is written
         self._thread: threading.Thread | None = None
 
-    def begin(self) -> None:
-        """A call starts: its reports are sent from now on."""
-        self._latest = None
+    def begin(self, meta: dict[str, Any]) -> None:
+        """A call starts: its reports (and its ``meta``) are sent from now on."""
+        self._latest.clear()
+        self._meta = meta
         self._open = True
 
     def note(self, progress: Progress) -> None:
         """Keep ``progress`` as the latest report; the writer sends it soon."""
-        self._latest = progress
+        self._latest.append(progress)
         if not self._wake.is_set():
             self._wake.set()
             if self._thread is None:
@@ -67,21 +75,34 @@ class ProgressOut:
         report) and wait for a frame being written, so the reply comes after it."""
         with self._writing:
             self._open = False
-            self._latest = None
+            self._latest.clear()
+            self._meta = {}
 
     def _run(self) -> None:
         while True:
             self._wake.wait()
             with self._writing:
-                self._wake.clear()
-                progress, self._latest = self._latest, None
-                if progress is None or not self._open:
-                    continue
+                self._wake.clear()  # before the pop: a report noted after it wakes us again
                 try:
-                    body = self._encoder.encode(Progressed(progress=progress))
-                except (TypeError, ValueError):  # meta it cannot encode: the outcome says why
+                    progress = self._latest.pop()
+                except IndexError:
+                    continue
+                if not self._open:
+                    continue
+                body = self._encode(progress)
+                if body is None:
                     continue
                 self._write(body)
+
+    def _encode(self, progress: Progress) -> bytes | None:
+        try:
+            return self._encoder.encode(Progressed(progress=progress, meta=self._meta))
+        except (TypeError, ValueError):  # meta it cannot encode: without it
+            pass
+        try:
+            return self._encoder.encode(Progressed(progress=progress))
+        except (TypeError, ValueError):  # nor the report's own meta: the outcome says why
+            return None
 
 
 class SoftLimit:

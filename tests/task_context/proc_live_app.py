@@ -52,6 +52,7 @@ def quick(x: int) -> int:
 @rt.task(kind="process")
 def reports_then_waits(fifo: str) -> str:
     ctx = current_task()
+    ctx.meta["stage"] = "waiting"
     ctx.progress_sync(1, total=2, message="half", phase="one")
     got = _wait_for(fifo)
     ctx.progress_sync(2, total=2, message="done")
@@ -59,8 +60,10 @@ def reports_then_waits(fifo: str) -> str:
 
 
 @rt.task(kind="process")
-def tight_loop_then_waits(n: int, fifo: str) -> str:
+def tight_loop_then_waits(n: int, looped: str, go: str) -> str:
     ctx = current_task()
     for i in range(n):
         ctx.progress_sync(i + 1, total=n)
-    return _wait_for(fifo)
+    with open(looped, "w") as f:  # tell the test the loop is over
+        f.write("looped")
+    return _wait_for(go)

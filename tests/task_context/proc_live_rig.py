@@ -43,8 +43,8 @@ async def runtime_on(kind: str, namespace: str) -> AsyncIterator[Runtime]:
             await runtime.results.purge_namespace()
 
 
-def make_fifo(tmp_path: Path) -> Path:
-    fifo = tmp_path / "go"
+def make_fifo(tmp_path: Path, name: str = "go") -> Path:
+    fifo = tmp_path / name
     os.mkfifo(fifo)
     return fifo
 
@@ -52,3 +52,8 @@ def make_fifo(tmp_path: Path) -> Path:
 async def release(fifo: Path, text: str = "go") -> None:
     """Let a body blocked on ``fifo`` go on (the write blocks until it has opened it)."""
     await anyio.to_thread.run_sync(fifo.write_text, text, abandon_on_cancel=True)
+
+
+async def heard(fifo: Path) -> str:
+    """What a body writes to ``fifo`` (blocks until it has written and closed it)."""
+    return await anyio.to_thread.run_sync(fifo.read_text, abandon_on_cancel=True)
