@@ -98,7 +98,9 @@ def test_signature_by_name() -> None:
     sig = rt.signature("math.add", 1, y=2)
     assert (sig.task.name, sig.args, sig.kwargs) == ("math.add", (1,), {"y": 2})
     with pytest.raises(UnknownTaskError, match=r"'math\.sub'"):
-        rt.signature("math.sub", 1, 2)
+        rt.registry["math.sub"]
+    by_name = rt.signature("math.sub", 1, 2)  # not registered: sent unchecked, by name
+    assert (by_name.task.name, by_name.args) == ("math.sub", (1, 2))
 
 
 def test_empty_registry_queues() -> None:
