@@ -1,8 +1,7 @@
 """Caller-chosen task ids: validated before anything is sent, and an id the
 result store already has (finished within the result TTL, cancelled, retrying)
-is not sent again (``handle.duplicate``). An id still pending or running has no
-record yet (workers write no STARTED, to keep the hot path short): catching
-those needs a put-if-absent in the result stores (not here yet)."""
+is not sent again (``handle.duplicate``). An id still pending or running is
+caught by the reservation made before publishing (``tests/runtime/test_front_door_ids.py``)."""
 
 from __future__ import annotations
 
