@@ -130,7 +130,9 @@ async def test_cancel_by_filter(env: Env) -> None:
 
 
 @pytest.mark.amqp
-async def test_rabbitmq_replay_and_purge_are_4xx_saying_why(namespace: str) -> None:
+async def test_rabbitmq_replay_and_purge_answer(namespace: str) -> None:
+    """RabbitMQ replays and purges dead letters one by one (runtime.ops, issue 14):
+    with none there, both answer 200 with nothing matched."""
     await redis_up()
     rt = Runtime(AMQP_URL, results=REDIS_URL, namespace=namespace)
     app = dashboard_app(rt)
@@ -140,10 +142,13 @@ async def test_rabbitmq_replay_and_purge_are_4xx_saying_why(namespace: str) -> N
         async with app.state.dashboard.running():
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://dash") as client:
-                for verb in ("replay", "purge"):
-                    r = await client.post(f"/api/queues/default/dead-letters/{verb}",
-                                          json={"dry_run": False})
-                    assert 400 <= r.status_code < 500, r.text
-                    assert "not supported" in r.json()["error"]
+                r = await client.post("/api/queues/default/dead-letters/replay",
+                                      json={"dry_run": False})
+                assert r.status_code == 200, r.text
+                assert r.json()["matched"] == [] and r.json()["replayed"] == []
+                p = await client.post("/api/queues/default/dead-letters/purge",
+                                      json={"dry_run": False})
+                assert p.status_code == 200, p.text
+                assert p.json()["purged"] == 0
     finally:
         await purge(namespace)
