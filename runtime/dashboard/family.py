@@ -59,7 +59,9 @@ async def family(ops: Operations, task_id: str, *, scan_max: int = SCAN_MAX
     since = anchor.enqueued_ms or anchor.started_ms or anchor.at_ms
     children: list[dict[str, Any]] = []
     members: list[dict[str, Any]] = []
-    scanned, cursor, complete = 0, None, True
+    # without the root's summary (trimmed from the index) the scan starts at this task:
+    # members older than it may be missing, so it cannot say it saw them all
+    scanned, cursor, complete = 0, None, root is not None
     while True:
         page = await ops.tasks(since_ms=since, limit=min(_PAGE, scan_max), cursor=cursor)
         for s in page.items:
