@@ -38,6 +38,7 @@ from runtime import Runtime
 from runtime.lifecycle import Listener
 from runtime.ops.api import listeners_for
 from runtime.ops.common import ops_prefix
+from runtime.ops.index import IndexSettings
 
 REDIS_URL = os.environ.get("TASKLOOM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 _BATCH = 500
@@ -95,21 +96,22 @@ async def _purge(client: Any, rt: Runtime, namespace: str) -> None:
         await client.unlink(*keys[i:i + 500])
 
 
-async def measure(mode: str, tasks: int, concurrency: int) -> Run:
+async def measure(mode: str, tasks: int, concurrency: int, batch: int | None = None) -> Run:
     namespace = f"bench-ixcost-{uuid.uuid4().hex[:8]}"
     client: Any = aioredis.Redis.from_url(REDIS_URL)
     on = mode == "on"
+    settings: bool | IndexSettings = True if batch is None else IndexSettings(batch=batch)
     try:
         producer = _runtime(namespace)
         if on:
-            producer.listeners.extend(listeners_for(producer))
+            producer.listeners.extend(listeners_for(producer, index=settings))
         async with producer:
             noop = producer.registry.get("noop")
             assert noop is not None
             for i in range(0, tasks, _BATCH):
                 await producer.enqueue_many([noop.s(j) for j in range(i, min(tasks, i + _BATCH))])
         rt = _runtime(namespace)
-        listeners = listeners_for(rt) if on else []
+        listeners = listeners_for(rt, index=settings) if on else []
         rt.listeners.extend(listeners)
         async with rt:
             redis0, cpu0, t0 = await _redis_cpu(client), time.process_time(), time.perf_counter()
@@ -154,6 +156,8 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> list[
     parser.add_argument("--tasks", type=int, default=5_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=None,
+                        help="IndexSettings.batch (transitions per script call)")
     args = parser.parse_args(argv)
     try:
         import uvloop  # noqa: F401
@@ -166,7 +170,7 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> list[
               f"{load[2]:.2f}\n")
     runs: list[Run] = []
     for r in range(args.repeats):
-        pair = {mode: anyio.run(measure, mode, args.tasks, args.concurrency,
+        pair = {mode: anyio.run(measure, mode, args.tasks, args.concurrency, args.batch,
                                 backend_options=options)
                 for mode in (("off", "on") if r % 2 == 0 else ("on", "off"))}
         runs += [pair["off"], pair["on"]]

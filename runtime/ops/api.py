@@ -28,7 +28,15 @@ from runtime.errors import ConfigError, TaskloomError
 from runtime.lifecycle import Listener, Phase
 from runtime.ops.common import redis_url_of
 from runtime.ops.events import DEFAULT_MAX_LEN, EventRecord, MemoryEventStream, RedisEventStream
-from runtime.ops.index import IndexSettings, Page, Query, TaskIndex, TaskSummary, index_for
+from runtime.ops.index import (
+    IndexSettings,
+    Page,
+    Query,
+    RedisIndex,
+    TaskIndex,
+    TaskSummary,
+    index_for,
+)
 from runtime.ops.pauses import MemoryPauses, Pauses, RedisPauses
 from runtime.ops.verbs import (
     CancelReport,
@@ -41,6 +49,7 @@ from runtime.ops.verbs import (
     retry,
 )
 from runtime.ops.workers import HeartbeatSource, RedisHeartbeats, WorkerInfo, orphans, to_info
+from runtime.ops.writer import RedisWriter
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -78,11 +87,26 @@ def _new_events(rt: Runtime, max_len: int) -> EventStream:
 def listeners_for(rt: Runtime, *, index: bool | IndexSettings = True, events: bool = True,
                   events_max_len: int = DEFAULT_MAX_LEN) -> list[Listener]:
     """The listeners to open with ``rt``: the task index and the event stream
-    (each can be switched off). Call once per open; ``Operations(rt)`` reads them."""
+    (each can be switched off). Call once per open; ``Operations(rt)`` reads them.
+
+    On Redis, both are written by one ``RedisWriter`` (the one listener): a
+    transition is one append, and one script call per batch writes the index
+    entries and the events together."""
     parts = _parts_of(rt)
+    settings = index if isinstance(index, IndexSettings) else None
+    url = redis_url_of(rt)
+    if url is not None and index is not False and events:
+        writer = RedisWriter(url, namespace=rt.namespace, index=settings or IndexSettings(),
+                             events_max_len=events_max_len)
+        parts.index = RedisIndex(url, namespace=rt.namespace, settings=writer.index,
+                                 writer=writer)
+        parts.events = RedisEventStream(url, namespace=rt.namespace, max_len=events_max_len,
+                                        writer=writer)
+        writer.also_close.append(parts.index)
+        return [writer]
     out: list[Listener] = []
     if index is not False:
-        parts.index = index_for(rt, index if isinstance(index, IndexSettings) else None)
+        parts.index = index_for(rt, settings)
         out.append(parts.index)
     if events:
         parts.events = _new_events(rt, events_max_len)

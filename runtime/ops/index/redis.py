@@ -7,26 +7,23 @@ Keys (``P`` is ``{ns}:ops:{<ns>}:``, one hash tag per namespace)::
     P ix:<state>:n:<task name>  zset   the same, one task name
     P t:<id>                    hash   the task's summary (TaskSummary fields), PX max age + 1 day
 
-A batch of transitions is one EVALSHA (``lua/index.lua``): per transition it
-reads the task's previous state from its hash, moves the id between the sorted
-sets (O(log n)), rewrites the hash and trims the state's set to its count and
-age (dropping the trimmed tasks' hashes and entries), so the index never grows
-past ``max_per_state`` per state.
+Writes go through a :class:`runtime.ops.writer.RedisWriter` (its own, or one
+shared with the event stream): a batch is one EVALSHA of ``lua/transitions.lua``
+per chunk, which per task reads its previous state from its hash, moves the id
+between the sorted sets (O(log n)), rewrites the hash, and once per chunk trims
+each state's set it touched to its count and age (dropping the trimmed tasks'
+hashes and entries), so the index never grows past ``max_per_state`` per state.
 """
 
 from __future__ import annotations
 
-import hashlib
-from importlib import resources
 from typing import Any
 
-import anyio
 import msgspec
-import redis.exceptions as rex
 import structlog
 
 from runtime.lifecycle import Phase, Transition
-from runtime.ops.common import BatchWriter, OpsUnavailable, now_ms, ops_prefix, redis_client
+from runtime.ops.common import OpsUnavailable, ops_prefix, redis_client
 from runtime.ops.index.model import (
     IndexSettings,
     Page,
@@ -35,107 +32,52 @@ from runtime.ops.index.model import (
     after,
     decode_cursor,
     encode_cursor,
-    order_of,
     states_of,
 )
+from runtime.ops.writer import RedisWriter
 
 __all__ = ["RedisIndex"]
 
 log = structlog.get_logger("taskloom.ops.index")
 
-_SOURCE = (resources.files("runtime.ops") / "lua" / "index.lua").read_text(encoding="utf-8")
-_SHA = hashlib.sha1(_SOURCE.encode()).hexdigest()
-#: Transitions kept while Redis is away; past it the oldest are dropped (logged).
-_MAX_PENDING = 200_000
-_JSON = msgspec.json.Encoder()
-_ENTERING = {Phase.ENQUEUED: "1", Phase.SCHEDULED: "1", Phase.STARTED: "2"}
 
-
-def _args(t: Transition, enq: int | None, started: int | None) -> list[str]:
-    # strings only: Lua would print big numbers in exponent form
-    return [t.id, t.task, t.queue, t.phase.value, str(t.at_ms), str(t.attempt), t.worker,
-            "" if t.eta_ms is None else str(t.eta_ms), t.error_type, t.error[:500], t.reason,
-            t.parent_id, t.root_id, str(order_of(t)),
-            "3" if t.phase.final else _ENTERING.get(t.phase, "0"),
-            "" if enq is None else str(enq), "" if started is None else str(started)]
-
-
-def coalesce(batch: list[Transition]) -> list[tuple[Transition, int | None, int | None]]:
-    """One write per task of a batch: its latest step, with the enqueue and start
-    times of the steps it replaces (a fast task's three steps often share a batch)."""
-    merged: dict[str, list[Any]] = {}
-    for t in batch:
-        cur = merged.get(t.id)
-        if cur is None:
-            cur = merged[t.id] = [t, order_of(t), None, None]
-        elif (order := order_of(t)) >= cur[1]:
-            cur[0], cur[1] = t, order
-        if t.phase is Phase.ENQUEUED or t.phase is Phase.SCHEDULED:
-            cur[2] = t.at_ms if cur[2] is None else min(cur[2], t.at_ms)
-        elif t.phase is Phase.STARTED:
-            cur[3] = t.at_ms if cur[3] is None else max(cur[3], t.at_ms)
-    return [(t, enq, started) for t, _, enq, started in merged.values()]
-
-
-class RedisIndex(BatchWriter[Transition]):
-    """The task index on Redis: a ``Listener`` that writes in batches from ``serve``."""
+class RedisIndex:
+    """The task index on Redis: read here, written by a ``RedisWriter`` (its own,
+    or one shared with the event stream); a ``Listener`` through it."""
 
     def __init__(self, url: str, *, namespace: str = "",
-                 settings: IndexSettings | None = None) -> None:
-        super().__init__(log=log, retry_message="could not write the task index; retrying")
+                 settings: IndexSettings | None = None, writer: RedisWriter | None = None
+                 ) -> None:
         self.url = url
         self.settings = settings or IndexSettings()
         self.prefix = ops_prefix(namespace)
         self._redis: Any = redis_client(url)
-        self.dropped = 0
+        self._owns = writer is None
+        self.writer = writer or RedisWriter(url, namespace=namespace, index=self.settings)
+
+    @property
+    def dropped(self) -> int:
+        """Transitions dropped while Redis was away (past the writer's buffer)."""
+        return self.writer.dropped
 
     # -- Listener ------------------------------------------------------------------
 
     def transition(self, t: Transition, /) -> None:
-        pending = self._pending
-        pending.append(t)
-        if len(pending) > _MAX_PENDING:
-            del pending[: len(pending) - _MAX_PENDING]
-            self.dropped += 1
-        if len(pending) == 1:
-            self._wake.set()
+        self.writer.transition(t)
+
+    async def serve(self) -> None:
+        await self.writer.serve()
+
+    async def flush(self) -> None:
+        """Write every pending transition."""
+        await self.writer.flush()
 
     async def aclose(self) -> None:
         try:
-            with anyio.move_on_after(5.0, shield=True):
-                await self.flush()
-        except OpsUnavailable as e:
-            log.warning("the task index lost transitions on close", error=str(e),
-                        lost=len(self._pending))
+            if self._owns:
+                await self.writer.aclose()
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._redis.aclose()
-
-    # -- writing -------------------------------------------------------------------
-
-    async def flush(self) -> None:
-        """Write every pending transition (batches pipelined in one round trip)."""
-        while self._pending:
-            batch = self._pending[: self.settings.batch * 16]
-            s = self.settings
-            cutoff = now_ms() - int(s.max_age_s * 1000)
-            ttl = int(s.max_age_s * 1000) + 86_400_000
-            head = [self.prefix, s.max_per_state, cutoff, ttl]
-            try:
-                writes = coalesce(batch)
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for i in range(0, len(writes), s.batch):
-                        rows = _JSON.encode([_args(*w) for w in writes[i:i + s.batch]])
-                        pipe.evalsha(_SHA, 0, *head, rows)
-                    try:
-                        await pipe.execute()
-                    except rex.NoScriptError:
-                        await self._redis.script_load(_SOURCE)
-                        continue
-            except Exception as e:
-                raise OpsUnavailable(f"the task index on {self.url} cannot be written "
-                                     f"({type(e).__name__}: {e}); check that Redis is up") from e
-            del self._pending[: len(batch)]
+            await self._redis.aclose()
 
     # -- reading -------------------------------------------------------------------
 
