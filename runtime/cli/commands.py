@@ -91,8 +91,8 @@ def main(ctx: click.Context, log_level: str, log_json: bool, log_locals: bool) -
               help="Also run a scheduler in each worker process (any number may; one leads).")
 @click.option("--metrics-port", default=None, type=click.IntRange(1, 65535),
               help="Serve Prometheus metrics at http://127.0.0.1:PORT/metrics (needs the "
-                   "dashboard extra). With --processes N, worker process i serves PORT+i "
-                   "(scrape each; counters restart with a recycled process).")
+                   "dashboard extra). With --processes N the supervisor serves the sum over "
+                   "its worker processes on PORT; they serve none.")
 @click.option("--child", is_flag=True, hidden=True,
               help="Run as a supervised child (internal).")
 @click.pass_context
