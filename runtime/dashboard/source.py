@@ -326,6 +326,9 @@ class Source:
                   if (not name or d.get("name") == name) and (not reason or d["reason"] == reason)
                   and (not ids or d["id"] in ids)]
         matched = [d["id"] for d in chosen]
+        if not matched:  # ids=[] would mean "no id filter" to ops.replay: replay nothing
+            return {"queue": queue, "dry_run": dry_run, "matched": [], "replayed": [],
+                    "undecodable": 0}
         report = await self.ops.replay(queue, ids=matched, limit=limit, dry_run=dry_run)
         replayed = [] if dry_run or not matched else [
             retry_id(d["id"]) for d in chosen if "decode_error" not in d]

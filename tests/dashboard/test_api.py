@@ -168,3 +168,17 @@ async def test_bad_input_is_4xx_with_what_to_do(env: Env) -> None:
     assert bad.status_code == 405
     bad = await env.client.get("/api/nothing", headers=env.read)
     assert bad.status_code == 404 and "/api/docs" in bad.json()["error"]
+
+
+async def test_a_replay_filter_that_matches_nothing_replays_nothing(env: Env) -> None:
+    r = await env.client.post("/api/tasks", json={"name": "tasks.boom", "args": ["y"]},
+                              headers=env.admin)
+    task_id = r.json()["id"]
+    await wait_state(env, task_id, "FAILURE")
+    none = await env.client.post("/api/queues/default/dead-letters/replay",
+                                 json={"name": "tasks.no_such_task", "dry_run": False},
+                                 headers=env.admin)
+    assert none.status_code == 200, none.text
+    assert none.json()["matched"] == [] and none.json()["replayed"] == []
+    dead = (await env.client.get("/api/queues/default/dead-letters", headers=env.read)).json()
+    assert task_id in [d["id"] for d in dead["items"]]   # still there, not replayed
