@@ -80,17 +80,26 @@ async def evalsha(client: aioredis.Redis, script: Script, keys: Sequence[str],
 
 async def evalsha_many(client: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
     """Run script calls in one round trip; each runs atomically, the batch does
-    not. Error replies come back in place as exceptions; connection errors raise."""
-    if len(calls) == 1:
-        script, keys, args = calls[0]
-        try:
-            return [await evalsha(client, script, keys, args)]
-        except rex.ResponseError as e:
-            return [e]
-    pipe = client.pipeline(transaction=False)
-    for script, keys, args in calls:
-        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-    results: list[Any] = await pipe.execute(raise_on_error=False)
+    not. Error replies come back in place as exceptions; connection errors raise.
+
+    Packed and sent on one pooled connection, replies read in order: redis-py's
+    pipeline machinery per call costs more than the scripts themselves on the
+    consumer's hot path (fetch + settle). No retry is lost: the broker's client
+    retries nothing by itself (see ``RedisBroker.from_url``)."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        packed = conn.pack_commands(
+            [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls])
+        await conn.send_packed_command(packed, check_health=False)
+        results: list[Any] = []
+        for _ in calls:
+            try:
+                results.append(await conn.read_response())
+            except rex.ResponseError as e:  # read in full: the next reply follows
+                results.append(e)
+    finally:
+        await pool.release(conn)
     for i, result in enumerate(results):
         if isinstance(result, rex.NoScriptError):
             script, keys, args = calls[i]
