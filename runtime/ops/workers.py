@@ -21,7 +21,8 @@ from runtime.lifecycle import Phase
 from runtime.ops.common import OpsUnavailable, redis_client
 from runtime.ops.index import Query, TaskIndex, TaskSummary
 
-__all__ = ["HeartbeatSource", "RedisHeartbeats", "RunningTask", "WorkerInfo", "orphans"]
+__all__ = ["HeartbeatSource", "RedisHeartbeats", "RunningTask", "WorkerInfo", "heartbeat_keys",
+           "orphans", "roster_key"]
 
 log = structlog.get_logger("taskloom.ops.workers")
 
@@ -61,6 +62,25 @@ class HeartbeatSource(Protocol):
 _TASKS = msgspec.json.Decoder(list[RunningTask])
 
 
+def roster_key(prefix: str) -> str:
+    """The sorted set of worker ids beside the heartbeat hashes under ``prefix``
+    (``...:taskloom:worker:``), each scored by when its heartbeat expires (ms):
+    readers list the live workers without scanning the database."""
+    return prefix.removesuffix("worker:") + "workers"
+
+
+async def heartbeat_keys(redis: Any, prefix: str) -> list[str]:
+    """The keys of the live workers' heartbeat hashes, sorted. From the roster; a
+    database no roster-keeping worker has written to yet (workers from before the
+    roster) is scanned instead."""
+    roster = roster_key(prefix)
+    ids = await redis.zrangebyscore(roster, int(time.time() * 1000), "+inf")
+    if ids or await redis.exists(roster):
+        return sorted(prefix + (i.decode() if isinstance(i, bytes) else i) for i in ids)
+    return sorted([k.decode() if isinstance(k, bytes) else k
+                   async for k in redis.scan_iter(match=prefix + "*", count=500)])
+
+
 def to_info(beat: Any) -> WorkerInfo:
     data = msgspec.structs.asdict(beat) if isinstance(beat, msgspec.Struct) else dict(beat)
     return msgspec.convert(data, WorkerInfo, strict=False, from_attributes=False)
@@ -76,8 +96,7 @@ class RedisHeartbeats:
 
     async def list(self) -> list[WorkerInfo]:
         try:
-            keys = sorted([k async for k in self._redis.scan_iter(match=self.prefix + "*",
-                                                                  count=500)])
+            keys = await heartbeat_keys(self._redis, self.prefix)
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.hgetall(key)

@@ -9,7 +9,9 @@ loop beside the worker, independent of task code, and expire when they stop.
 
 Where they go: to Redis when the runtime's broker (or result store) is Redis
 (one hash per worker, ``<namespace>:taskloom:worker:<id>``, with a TTL of a
-few intervals; every field a string, ``queues`` comma-joined, ``tasks`` JSON),
+few intervals; every field a string, ``queues`` comma-joined, ``tasks`` JSON;
+and the worker's id in the sorted set ``<namespace>:taskloom:workers`` scored by
+when its heartbeat expires, so readers never scan the database),
 else to an in-memory store of the runtime (seen only inside the process). ``taskloom status APP`` lists them.
 """
 
@@ -30,7 +32,7 @@ import structlog
 
 from runtime.ops.api import events_of, use_heartbeats
 from runtime.ops.events import WorkerEvent
-from runtime.ops.workers import RunningTask
+from runtime.ops.workers import RunningTask, heartbeat_keys, roster_key
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -118,6 +120,7 @@ class RedisLivenessStore:
 
         self.url = url
         self.prefix = f"{namespace}:taskloom:worker:" if namespace else "taskloom:worker:"
+        self._roster = roster_key(self.prefix)
         self._redis: Any = redis.asyncio.Redis.from_url(url, socket_timeout=5.0,
                                                         socket_connect_timeout=5.0)
 
@@ -129,18 +132,24 @@ class RedisLivenessStore:
                   for k, v in msgspec.structs.asdict(beat).items() if k != "tasks"}
         fields["tasks"] = _TASKS_ENC.encode(beat.tasks).decode()
         key = self._key(beat.id)
+        ttl_ms = max(1, int(ttl_s * 1000))
+        now_ms = int(time.time() * 1000)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=fields)
-            pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+            pipe.pexpire(key, ttl_ms)
+            pipe.zadd(self._roster, {beat.id: now_ms + ttl_ms})
+            pipe.zremrangebyscore(self._roster, "-inf", now_ms)  # the dead leave the roster
             await pipe.execute()
 
     async def remove(self, worker_id: str) -> None:
-        await self._redis.delete(self._key(worker_id))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key(worker_id))
+            pipe.zrem(self._roster, worker_id)
+            await pipe.execute()
 
     async def list(self) -> list[Heartbeat]:
-        keys = [k async for k in self._redis.scan_iter(match=self.prefix + "*", count=500)]
         beats = []
-        for key in sorted(keys):
+        for key in await heartbeat_keys(self._redis, self.prefix):
             raw = await self._redis.hgetall(key)
             if not raw:
                 continue
