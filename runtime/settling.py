@@ -106,8 +106,8 @@ class Settler:
     :meth:`drain` waits until what was handed over is concluded.
     """
 
-    __slots__ = ("_busy", "_conclude", "_done", "_idle", "_pending", "_persist", "_put_many",
-                 "_wake")
+    __slots__ = ("_conclude", "_done", "_handed", "_idle", "_pending", "_persist",
+                 "_put_many", "_through", "_wake")
 
     def __init__(self, put_many: Callable[[Sequence[Result]], Awaitable[Any]],
                  persist: StoreRetry, concluder: Concluder, done: Callable[[], None]) -> None:
@@ -118,35 +118,50 @@ class Settler:
         self._pending: list[_Item] = []
         self._wake = anyio.Event()
         self._idle: anyio.Event | None = None
-        self._busy = False
+        self._handed = 0  # items handed over so far
+        self._through = 0  # of those, the ones stored and concluded (or left to the broker)
 
     def add(self, delivery: Delivery, msg: TaskMessage, outcome: Outcome, result: Result
             ) -> None:
         """Store ``result``, then conclude ``delivery`` with ``outcome``, soon."""
         self._pending.append((delivery, msg, outcome, result))
+        self._handed += 1
         self._wake.set()
+
+    def behind(self) -> bool:
+        """Whether something handed over is not through yet (see :meth:`flushed`)."""
+        return self._through < self._handed
 
     async def serve(self) -> None:
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
-            self._busy = True
             try:
                 while self._pending:
                     batch, self._pending = self._pending, []
                     await self._settle(batch)
             finally:
-                self._busy = False
-                if self._idle is not None:
-                    self._idle.set()
+                idle, self._idle = self._idle, None
+                if idle is not None:
+                    idle.set()
+
+    async def flushed(self) -> None:
+        """Return once everything handed over before this call is stored and
+        concluded (:meth:`serve` runs). The worker awaits it before storing any
+        other outcome, so a worker stores the outcomes of one task id in the
+        order it reached them (a duplicate's later failure never lands before
+        the earlier success it handed over: first terminal wins)."""
+        target = self._handed
+        while self._through < target:
+            if self._idle is None:
+                self._idle = anyio.Event()
+            idle = self._idle
+            self._wake.set()
+            await idle.wait()
 
     async def drain(self) -> None:
-        """Return once everything handed over is concluded (:meth:`serve` runs)."""
-        while self._pending or self._busy:
-            self._idle = anyio.Event()
-            self._wake.set()
-            await self._idle.wait()
-        self._idle = None
+        """Return once everything handed over is concluded (the runners are done)."""
+        await self.flushed()
 
     async def _settle(self, batch: list[_Item]) -> None:
         left = 0
@@ -172,3 +187,4 @@ class Settler:
             # rest stay unsettled and go back to the broker
             for _ in range(left, len(batch)):
                 self._done()
+            self._through += len(batch)

@@ -1,24 +1,20 @@
 """The worker: consume → decode → execute → store → follow up → ack.
 
-Each delivery's outcome is decided once (a :class:`runtime.flow.Outcome`:
-success, replacement, retry, failure, revoked, expired, duplicate,
-dead-letter, release) and taken down one path, :meth:`runtime.settling.Concluder.conclude`:
-:meth:`runtime.flow.Flow.carry_out` stores it and publishes what follows (next
-chain step, chord join, replacement, next attempt, errbacks), and only then
-:func:`runtime.screening.settle`, the one place a delivery is settled, acks,
-dead-letters or releases it. Late ack: a worker dying at any point leaves the
-message to be delivered again (at least once).
+Each delivery's outcome is decided once (a :class:`runtime.flow.Outcome`) and
+taken down one path (:mod:`runtime.settling`): stored with what follows it
+(:meth:`runtime.flow.Flow.carry_out`), and only then settled (ack, dead letter
+or release); a plain success is stored in a batch and acked after, off the
+runner. Late ack: a worker dying at any point leaves the message to be
+delivered again (at least once).
 
 While the result store is down, every write (and join, and claim) is retried
-in place with a capped, jittered backoff until it succeeds, holding the
-delivery unsettled; one log line marks the start of an outage and one its
-end. If the worker is stopped meanwhile, the delivery is left unsettled and
-goes back to the broker. Once a task has run, nothing unexpected (a bug, a
-broker error while sending follow-ups) turns it into a dead letter: its
-delivery is released (``nack``) to run again.
+in place with a capped, jittered backoff, holding the delivery unsettled (one
+log line marks an outage's start, one its end); a worker stopped meanwhile
+leaves it to the broker. Once a task has run, nothing unexpected (a bug, a
+broker error while sending follow-ups) dead-letters it: it is released
+(``nack``) to run again.
 
-Dead-letter reasons: :class:`runtime.deadletters.DeadLetterReason`, the one
-list, documented in the README.
+Dead-letter reasons: :class:`runtime.deadletters.DeadLetterReason` (README).
 """
 
 from __future__ import annotations
@@ -166,8 +162,7 @@ class Worker:
         self._home: tuple[asyncio.AbstractEventLoop, int] | None = None
         persist = StoreRetry(cap_s=_STORE_RETRY_MAX_S)
         self._flow = Flow(runtime, self.name, persist, states=self._states)
-        concluder = Concluder(runtime, self.name, self._flow)
-        self._conclude = concluder.conclude
+        concluder = self._concluder = Concluder(runtime, self.name, self._flow)
         #: plain successes: stored in batches, then acked, off the runners
         self._settler = Settler(runtime.results.put_many, persist, concluder, self._settled)
         self._deadline = math.inf  # stop()'s: when the grace ends
@@ -414,6 +409,12 @@ class Worker:
         if changed is not None:
             self._changed = None
             changed.set()
+
+    async def _conclude(self, delivery: Delivery, msg: TaskMessage | None, outcome: Outcome,
+                        hooked: Task[Any, Any] | None = None) -> None:
+        if self._settler.behind():  # outcomes reached earlier are stored first
+            await self._settler.flushed()
+        await self._concluder.conclude(delivery, msg, outcome, hooked)
 
     async def _execute(self, ctx: TaskContext) -> Any:
         return await execute(ctx.task, ctx.args, ctx.kwargs, ctx.timeout, threads=self._threads,
