@@ -12,7 +12,7 @@ import pytest
 
 from runtime import Runtime
 from runtime.lifecycle import Phase
-from runtime.ops.api import Operations, listeners_for
+from runtime.ops.api import Operations
 from runtime.ops.events import TaskEvent
 from runtime.ops.verbs import RETRY_OF, NothingToRetry, retry_id
 from tests.conftest import REDIS_URL
@@ -44,7 +44,6 @@ async def rt(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[Ru
     async def ok(x: int) -> int:
         return x
 
-    runtime.listeners.extend(listeners_for(runtime))
     broken["on"] = True
     try:
         yield runtime

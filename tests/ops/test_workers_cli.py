@@ -15,7 +15,7 @@ import pytest
 
 from runtime import Runtime
 from runtime.lifecycle import Phase
-from runtime.ops.api import Operations, listeners_for
+from runtime.ops.api import Operations
 from runtime.process.liveness import Heartbeat, RunningTask, publish_heartbeats, store_for
 from tests.conftest import REDIS_URL
 from tests.ops.conftest import purge_ops, redis_up, tr
@@ -27,7 +27,6 @@ LIMIT = 30.0  # generous: a loaded 2-core machine
 async def rt(namespace: str) -> AsyncIterator[Runtime]:
     await redis_up()
     runtime = Runtime(REDIS_URL, results=REDIS_URL, namespace=namespace)
-    runtime.listeners.extend(listeners_for(runtime))
     yield runtime
     async with runtime:
         await runtime.broker.purge_namespace()  # type: ignore[attr-defined]
@@ -113,7 +112,6 @@ async def test_an_embedded_worker_is_inspected_in_memory_and_its_events_stream()
     from runtime.ops.events import WorkerEvent
 
     rt = Runtime("memory://")
-    rt.listeners.extend(listeners_for(rt))
     async with rt, Operations(rt) as ops:
         store = store_for(rt)
         with anyio.fail_after(LIMIT):
