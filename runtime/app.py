@@ -44,7 +44,7 @@ from runtime.handle import TaskHandle
 from runtime.hooks import Hooks
 from runtime.lifecycle import Listener, Phase, Transition
 from runtime.logs import ensure_logging
-from runtime.messages import Result, TaskMessage
+from runtime.messages import TaskMessage
 from runtime.middleware import Middleware
 from runtime.registry import Hook, Kind, Task, TaskDecorator, TaskRegistry
 from runtime.reserving import checked_ids, send_reserved
@@ -482,42 +482,28 @@ class Runtime(Hooks):
     async def run(self, target: canvas.Composable[R], *, timeout: float | None = None) -> R:
         """Enqueue ``target`` and await its result.
 
-        The wait starts before the publish (the id is known once compiled), so
-        a result store that subscribes to completions is listening by the time
-        a fast task finishes: one round trip less than enqueue, then wait."""
+        The store listens for the id's completion before the publish (the id
+        is fresh, known once compiled), so no read is needed to catch a fast
+        result: on Redis, a confirmed SUBSCRIBE, the publish, and the
+        completion message (``ResultStore.wait_sent``)."""
         self._require_started()
         if _deduped(target):  # the handle may be the first call's: wait on that one
             return await (await self.enqueue(target)).result(timeout)
         messages, handle = self._compile(target)
-        outcome: list[Result] = []
-        failed: list[Exception] = []
-
-        async def wait() -> None:
-            try:
-                outcome.append(await self.results.wait(
-                    handle.id, self.result_timeout_s if timeout is None else timeout))
-            except Exception as e:  # raised below, outside the task group
-                failed.append(e)
-
         ctx = current.get()  # inside a task: lend its slot while it waits (README)
-        with one_error, (ctx.lend() if ctx is not None and ctx.lend is not None
-                         else nullcontext()):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(wait)
-                try:
-                    await self.publish(messages)
-                except Exception as e:
-                    failed.append(e)
-                    tg.cancel_scope.cancel()
-        if failed:
-            first = failed[0]
-            if ctx is not None and isinstance(first, ResultTimeout):
-                raise ResultTimeout(first.task_id, first.timeout, first.state,
-                                    task=messages[-1].task,
-                                    waiter=f"{ctx.name} {ctx.id}") from None
-            raise first
+        try:
+            with one_error, (ctx.lend() if ctx is not None and ctx.lend is not None
+                             else nullcontext()):
+                result = await self.results.wait_sent(
+                    handle.id, self.result_timeout_s if timeout is None else timeout,
+                    lambda: self.publish(messages))
+        except ResultTimeout as e:
+            if ctx is None:
+                raise
+            raise ResultTimeout(e.task_id, e.timeout, e.state, task=messages[-1].task,
+                                waiter=f"{ctx.name} {ctx.id}") from None
         typed: TaskHandle[R] = handle
-        return typed._outcome(outcome[0])
+        return typed._outcome(result)
 
     def call_headers(self, *, rate_limit: str | None = None,
                      concurrency_limit: int | None = None) -> dict[str, str]:

@@ -36,11 +36,17 @@ The contract (each promise has a test on every store, memory and Redis, in
     running, finished or revoked). ``release`` deletes a reservation that is
     still only that (a worker's record replaces it), so a failed publish
     leaves the id free again.
+11. ``wait_sent(id, timeout, send)`` (``run``: a fresh id, never sent) is
+    listening for the id's result before it calls ``send``: a result stored
+    at any moment from the start of ``send`` on (even by ``send`` itself)
+    wakes it, with no read needed. An error of ``send`` propagates as is; a
+    store unreachable before ``send`` raises ``ResultStoreUnavailable`` and
+    nothing is sent; ``ResultTimeout`` after ``timeout`` s, the task sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self
 
@@ -121,6 +127,16 @@ class ResultStore(Protocol):
     async def wait(self, task_id: str, timeout: float) -> Result:
         """The terminal result of ``task_id``; ``ResultTimeout`` after ``timeout`` s,
         ``ResultExpired`` at once if it finished but its result expired."""
+        ...
+
+    async def wait_sent(self, task_id: str, timeout: float,
+                        send: Callable[[], Awaitable[None]]) -> Result:
+        """``send()`` the task of a fresh ``task_id`` (generated, never sent
+        nor reserved, so nothing can be stored under it yet), then ``wait``
+        for its terminal result (``run``). The store is listening before
+        ``send`` is called, so no read is needed to catch a fast result; an
+        error of ``send`` propagates. ``ResultTimeout`` ``timeout`` s after
+        the call, with the task sent."""
         ...
 
     def updates(self, task_id: str) -> AsyncIterator[Result]:

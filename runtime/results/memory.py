@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -148,6 +148,15 @@ class MemoryResultStore:
                 await event.wait()
         current = self._live(task_id)
         raise ResultTimeout(task_id, timeout, current.state if current else State.PENDING)
+
+    async def wait_sent(self, task_id: str, timeout: float,
+                        send: Callable[[], Awaitable[None]]) -> Result:
+        started = anyio.current_time()
+        await send()  # in-process: nothing is stored before the wait below reads
+        try:
+            return await self.wait(task_id, timeout - (anyio.current_time() - started))
+        except ResultTimeout as e:
+            raise ResultTimeout(task_id, timeout, e.state) from None
 
     async def updates(self, task_id: str) -> AsyncIterator[Result]:
         """Each new record of ``task_id`` (state, progress) until a terminal one."""

@@ -31,6 +31,8 @@ log = structlog.get_logger("runtime.results.redis")
 #: redis-py's own "the connection is not usable" types.
 CONNECTION_ERRORS = (rex.ConnectionError, rex.TimeoutError)
 _CHANNELS_PER_COMMAND = 1000
+#: Queued UNSUBSCRIBEs sent without waiting for a SUBSCRIBE to ride with.
+_LAZY_UNSUBSCRIBES = 256
 
 
 async def connect(conn: AbstractConnection) -> None:
@@ -99,11 +101,17 @@ class Notifications:
         waiters.refs -= 1
         if waiters.refs <= 0 and self._subs.get(channel) is waiters:
             del self._subs[channel]
-            self._mark_dirty(channel)
+            self._mark_dirty(channel, lazy=True)
 
-    def _mark_dirty(self, channel: bytes) -> None:
+    def _mark_dirty(self, channel: bytes, *, lazy: bool = False) -> None:
+        """Queue ``channel``'s (un)subscription. A lazy one (an UNSUBSCRIBE)
+        rides with the next SUBSCRIBE, in the same write, unless
+        ``_LAZY_UNSUBSCRIBES`` are queued: a channel left subscribed a while
+        costs nothing (a completion channel is published once, and a message
+        nobody waits for is dropped), a write per call does."""
         self._dirty.add(channel)
-        self._dirty_event.set()
+        if not lazy or len(self._dirty) >= _LAZY_UNSUBSCRIBES:
+            self._dirty_event.set()
 
     async def _ensure_listener(self, client: aioredis.Redis, tg: anyio.abc.TaskGroup) -> None:
         if self._listener is not None:
@@ -172,10 +180,12 @@ class Notifications:
                 self._sent.add(c)
                 self._unconfirmed[c] = self._unconfirmed.get(c, 0) + 1
             self._sent.difference_update(unsubscribe)
+            packed: list[bytes] = []
             for verb, channels in (("SUBSCRIBE", subscribe), ("UNSUBSCRIBE", unsubscribe)):
                 for i in range(0, len(channels), _CHANNELS_PER_COMMAND):
-                    await conn.send_command(verb, *channels[i:i + _CHANNELS_PER_COMMAND],
-                                            check_health=False)
+                    packed += conn.pack_command(verb, *channels[i:i + _CHANNELS_PER_COMMAND])
+            if packed:  # one write
+                await conn.send_packed_command(packed, check_health=False)
 
     async def _read_notifications(self, conn: AbstractConnection) -> None:
         while True:
@@ -186,7 +196,7 @@ class Notifications:
             if kind == b"message":
                 waiters = self._subs.pop(channel, None)
                 if waiters is not None:  # one-shot: later waiters subscribe afresh
-                    self._mark_dirty(channel)
+                    self._mark_dirty(channel, lazy=True)
                     waiters.note = data
                     waiters.fired.set()
             elif kind == b"subscribe":

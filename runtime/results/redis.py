@@ -28,6 +28,8 @@ never overwrites a terminal result and publishes the stored bytes (when small)
 on the id's channel. Concurrent ``get`` calls are gathered into one MGET.
 
 Waiting: one shared pub/sub connection per store (:mod:`runtime.results.notify`).
+``wait_sent`` (``run``) subscribes, confirmed, before the task is sent, and
+needs no read. Revocations: :mod:`runtime.results.revocations`.
 
 Errors from redis-py leave this module only as taskloom errors:
 ``ConnectionFailed`` when the store cannot be opened, ``ResultStoreUnavailable``
@@ -37,9 +39,8 @@ when Redis cannot be reached (retryable), ``ResultError`` when Redis refuses.
 from __future__ import annotations
 
 import math
-import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Self
@@ -59,7 +60,6 @@ from runtime.errors import (
     EncodeError,
     PayloadTooLarge,
     ResultExpired,
-    ResultStoreUnavailable,
     ResultTimeout,
 )
 from runtime.messages import Result, State
@@ -72,7 +72,7 @@ from runtime.results.base import (
 )
 from runtime.results.base import marker_ttl_s as marker_ttl
 from runtime.results.batching import Batcher
-from runtime.results.notify import Notifications, connect
+from runtime.results.notify import Notifications
 from runtime.results.redis_wire import (
     Script,
     decode_stored,
@@ -80,9 +80,9 @@ from runtime.results.redis_wire import (
     glob_escape,
     mapped,
     pack,
-    pairs,
     roundtrip,
 )
+from runtime.results.revocations import watch_revocations
 
 __all__ = ["RedisResultStore"]
 
@@ -91,8 +91,6 @@ log = structlog.get_logger(__name__)
 #: A terminal result up to this size rides in its completion message, so the
 #: waiter needs no GET; a bigger one is fetched.
 _INLINE_NOTIFY_BYTES = 64 * 1024
-#: Longest pause (before jitter) of the revocation watch between reconnections.
-_WAIT_RETRY_MAX_S = 2.0
 _CONNECT_TIMEOUT_S = 5.0
 _SOCKET_TIMEOUT_S = 10.0
 _MAX_CONNECTIONS = 32
@@ -384,6 +382,38 @@ class RedisResultStore:
                 self._notify.unsubscribe(channel, waiters)
         return current
 
+    async def wait_sent(self, task_id: str, timeout: float,
+                        send: Callable[[], Awaitable[None]]) -> Result:
+        """``send()`` the task of a fresh id, then its terminal result, in two
+        round trips: the id's completion channel is subscribed, and the
+        subscription confirmed, before ``send`` is called. Nothing can be
+        stored under a fresh id before it is sent, so its completion message
+        is published after Redis has the subscription: no read is needed
+        (the inline bytes of the message are the result; a bigger one is
+        fetched). A store that does not confirm the subscription within
+        ``timeout`` does not stop the task being sent: ``ResultTimeout``."""
+        if timeout <= 0:
+            await send()
+            return await self.wait(task_id, timeout)
+        deadline = anyio.current_time() + timeout
+        channel = self._done_channel(task_id).encode()
+        waiters = await self._notify.subscribe(channel, self._client(), self._tg_())
+        try:
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                await waiters.ready.wait()
+            waiters.check()  # the store is unreachable: raised before anything is sent
+            await send()
+            if waiters.ready.is_set():
+                with anyio.move_on_after(deadline - anyio.current_time()):
+                    await waiters.fired.wait()
+                    waiters.check()
+                    if len(waiters.note) > 1:
+                        return decode_stored(task_id, waiters.note)
+                    return await self._wait(task_id, [State.PENDING])  # too big to ride along
+        finally:
+            self._notify.unsubscribe(channel, waiters)
+        raise ResultTimeout(task_id, timeout, State.PENDING)
+
     async def updates(self, task_id: str) -> AsyncIterator[Result]:
         """Each new record of ``task_id`` (state, progress) until a terminal one:
         woken by the id's update channel, then one GET (records written
@@ -452,54 +482,9 @@ class RedisResultStore:
         """Keep ``is_revoked`` up to date until cancelled: subscribe to revocations,
         then load the recent ones. Reconnects with backoff when the connection
         drops; raises ``ResultStoreUnavailable`` if the first connection fails."""
-        started = False
-        backoff = 0.1
-        down_since: float | None = None
-        while True:
-            client = self._client()
-            pool = client.connection_pool
-            conn = pool.connection_class(
-                **{**pool.connection_kwargs, "protocol": 2, "socket_timeout": None})
-            try:
-                with self._errors("watch revocations"):
-                    await connect(conn)
-                    await conn.send_command("SUBSCRIBE", self._revoke_channel,
-                                            check_health=False)
-                    while True:  # the confirmation
-                        reply = await conn.read_response(timeout=math.inf)
-                        if isinstance(reply, list) and reply[:1] == [b"subscribe"]:
-                            break
-                    now_ms = int(time.time() * 1000)
-                    recent = await execute(
-                        client, "ZRANGE", self._revoked_key, now_ms, "+inf", "BYSCORE", "WITHSCORES")
-                for task_id, expires_ms in pairs(recent):
-                    self._note_revoked(task_id, (expires_ms - now_ms) / 1000)
-                if not started:
-                    started = True
-                    task_status.started()
-                if down_since is not None:
-                    log.warning("revocation watch reconnected", where=self._where,
-                                down_s=round(time.monotonic() - down_since, 2))
-                    down_since = None
-                backoff = 0.1
-                with self._errors("watch revocations"):
-                    while True:
-                        reply = await conn.read_response(timeout=math.inf)
-                        if (isinstance(reply, list) and len(reply) == 3
-                                and reply[0] == b"message"):
-                            self._note_revoked(reply[2].decode(), self.ttl_s)
-            except ResultStoreUnavailable as e:
-                if not started:
-                    raise
-                if down_since is None:  # one line per outage, not one per attempt
-                    down_since = time.monotonic()
-                    log.warning("revocation watch lost its connection; reconnecting with "
-                                "backoff", where=self._where, error=str(e))
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await conn.disconnect(nowait=True)
-            await anyio.sleep(backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, _WAIT_RETRY_MAX_S)
+        await watch_revocations(self._client(), self._where, self._revoke_channel,
+                                self._revoked_key, self._note_revoked,
+                                lambda: self.ttl_s, task_status=task_status)
 
     # -- expiry and reservations -----------------------------------------------------
 
