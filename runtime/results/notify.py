@@ -4,8 +4,12 @@ One shared pub/sub connection per store, run in the store's task group,
 holds the channels of the ids being waited on and wakes their waiters. A
 waiter reads first, subscribes only when there is no terminal result yet,
 then reads again once the subscription is confirmed (so a result stored in
-between is never missed). When the connection breaks, every waiter raises
-``ResultStoreUnavailable`` at once; the next ``wait`` reconnects.
+between is never missed); ``wait_sent`` (``run``, a fresh id) subscribes and
+waits for the confirmation before the task is sent, and reads nothing.
+Subscriptions are one-shot; their UNSUBSCRIBEs ride with the next SUBSCRIBE
+in one write (at most ``_LAZY_UNSUBSCRIBES`` wait). When the connection
+breaks, every waiter raises ``ResultStoreUnavailable`` at once; the next
+``wait`` reconnects.
 """
 
 from __future__ import annotations
