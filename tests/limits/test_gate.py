@@ -45,7 +45,8 @@ async def test_a_rate_per_key_defers_only_that_key(rt: Runtime) -> None:
     gate = LimitsGate(rt, MemoryLimitStore())
     assert await gate.admit(msg("send", "u1", "a")) is None
     delay = await gate.admit(msg("send", "u1", "b"))
-    assert delay is not None and 55 < delay < 61  # its GCRA slot, a minute after the first
+    # its reserved slot: booked 0.8 of an interval (a minute) after the first
+    assert delay is not None and 45 < delay < 61
     assert await gate.admit(msg("send", "u2", "c")) is None
     assert await gate.admit(msg("free")) is None  # no limit: no check at all
     assert gate.deferred == {"rate": 1, "concurrency": 0, "debounced": 0}
@@ -56,7 +57,8 @@ async def test_a_permit_is_held_until_done(rt: Runtime) -> None:
     first = msg("rebuild", "t1")
     assert await gate.admit(first) is None
     delay = await gate.admit(msg("rebuild", "t1"))
-    assert delay is not None and 0.25 <= delay <= 0.75  # retry_s with +-50 % jitter
+    # no hold time known yet: retry_s / limit, plus up to 10 % jitter
+    assert delay is not None and 0.5 <= delay <= 0.55
     assert await gate.admit(msg("rebuild", "t2")) is None  # another tenant is not starved
     await gate.done(first)
     assert await gate.admit(msg("rebuild", "t1")) is None

@@ -8,12 +8,16 @@ gives the permit back (one round trip, only for concurrency-limited tasks);
 call. Run-time overrides are read at most once a second (one HGETALL per
 worker per second, not per task).
 
-A deferred task waits in the broker's delay store: for a rate, exactly until its
-GCRA slot (plus a little jitter so that waiters do not all come back at once);
-for a concurrency limit, ``retry_s`` with +-50 % jitter. Each key has its own
-semaphore and bucket, so a busy key never delays another key's tasks; within one
-key, waiting tasks are not ordered (whoever comes back first after a release
-wins), and the jitter spreads them.
+A deferred task waits in the broker's delay store. For a rate, the check that
+defers it reserves its own GCRA slot (see ``store``): it waits exactly until
+that slot and then runs without competing again, so each waiting task is
+deferred about once, however many wait (no stampede at every slot). For a
+concurrency limit, the waiters of a key are sent back one after another, spaced
+by the key's mean hold time / limit (at least the youngest holder's age / limit,
+and at least ``retry_s`` apart), plus up to 10 % jitter; one that still finds no permit goes
+to the back. Each key has its own semaphore and bucket, so a busy key never
+delays another key's tasks; within one key a waiter that comes back when a
+permit is free takes it, whoever it is (rate waiters are served in order).
 
 Debounce: a call that is not the latest of its key is revoked in the result
 store (its handle raises ``TaskCancelled``; the latest call's id is logged) and
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -122,7 +127,7 @@ class LimitsGate:
         rt: Runtime,
         store: LimitStore | None = None,
         *,
-        retry_s: float = 0.5,
+        retry_s: float = 0.005,
         overrides_ttl_s: float = 1.0,
         limits: Callable[[str], Limits | None] | None = None,
         rng: random.Random | None = None,
@@ -133,8 +138,9 @@ class LimitsGate:
         self.overrides_ttl_s = overrides_ttl_s
         self._declared = limits or (lambda name: limits_of(rt.registry.get(name)))
         self._rng = rng or random.Random()
-        #: task id -> (task, semaphore key, lease ms) of the permits this worker holds
-        self.holding: dict[str, tuple[str, str, int]] = {}
+        #: task id -> (task, semaphore key, lease ms, monotonic s when taken) of the
+        #: permits this worker holds
+        self.holding: dict[str, tuple[str, str, int, float]] = {}
         #: deferrals by reason ("rate", "concurrency") and debounced drops, for the stats
         self.deferred: dict[str, int] = {"rate": 0, "concurrency": 0, "debounced": 0}
         self._overrides: dict[str, dict[str, Any]] = {}
@@ -198,15 +204,16 @@ class LimitsGate:
         status, value = await self.store.admit(check)
         if status == ADMIT:
             if check.sem_key is not None:
-                self.holding[message.id] = (check.task, check.sem_key, check.lease_ms)
+                self.holding[message.id] = (check.task, check.sem_key, check.lease_ms,
+                                            time.monotonic())
             return None
         if status == RATE:
             self.deferred["rate"] += 1
-            # never early; spread competing waiters over a fraction of an interval
-            return float(value) / 1000 + self._rng.uniform(0, min(check.interval_ms, 100) / 2000)
+            # exactly until its reserved slot: it does not compete when it comes back
+            return float(value) / 1000
         if status == CONCURRENCY:
             self.deferred["concurrency"] += 1
-            return float(value) / 1000 * self._rng.uniform(0.5, 1.5)
+            return float(value) / 1000 * self._rng.uniform(1.0, 1.1)
         self.deferred["debounced"] += 1
         await self.rt.results.revoke(message.id)
         log.info("dropping a debounced call: a later call of its key runs instead",
@@ -216,11 +223,12 @@ class LimitsGate:
     async def done(self, message: TaskMessage, /) -> None:
         held = self.holding.pop(message.id, None)
         if held is not None:
-            await self.store.release(held[0], held[1], message.id)
+            await self.store.release(held[0], held[1], message.id,
+                                     hold_ms=(time.monotonic() - held[3]) * 1000)
 
     async def renew_once(self) -> None:
         by_lease: dict[int, list[tuple[str, str, str]]] = {}
-        for task_id, (task, key, lease_ms) in list(self.holding.items()):
+        for task_id, (task, key, lease_ms, _) in list(self.holding.items()):
             by_lease.setdefault(lease_ms, []).append((task, key, task_id))
         for lease_ms, held in by_lease.items():
             await self.store.renew(held, lease_ms)
@@ -230,7 +238,7 @@ class LimitsGate:
         lease, until cancelled (the worker's stop)."""
         try:
             while True:
-                leases = [lease for _, _, lease in self.holding.values()]
+                leases = [lease for _, _, lease, _ in self.holding.values()]
                 await anyio.sleep(min(leases, default=3000) / 3000)
                 try:
                     await self.renew_once()

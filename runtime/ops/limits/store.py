@@ -9,13 +9,34 @@ Redis keys (``ns`` is the runtime's namespace; one hash tag per namespace, as
 the scheduler's, so a script's keys share a Cluster slot)::
 
     {ns}:limits:{<ns>}:rate:<task>|<key>      string  GCRA theoretical arrival time (ms), PX
+    {ns}:limits:{<ns>}:ran:<task>|<key>       string  the same for actual starts (ms), PX
     {ns}:limits:{<ns>}:sem:<task>|<key>       zset    holder task id -> lease expiry (ms)
-    {ns}:limits:{<ns>}:wait:<kind>:<task>|<key>  zset deferred task id -> when it is due (ms)
+    {ns}:limits:{<ns>}:wait:<kind>:<task>|<key>  zset deferred task id -> when it is due (ms);
+                                              for a rate: the waiter's reserved slot
+    {ns}:limits:{<ns>}:wake:<task>|<key>      string  when the last concurrency waiter is due back (ms)
+    {ns}:limits:{<ns>}:hold:<task>|<key>      string  running mean time a permit is held (ms)
     {ns}:limits:{<ns>}:unique:<task>|<key>    string  the first task id, PX unique_for
     {ns}:limits:{<ns>}:debounce:<task>|<key>  string  the latest task id, PX 2 x debounce + 60 s
     {ns}:limits:{<ns>}:overrides              hash    task -> JSON {rate_limit, concurrency_limit}
     {ns}:limits:{<ns>}:stats                  hash    "<kind>|<task>|<key>" -> deferrals
     {ns}:limits:{<ns>}:index                  zset    "<kind>|<task>|<key>" -> last use (ms)
+
+A rate waiter does not compete again for the bucket: the check that defers it
+RESERVES the next free slot (the ``rate`` TAT advances by ``RESERVE_SPACING``
+interval) and
+records it in the waiting zset; when it comes back at that slot it runs (one
+deferral per waiting task, however many wait). Starts themselves go through a
+second GCRA (``ran``), so that waiters the delay store hands back late in a
+bunch still start no faster than the bucket allows: those over it are sent
+back once more, in slot order, an interval apart, keeping their slots. A waiter
+that never comes back costs its one slot, as if it had run. A concurrency waiter is sent back
+for when its turn is expected: waiters of one key are spaced by the key's mean
+hold / limit (the mean of the holds given back, but at least the youngest
+holder's age, so that an unknown or stale mean errs long after a few rounds;
+at least ``retry_ms`` apart), each after the last one sent back, so they come
+back one at a time instead of all at once; one that finds no free permit goes
+to the back. A waiter that dies only lets its turn pass. ``wake`` and ``hold``
+are additive keys (old workers ignore them; a key without them is idle).
 
 Everything is bounded: rate keys expire once the bucket is full again, waiting
 entries a minute after they were due, index entries (and their stats) a day
@@ -38,6 +59,18 @@ import redis.asyncio as aioredis
 
 from runtime.errors import ConfigError, ResultStoreUnavailable
 from runtime.ops.common import redis_errors
+from runtime.ops.limits.scripts import (
+    ADMIT_SCRIPT,
+    EARLY_MS,
+    HOLD_WEIGHT,
+    RELEASE_SCRIPT,
+    RENEW_SCRIPT,
+    RESERVE_SPACING,
+    SNAPSHOT_SCRIPT,
+    SPACING,
+    UNIQUE_SCRIPT,
+    WAIT_KEEP_MS,
+)
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -47,11 +80,7 @@ __all__ = ["ADMIT", "CONCURRENCY", "RATE", "SUPERSEDED", "Check", "LimitStore", 
 
 #: Statuses of :meth:`LimitStore.admit`.
 ADMIT, RATE, CONCURRENCY, SUPERSEDED = 0, 1, 2, 3
-#: A deferred task's waiting entry is dropped this long after it was due.
-_WAIT_KEEP_MS = 60_000
 _MAX_CONNECTIONS = 16
-#: An index entry (and its counter) is dropped this long after its last use.
-_INDEX_KEEP_MS = 86_400_000
 
 
 class LimitsUnavailable(ResultStoreUnavailable):
@@ -71,7 +100,8 @@ class Check(msgspec.Struct, frozen=True, kw_only=True):
     sem_key: str | None = None
     limit: int = 0
     lease_ms: int = 30_000
-    retry_ms: int = 500
+    #: the least spacing of a key's concurrency waiters coming back (ms)
+    retry_ms: int = 5
     #: limiter key of a debounce (None: none)
     debounce_key: str | None = None
 
@@ -98,7 +128,11 @@ class LimitStore(Protocol):
         """(ADMIT, 0), (RATE | CONCURRENCY, delay ms) or (SUPERSEDED, latest id)."""
         ...
 
-    async def release(self, task: str, sem_key: str, holder: str) -> None: ...
+    async def release(self, task: str, sem_key: str, holder: str,
+                      hold_ms: float | None = None) -> None:
+        """Give back ``holder``'s permit; ``hold_ms`` (how long it was held)
+        feeds the key's mean hold, which spaces the key's waiters."""
+        ...
     async def renew(self, held: Sequence[tuple[str, str, str]], lease_ms: int,
                     now_ms: float | None = None) -> None: ...
     async def claim_unique(self, task: str, key: str, task_id: str, ttl_ms: int,
@@ -131,19 +165,25 @@ class MemoryLimitStore:
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         #: epoch milliseconds
         self.clock = clock or (lambda: time.time() * 1000.0)
+        #: rate: the GCRA of reservations, and the GCRA of actual starts
         self._tat: dict[tuple[str, str], float] = {}
+        self._ran_tat: dict[tuple[str, str], float] = {}
         self._sem: dict[tuple[str, str], dict[str, float]] = {}
+        #: concurrency: when the last waiter of a key is due back; mean hold (ms)
+        self._wake: dict[tuple[str, str], float] = {}
+        self._hold: dict[tuple[str, str], float] = {}
         self._wait: dict[str, dict[str, float]] = {}
         self._stats: dict[str, int] = {}
         self._index: dict[str, float] = {}
         self._strings: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._overrides: dict[str, dict[str, Any]] = {}
 
-    def _defer(self, member: str, holder: str, now: float, delay: float) -> None:
+    def _defer(self, member: str, holder: str, now: float, delay: float,
+               score: float | None = None) -> None:
         waiting = self._wait.setdefault(member, {})
-        waiting[holder] = now + delay
+        waiting[holder] = now + delay if score is None else score
         for h, due in list(waiting.items()):
-            if due < now - _WAIT_KEEP_MS:
+            if due < now - WAIT_KEEP_MS:
                 del waiting[h]
         self._stats[member] = self._stats.get(member, 0) + 1
         self._index[member] = now
@@ -166,26 +206,58 @@ class MemoryLimitStore:
                 if until <= now:
                     del holders[h]
             if check.holder not in holders and len(holders) >= check.limit:
-                self._defer(member, check.holder, now, check.retry_ms)
-                return CONCURRENCY, check.retry_ms
+                delay = self._turn(check, now)
+                self._defer(member, check.holder, now, delay)
+                return CONCURRENCY, delay
             took = check.holder not in holders
             holders[check.holder] = now + check.lease_ms
             self._ran(member, check.holder, now)
         if check.rate_key is not None:
-            member = _member("rate", check.task, check.rate_key)
-            tat = max(self._tat.get((check.task, check.rate_key), now), now)
-            allow_at = tat - (check.burst - 1) * check.interval_ms
-            if now < allow_at:
+            wait_ms = self._rate(check, check.rate_key, now)
+            if wait_ms > 0:
                 if took and check.sem_key is not None:
                     self._sem[(check.task, check.sem_key)].pop(check.holder, None)
-                self._defer(member, check.holder, now, allow_at - now)
-                return RATE, allow_at - now
-            self._tat[(check.task, check.rate_key)] = tat + check.interval_ms
-            self._ran(member, check.holder, now)
+                return RATE, wait_ms
         return ADMIT, 0
 
-    async def release(self, task: str, sem_key: str, holder: str) -> None:
+    def _rate(self, check: Check, key: str, now: float) -> float:
+        """0 (it starts) or how long it waits; the twin of the Lua's rate part."""
+        member, interval = _member("rate", check.task, key), check.interval_ms
+        waiting = self._wait.get(member, {})
+        slot = waiting.get(check.holder)
+        if slot is None:  # reserve this caller the next free slot (now, if free)
+            tat = max(self._tat.get((check.task, key), now), now)
+            slot = tat - (check.burst - 1) * interval
+            self._tat[(check.task, key)] = tat + interval * RESERVE_SPACING
+        wait_ms = slot - now
+        if wait_ms <= EARLY_MS:  # its slot has come: it starts unless starts would burst
+            ran_tat = max(self._ran_tat.get((check.task, key), now), now)
+            wait_ms = ran_tat - (check.burst - 1) * interval - now
+            if wait_ms <= 0:
+                self._ran_tat[(check.task, key)] = ran_tat + interval
+                self._ran(member, check.holder, now)
+                return 0.0
+            wait_ms += interval * sum(1 for s in waiting.values() if s < slot)
+        self._defer(member, check.holder, now, wait_ms, slot)
+        return wait_ms
+
+    def _turn(self, check: Check, now: float) -> float:
+        """The delay of a concurrency waiter: after the last one, spaced by the
+        key's mean hold / limit."""
+        key = (check.task, check.sem_key or "")
+        youngest = max(self._sem[key].values()) - check.lease_ms
+        hold = max(self._hold.get(key, 0.0), now - youngest)
+        wake = max(self._wake.get(key, now), now) + max(hold * SPACING / check.limit, check.retry_ms)
+        self._wake[key] = wake
+        return wake - now
+
+    async def release(self, task: str, sem_key: str, holder: str,
+                      hold_ms: float | None = None) -> None:
         self._sem.get((task, sem_key), {}).pop(holder, None)
+        if hold_ms is not None:
+            old = self._hold.get((task, sem_key))
+            self._hold[(task, sem_key)] = hold_ms if old is None else \
+                old + HOLD_WEIGHT * (hold_ms - old)
 
     async def renew(self, held: Sequence[tuple[str, str, str]], lease_ms: int,
                     now_ms: float | None = None) -> None:
@@ -233,7 +305,7 @@ class MemoryLimitStore:
         for member in sorted(self._index):
             kind, task, key = _split(member)
             waiting = sum(1 for due in self._wait.get(member, {}).values()
-                          if due >= now - _WAIT_KEEP_MS)
+                          if due >= now - WAIT_KEEP_MS)
             held = sum(1 for until in self._sem.get((task, key), {}).values() if until > now)
             out.append(Snapshot(kind=kind, task=task, key=key,
                                 tat_ms=self._tat.get((task, key), 0.0) if kind == "rate" else 0.0,
@@ -246,111 +318,6 @@ class MemoryLimitStore:
 
 
 # -- Redis -------------------------------------------------------------------------------------
-
-_NOW = """
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
-"""
-
-_DEFER = """
-local function defer(wait, member, delay)
-  redis.call('ZADD', wait, now + delay, ARGV[2])
-  redis.call('ZREMRANGEBYSCORE', wait, '-inf', now - WAIT_KEEP_MS)
-  redis.call('PEXPIRE', wait, INDEX_KEEP_MS)
-  redis.call('HINCRBY', KEYS[6], member, 1)
-  redis.call('ZADD', KEYS[7], now, member)
-end
-local function ran(wait, member)
-  redis.call('ZREM', wait, ARGV[2])
-  redis.call('ZADD', KEYS[7], now, member)
-end
-""".replace("WAIT_KEEP_MS", str(_WAIT_KEEP_MS)).replace("INDEX_KEEP_MS", str(_INDEX_KEEP_MS))
-
-# KEYS: 1 debounce, 2 sem, 3 sem wait, 4 rate, 5 rate wait, 6 stats, 7 index
-# ARGV: 1 now ms ('' = Redis TIME), 2 holder, 3 concurrency limit (0: none), 4 lease ms,
-#       5 interval ms (0: no rate), 6 burst, 7 sem member, 8 rate member, 9 retry ms,
-#       10 debounce ('1' / '0')
-# Returns {status, delay ms as text | latest id}
-_ADMIT = _NOW + _DEFER + """
-if ARGV[10] == '1' then
-  local latest = redis.call('GET', KEYS[1])
-  if latest and latest ~= ARGV[2] then return {3, latest} end
-end
-local took = false
-local limit = tonumber(ARGV[3])
-if limit > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then
-    if redis.call('ZCARD', KEYS[2]) >= limit then
-      defer(KEYS[3], ARGV[7], tonumber(ARGV[9]))
-      return {2, ARGV[9]}
-    end
-    took = true
-  end
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[2])
-  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]) + 1000)
-  ran(KEYS[3], ARGV[7])
-end
-local interval = tonumber(ARGV[5])
-if interval > 0 then
-  local tat = tonumber(redis.call('GET', KEYS[4]) or now) or now
-  if tat < now then tat = now end
-  local allow_at = tat - (tonumber(ARGV[6]) - 1) * interval
-  if now < allow_at then
-    if took then redis.call('ZREM', KEYS[2], ARGV[2]) end
-    defer(KEYS[5], ARGV[8], allow_at - now)
-    return {1, tostring(allow_at - now)}
-  end
-  local new = tat + interval
-  redis.call('SET', KEYS[4], string.format('%.3f', new), 'PX', math.ceil(new - now) + 1000)
-  ran(KEYS[5], ARGV[8])
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - """ + str(_INDEX_KEEP_MS) + """)
-return {0, '0'}
-"""
-
-# KEYS: sem zsets. ARGV: 1 now ('' = TIME), 2 lease ms, 3.. holders (one per key)
-_RENEW = _NOW + """
-for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', now + tonumber(ARGV[2]), ARGV[i + 2])
-  redis.call('PEXPIRE', key, tonumber(ARGV[2]) + 1000)
-end
-return 0
-"""
-
-# KEYS: unique key. ARGV: 1 now (unused), 2 task id, 3 ttl ms
-_UNIQUE = """
-if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3]) then return false end
-return redis.call('GET', KEYS[1])
-"""
-
-# KEYS: index, stats, then rate/sem/wait keys per member. ARGV: 1 now
-_SNAPSHOT = _NOW + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - """ + str(_INDEX_KEEP_MS) + """)
-local members = redis.call('ZRANGE', KEYS[1], 0, -1)
-local out = {tostring(now)}
-for _, m in ipairs(members) do
-  local kind, rest = string.match(m, '^([^|]*)|(.*)$')
-  local state = '0'
-  if kind == 'rate' then
-    state = redis.call('GET', ARGV[2] .. 'rate:' .. rest) or '0'
-  else
-    state = tostring(redis.call('ZCOUNT', ARGV[2] .. 'sem:' .. rest, '(' .. now, '+inf'))
-  end
-  local wait = ARGV[2] .. 'wait:' .. kind .. ':' .. rest
-  local waiting = redis.call('ZCOUNT', wait, now - """ + str(_WAIT_KEEP_MS) + """, '+inf')
-  local deferred = redis.call('HGET', KEYS[2], m) or '0'
-  table.insert(out, m)
-  table.insert(out, state)
-  table.insert(out, tostring(waiting))
-  table.insert(out, deferred)
-end
-return out
-"""
-
 
 class RedisLimitStore:
     """Limiter state on Redis, shared by every process of an app.
@@ -409,20 +376,24 @@ class RedisLimitStore:
         keys = [self._key("debounce", task, check.debounce_key or ""),
                 self._key("sem", task, sem), self._key("wait:concurrency", task, sem),
                 self._key("rate", task, rate), self._key("wait:rate", task, rate),
-                self.stats_key, self.index_key]
+                self.stats_key, self.index_key, self._key("wake", task, sem),
+                self._key("hold", task, sem), self._key("ran", task, rate)]
         args = ["" if now_ms is None else repr(float(now_ms)), check.holder,
                 check.limit if check.sem_key is not None else 0, check.lease_ms,
                 repr(check.interval_ms) if check.rate_key is not None else 0, check.burst,
                 _member("concurrency", task, sem), _member("rate", task, rate), check.retry_ms,
                 "1" if check.debounce_key is not None else "0"]
-        status, value = await self._eval(_ADMIT, keys, args, f"check the limits of {task!r}")
+        status, value = await self._eval(ADMIT_SCRIPT, keys, args, f"check the limits of {task!r}")
         status = int(status)
         text = value.decode() if isinstance(value, bytes) else str(value)
         return (status, text) if status == SUPERSEDED else (status, float(text))
 
-    async def release(self, task: str, sem_key: str, holder: str) -> None:
-        with self._errors(f"release a concurrency permit of {task!r}"):
-            await self._client().zrem(self._key("sem", task, sem_key), holder)
+    async def release(self, task: str, sem_key: str, holder: str,
+                      hold_ms: float | None = None) -> None:
+        await self._eval(RELEASE_SCRIPT, [self._key("sem", task, sem_key),
+                                    self._key("hold", task, sem_key)],
+                         [holder, "" if hold_ms is None else repr(float(hold_ms))],
+                         f"release a concurrency permit of {task!r}")
 
     async def renew(self, held: Sequence[tuple[str, str, str]], lease_ms: int,
                     now_ms: float | None = None) -> None:
@@ -431,11 +402,11 @@ class RedisLimitStore:
         keys = [self._key("sem", task, key) for task, key, _ in held]
         args = ["" if now_ms is None else repr(float(now_ms)), lease_ms,
                 *(holder for _, _, holder in held)]
-        await self._eval(_RENEW, keys, args, "renew concurrency permits")
+        await self._eval(RENEW_SCRIPT, keys, args, "renew concurrency permits")
 
     async def claim_unique(self, task: str, key: str, task_id: str, ttl_ms: int,
                            now_ms: float | None = None) -> str | None:
-        found = await self._eval(_UNIQUE, [self._key("unique", task, key)],
+        found = await self._eval(UNIQUE_SCRIPT, [self._key("unique", task, key)],
                                  ["", task_id, max(1, int(ttl_ms))],
                                  f"claim the unique key of {task!r}")
         if found is None:
@@ -468,7 +439,7 @@ class RedisLimitStore:
                 await self._client().hdel(self.overrides_key, task)
 
     async def snapshot(self, now_ms: float | None = None) -> list[Snapshot]:
-        reply = await self._eval(_SNAPSHOT, [self.index_key, self.stats_key],
+        reply = await self._eval(SNAPSHOT_SCRIPT, [self.index_key, self.stats_key],
                                  ["" if now_ms is None else repr(float(now_ms)), self.base],
                                  "read the limiter state")
         text = [r.decode() if isinstance(r, bytes) else str(r) for r in reply]
