@@ -13,6 +13,7 @@ import structlog
 from brokers.base import Delivery
 from runtime.codec import Codec
 from runtime.deadletters import DeadLetterReason as Why
+from runtime.encryption import DecryptError
 from runtime.errors import DecodeError
 from runtime.flow import Kind, Outcome, now_ms
 from runtime.judging import message_id
@@ -30,20 +31,28 @@ log = structlog.get_logger("taskloom.worker")
 MAX_ID_IN_LOG = 200
 
 
-def decode(codec: Codec, delivery: Delivery) -> TaskMessage | Outcome:
-    """The task message of ``delivery``, or the dead letter it makes."""
+def decode(codec: Codec, delivery: Delivery
+           ) -> TaskMessage | tuple[TaskMessage | None, Outcome]:
+    """The task message of ``delivery``, or what to conclude instead: the
+    dead letter it makes, and the message to record that failure under when
+    its id can be trusted (an encrypted message the worker cannot read,
+    whose id a verified signature vouches for: its caller learns at once)."""
     env = delivery.envelope
     try:
         msg = codec.decode(env.body, env.headers)
     except DecodeError as e:
         log.error("dead-lettering an undecodable message", message_id=message_id(delivery),
                   reason=e.reason, error=str(e)[:300])
-        return Outcome(kind=Kind.DEAD_LETTER, reason=_reason(e.reason, Why.DECODE_ERROR))
+        why = _reason(e.reason, Why.DECODE_ERROR)
+        if isinstance(e, DecryptError) and e.authenticated and e.task_id:
+            info = ErrorInfo(type="DecryptError", reason=why.value, message=str(e))
+            return TaskMessage(id=e.task_id, task=""), Outcome.failure(info)
+        return None, Outcome(kind=Kind.DEAD_LETTER, reason=why)
     wrong = check_references(msg)
     if wrong is not None:
         log.error("dead-lettering a message whose canvas references do not hold",
                   task_id=msg.id, task=msg.task[:MAX_ID_IN_LOG], error=wrong[:300])
-        return Outcome(kind=Kind.DEAD_LETTER, reason=Why.BAD_MESSAGE)
+        return None, Outcome(kind=Kind.DEAD_LETTER, reason=Why.BAD_MESSAGE)
     return msg
 
 

@@ -453,8 +453,8 @@ class Worker:
         """Decide the outcome of ``delivery`` once, then conclude it; True: it was
         handed to the settler (which concludes it)."""
         msg = decode(self.runtime.codec, delivery)
-        if isinstance(msg, Outcome):
-            await self._conclude(delivery, None, msg)
+        if isinstance(msg, tuple):
+            await self._conclude(delivery, *msg)
             return False
         running[runner] = msg
         task = self.runtime.registry.get(msg.task)

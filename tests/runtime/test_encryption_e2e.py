@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from brokers.base import Envelope
-from runtime import Runtime, run
+from runtime import Runtime, TaskDeadLettered, run
 from runtime.codec import Codec
 from runtime.messages import TaskMessage
 from tests.conftest import REDIS_URL
@@ -162,3 +162,21 @@ async def test_a_worker_from_before_encryption_dead_letters_it_and_never_runs_it
                 await w.idle()
                 assert await dead_letters(old.rt) == [(handle.id, "decode_error")]
                 assert old.ran == []
+
+
+async def test_a_removed_key_reaches_a_signed_caller_as_task_dead_lettered(
+        namespace: str) -> None:
+    signing = {"s1": b"signing-key-for-the-e2e-test-0001"}
+    producer = _runtime(namespace, {"k1": OLD}, signing_keys=signing)
+    worker = _runtime(namespace, {"k2": NEW}, signing_keys=signing)
+    try:
+        with anyio.fail_after(LIMIT):
+            async with cleanup(worker.rt), producer.rt, worker.rt, worker.rt.worker():
+                await run(producer.mask.s(SECRET), timeout=600)  # far past LIMIT: at once or fail
+    except TaskDeadLettered as e:
+        caught = e
+    else:
+        raise AssertionError("run() of a message whose key was removed returned")
+    assert caught.reason == "bad_encryption"
+    assert "'k1' is not configured" in str(caught) and SECRET not in str(caught)
+    assert worker.ran == []
