@@ -181,7 +181,7 @@ class LimitsGate:
             rate_key=None if rate is None else key_value(limits.rate_key, fn, message.args,
                                                          message.kwargs),
             interval_ms=0.0 if rate is None else rate.interval_ms,
-            burst=1 if rate is None else rate.burst,
+            burst=1 if rate is None else rate.burst, count=0 if rate is None else rate.count,
             sem_key=None if limits.concurrency is None else key_value(
                 limits.concurrency_key, fn, message.args, message.kwargs),
             limit=limits.concurrency or 0, lease_ms=int(limits.lease_s * 1000),

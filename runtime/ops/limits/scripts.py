@@ -5,7 +5,7 @@ alike. See ``store`` for the key layout and what the scripts decide."""
 from __future__ import annotations
 
 __all__ = ["ADMIT_SCRIPT", "EARLY_MS", "HOLD_KEEP_MS", "HOLD_WEIGHT", "INDEX_KEEP_MS",
-           "RELEASE_SCRIPT", "RENEW_SCRIPT", "RESERVE_SPACING", "SNAPSHOT_SCRIPT", "SPACING", "UNIQUE_SCRIPT",
+           "RELEASE_SCRIPT", "RENEW_SCRIPT", "SNAPSHOT_SCRIPT", "SPACING", "UNIQUE_SCRIPT",
            "WAIT_KEEP_MS"]
 
 #: A deferred task's waiting entry is dropped this long after it was due.
@@ -18,10 +18,6 @@ EARLY_MS = 2.0
 #: Concurrency waiters come back this fraction of the mean time between releases
 #: apart: a little faster than permits free, so that a permit rarely waits idle.
 SPACING = 0.5
-#: Rate slots are reserved this fraction of an interval apart: a little more
-#: often than starts are allowed, so that a start rarely goes unused when a
-#: waiter comes back late; the starts' own GCRA keeps the rate exact.
-RESERVE_SPACING = 0.8
 #: Weight of the newest hold in the running mean hold time of a key's permits.
 HOLD_WEIGHT = 0.2
 #: The mean hold time of a key is forgotten this long after its last release.
@@ -50,10 +46,10 @@ end
 """.replace("WAIT_KEEP_MS", str(WAIT_KEEP_MS)).replace("INDEX_KEEP_MS", str(INDEX_KEEP_MS))
 
 # KEYS: 1 debounce, 2 sem, 3 sem wait, 4 rate (reservations), 5 rate wait (holder ->
-#       reserved slot), 6 stats, 7 index, 8 sem wake, 9 sem hold, 10 rate starts
+#       reserved slot), 6 stats, 7 index, 8 sem wake, 9 sem hold, 10 rate starts (zset)
 # ARGV: 1 now ms ('' = Redis TIME), 2 holder, 3 concurrency limit (0: none), 4 lease ms,
 #       5 interval ms (0: no rate), 6 burst, 7 sem member, 8 rate member, 9 retry ms,
-#       10 debounce ('1' / '0')
+#       10 debounce ('1' / '0'), 11 rate count (starts per period; 0: no start window)
 # Returns {status, delay ms as text | latest id}
 ADMIT_SCRIPT = (NOW_LUA + DEFER_LUA + """
 if ARGV[10] == '1' then
@@ -95,19 +91,30 @@ if interval > 0 then
     local tat = tonumber(redis.call('GET', KEYS[4]) or '') or now
     if tat < now then tat = now end
     slot = tat - (burst - 1) * interval
-    local new = tat + interval * RESERVE_SPACING
+    local new = tat + interval
     redis.call('SET', KEYS[4], string.format('%.3f', new), 'PX', math.ceil(new - now) + 1000)
   end
   local wait_ms = slot - now
   if wait_ms <= EARLY_MS then
-    -- its slot has come: it starts unless starts (not reservations) would
-    -- break the bucket, when waiters come back late in a bunch
-    local ran_tat = tonumber(redis.call('GET', KEYS[10]) or '') or now
-    if ran_tat < now then ran_tat = now end
-    wait_ms = ran_tat - (burst - 1) * interval - now
+    -- its slot has come: it starts unless the last period already holds
+    -- count + burst - 1 starts (waiters the delay store hands back late in a bunch)
+    local count = tonumber(ARGV[11])
+    local most = count + burst - 1
+    local period = count * interval
+    wait_ms = 0
+    if count > 0 then
+      redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now - period)
+      local n = redis.call('ZCARD', KEYS[10])
+      if n >= most then
+        local first = redis.call('ZRANGE', KEYS[10], n - most, n - most, 'WITHSCORES')
+        wait_ms = tonumber(first[2]) + period - now + 0.001
+      end
+    end
     if wait_ms <= 0 then
-      local new = ran_tat + interval
-      redis.call('SET', KEYS[10], string.format('%.3f', new), 'PX', math.ceil(new - now) + 1000)
+      if count > 0 then
+        redis.call('ZADD', KEYS[10], now, ARGV[2])
+        redis.call('PEXPIRE', KEYS[10], math.ceil(period) + 1000)
+      end
       ran(KEYS[5], ARGV[8])
     else
       -- after the waiters of earlier slots, one interval each; it keeps its slot
@@ -122,8 +129,7 @@ if interval > 0 then
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - """ + str(INDEX_KEEP_MS) + """)
 return {0, '0'}
-""").replace("EARLY_MS", repr(EARLY_MS)).replace(
-    "RESERVE_SPACING", repr(RESERVE_SPACING)).replace("SPACING", repr(SPACING))
+""").replace("EARLY_MS", repr(EARLY_MS)).replace("SPACING", repr(SPACING))
 
 # KEYS: 1 sem, 2 sem hold. ARGV: 1 holder, 2 hold ms ('' = unknown)
 RELEASE_SCRIPT = """

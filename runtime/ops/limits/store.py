@@ -9,7 +9,7 @@ Redis keys (``ns`` is the runtime's namespace; one hash tag per namespace, as
 the scheduler's, so a script's keys share a Cluster slot)::
 
     {ns}:limits:{<ns>}:rate:<task>|<key>      string  GCRA theoretical arrival time (ms), PX
-    {ns}:limits:{<ns>}:ran:<task>|<key>       string  the same for actual starts (ms), PX
+    {ns}:limits:{<ns>}:starts:<task>|<key>    zset    task id -> start (ms), the last period
     {ns}:limits:{<ns>}:sem:<task>|<key>       zset    holder task id -> lease expiry (ms)
     {ns}:limits:{<ns>}:wait:<kind>:<task>|<key>  zset deferred task id -> when it is due (ms);
                                               for a rate: the waiter's reserved slot
@@ -22,14 +22,15 @@ the scheduler's, so a script's keys share a Cluster slot)::
     {ns}:limits:{<ns>}:index                  zset    "<kind>|<task>|<key>" -> last use (ms)
 
 A rate waiter does not compete again for the bucket: the check that defers it
-RESERVES the next free slot (the ``rate`` TAT advances by ``RESERVE_SPACING``
-interval) and
+RESERVES the next free slot (the ``rate`` TAT advances by one interval) and
 records it in the waiting zset; when it comes back at that slot it runs (one
-deferral per waiting task, however many wait). Starts themselves go through a
-second GCRA (``ran``), so that waiters the delay store hands back late in a
-bunch still start no faster than the bucket allows: those over it are sent
-back once more, in slot order, an interval apart, keeping their slots. A waiter
-that never comes back costs its one slot, as if it had run. A concurrency waiter is sent back
+deferral per waiting task, however many wait). Starts themselves are logged
+for one period (``starts``, with ``Check.count``): a start that would make
+the last period hold more than ``count + burst - 1`` (waiters the delay store
+hands back late in a bunch) is sent back once more, until the window allows
+it plus an interval per waiter of an earlier slot, keeping its slot. Lateness
+is not lost (the slots keep the rate) and never bunches past the window. A
+waiter that never comes back costs its one slot, as if it had run. A concurrency waiter is sent back
 for when its turn is expected: waiters of one key are spaced by the key's mean
 hold / limit (the mean of the holds given back, but at least the youngest
 holder's age, so that an unknown or stale mean errs long after a few rounds;
@@ -65,7 +66,6 @@ from runtime.ops.limits.scripts import (
     HOLD_WEIGHT,
     RELEASE_SCRIPT,
     RENEW_SCRIPT,
-    RESERVE_SPACING,
     SNAPSHOT_SCRIPT,
     SPACING,
     UNIQUE_SCRIPT,
@@ -96,6 +96,8 @@ class Check(msgspec.Struct, frozen=True, kw_only=True):
     rate_key: str | None = None
     interval_ms: float = 0.0
     burst: int = 1
+    #: starts per period (0: starts are not checked against a window)
+    count: int = 0
     #: limiter key of the concurrency limit (None: none)
     sem_key: str | None = None
     limit: int = 0
@@ -165,9 +167,9 @@ class MemoryLimitStore:
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         #: epoch milliseconds
         self.clock = clock or (lambda: time.time() * 1000.0)
-        #: rate: the GCRA of reservations, and the GCRA of actual starts
+        #: rate: the GCRA of reservations, and the starts of the last period
         self._tat: dict[tuple[str, str], float] = {}
-        self._ran_tat: dict[tuple[str, str], float] = {}
+        self._starts: dict[tuple[str, str], list[float]] = {}
         self._sem: dict[tuple[str, str], dict[str, float]] = {}
         #: concurrency: when the last waiter of a key is due back; mean hold (ms)
         self._wake: dict[tuple[str, str], float] = {}
@@ -228,13 +230,16 @@ class MemoryLimitStore:
         if slot is None:  # reserve this caller the next free slot (now, if free)
             tat = max(self._tat.get((check.task, key), now), now)
             slot = tat - (check.burst - 1) * interval
-            self._tat[(check.task, key)] = tat + interval * RESERVE_SPACING
+            self._tat[(check.task, key)] = tat + interval
         wait_ms = slot - now
-        if wait_ms <= EARLY_MS:  # its slot has come: it starts unless starts would burst
-            ran_tat = max(self._ran_tat.get((check.task, key), now), now)
-            wait_ms = ran_tat - (check.burst - 1) * interval - now
+        if wait_ms <= EARLY_MS:  # its slot has come: it starts unless the window is full
+            most, period = check.count + check.burst - 1, check.count * interval
+            starts = [t for t in self._starts.get((check.task, key), []) if t > now - period]
+            wait_ms = 0.0
+            if check.count > 0 and len(starts) >= most:
+                wait_ms = starts[len(starts) - most] + period - now + 0.001
             if wait_ms <= 0:
-                self._ran_tat[(check.task, key)] = ran_tat + interval
+                self._starts[(check.task, key)] = [*starts, now] if check.count > 0 else []
                 self._ran(member, check.holder, now)
                 return 0.0
             wait_ms += interval * sum(1 for s in waiting.values() if s < slot)
@@ -377,12 +382,12 @@ class RedisLimitStore:
                 self._key("sem", task, sem), self._key("wait:concurrency", task, sem),
                 self._key("rate", task, rate), self._key("wait:rate", task, rate),
                 self.stats_key, self.index_key, self._key("wake", task, sem),
-                self._key("hold", task, sem), self._key("ran", task, rate)]
+                self._key("hold", task, sem), self._key("starts", task, rate)]
         args = ["" if now_ms is None else repr(float(now_ms)), check.holder,
                 check.limit if check.sem_key is not None else 0, check.lease_ms,
                 repr(check.interval_ms) if check.rate_key is not None else 0, check.burst,
                 _member("concurrency", task, sem), _member("rate", task, rate), check.retry_ms,
-                "1" if check.debounce_key is not None else "0"]
+                "1" if check.debounce_key is not None else "0", check.count]
         status, value = await self._eval(ADMIT_SCRIPT, keys, args, f"check the limits of {task!r}")
         status = int(status)
         text = value.decode() if isinstance(value, bytes) else str(value)
