@@ -31,7 +31,8 @@ class Gate(Protocol):
         """``None`` to run now, else the seconds to wait in the broker first."""
 
     async def done(self, message: TaskMessage, /) -> None:
-        """The task that ``admit`` let run has its outcome stored: give back permits."""
+        """The task that ``admit`` let run has ended: give back permits (a plain
+        success may still be on its way to the result store, batched)."""
 
     async def serve(self) -> None:
         """Run while the worker runs (renew leases of running tasks); cancelled at stop."""

@@ -523,7 +523,7 @@ class Worker:
             if hooked or ctx.meta or ctx.last_progress is not None:
                 outcome = dataclasses.replace(outcome, ctx=ctx)
             if (outcome.kind is Kind.SUCCESS and not hooked and not holder and not msg.links
-                    and msg.chord is None and self._admission is None):
+                    and msg.chord is None):  # gates hear done() as the body ends (_process)
                 self._states.discard(msg.id)  # a STARTED record must not follow it
                 self._settler.add(delivery, msg, outcome, self._flow.success(msg, outcome, count))
                 return True

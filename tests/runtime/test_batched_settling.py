@@ -128,3 +128,39 @@ async def test_every_delivery_is_handed_out_while_receivers_stay_busy() -> None:
             queue.close()
     assert sorted(got) == list(range(9))
     assert takers == {0, 1, 2}  # a busy receiver's next delivery went to an idle one
+
+
+class CountingStore(MemoryResultStore):
+    """Counts the results stored through ``put_many`` (the settler's batches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batched = 0
+
+    async def put_many(self, results: Sequence[Result]) -> list[bool]:
+        self.batched += sum(r.state is State.SUCCESS for r in results)
+        return await super().put_many(results)
+
+
+async def test_a_limited_task_elsewhere_in_the_app_keeps_the_batched_path() -> None:
+    """An app with one rate-limited task installs the limits gate; its other,
+    unlimited tasks still have their successes stored in batches (issue 16:
+    waiting on a limit must not slow the rest of the worker)."""
+    store = CountingStore()
+    rt = Runtime(results=store)
+
+    @rt.task(name="limited", rate_limit="1000/s")
+    async def limited() -> None:
+        return None
+
+    @rt.task(name="plain")
+    async def plain(i: int) -> int:
+        return i
+
+    with anyio.fail_after(LIMIT):
+        async with rt, rt.worker(concurrency=4):
+            handles = await rt.enqueue_many([plain.s(i) for i in range(20)])
+            assert [await h for h in handles] == list(range(20))
+            await rt.run(limited.s())
+    assert rt.gates, "the limits gate is installed"
+    assert store.batched >= 20
