@@ -202,6 +202,9 @@ class Notifications:
                 if waiters is not None:  # one-shot: later waiters subscribe afresh
                     self._mark_dirty(channel, lazy=True)
                     waiters.note = data
+                    # a waiter whose SUBSCRIBE is not confirmed yet must not wait
+                    # for a confirmation that no longer finds it: it reads again
+                    waiters.ready.set()
                     waiters.fired.set()
             elif kind == b"subscribe":
                 left = self._unconfirmed.get(channel, 0) - 1
