@@ -77,7 +77,10 @@ def test_bench_runs_the_raw_baselines_beside_taskloom_and_prints_the_ratios(
         tmp_path: Path) -> None:
     result = CliRunner().invoke(bench, [
         "--only", "redis,amqp", "--frameworks", "taskloom,raw",
-        "--workloads", "throughput,enqueue,latency", "--repeat", "1", "--scale", "0.005",
+        "--workloads", "throughput,enqueue,latency", "--repeat", "1",
+            # 1,000 tasks: at 0.005 (100 tasks) a batched worker drained them inside one
+            # 10 ms CPU-clock tick, so its CPU per task read 0.0
+            "--scale", "0.05",
         "--out", str(tmp_path), "--no-chart",
         # not the default 5,6: a full `taskloom bench` may be holding those right now
         "--peer-redis-dbs", "13,14",
@@ -95,7 +98,7 @@ def test_bench_runs_the_raw_baselines_beside_taskloom_and_prints_the_ratios(
                 run = runs[(workload, broker, fw)]
                 assert run["status"] == "ok", run["error"]
                 assert run["metrics"][key] > 0, (workload, broker, fw, key)
-        assert runs[("throughput", broker, "raw")]["metrics"]["n"] == 100
+        assert runs[("throughput", broker, "raw")]["metrics"]["n"] == 1000
         assert runs[("latency", broker, "raw")]["metrics"]["round_trips"] == 5
     ratios = [r for r in record["summary"] if r["framework"] == "taskloom"]
     assert ratios and all(r["ratio_to_baseline"] is not None for r in ratios

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -21,6 +22,7 @@ import anyio.to_thread
 import pytest
 import uvicorn
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
@@ -99,6 +101,17 @@ def flow(base: str, key: str, gate: str, release: Callable[[], None]) -> None:
         replaced by the time its text is read)."""
         wait.until(ec.text_to_be_present_in_element((By.ID, element_id), text))
 
+    def click(element_id: str) -> None:
+        """Clicks once the element is there, finding it again if a live re-render
+        replaced it between the find and the click."""
+        def done(d: Any) -> bool:
+            try:
+                d.find_element(By.ID, element_id).click()
+            except (StaleElementReferenceException, NoSuchElementException):
+                return False
+            return True
+        wait.until(done)
+
     def accept_confirm() -> None:
         wait.until(ec.alert_is_present()).accept()
 
@@ -136,7 +149,7 @@ def flow(base: str, key: str, gate: str, release: Callable[[], None]) -> None:
         state_is("FAILURE")
         text_in("task-traceback", "boom: from the ui")
         failed_url = driver.current_url
-        driver.find_element(By.ID, "retry-btn").click()
+        click("retry-btn")
         wait.until(lambda d: d.current_url != failed_url)
         state_is("FAILURE")   # the retry ran (and failed again, as the task always does)
         # a dead letter replayed, with confirmation
