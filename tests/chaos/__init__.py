@@ -81,6 +81,8 @@ class Verdict:
     p99_ms_per_minute: list[float | None]
     rate_per_s: float
     lost_ids: list[str] = field(default_factory=list)
+    #: confirmed only as duplicates the runtime refused: nothing was published
+    refused_ids: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -97,6 +99,8 @@ class Verdict:
             f"enqueued (confirmed): {self.enqueued}   indeterminate publishes: "
             f"{self.indeterminate}",
             f"lost: {self.lost} {self.lost_ids[:10]}",
+            f"refused as duplicates (nothing published): {len(self.refused_ids)} "
+            f"{self.refused_ids[:10]}",
             f"stuck: {self.stuck}",
             f"duplicated: {self.duplicated} (overlapping: {self.overlapping})",
             f"unexpected: {self.unexpected}",
@@ -284,7 +288,8 @@ async def soak(*, minutes: float, broker: str, fault_every: float = 60.0, rate: 
             dead_by_design=len(view.ids("DLQ_SEEN") & mix.rejects),
             dead_false=len(rep.dlq_false), indeterminate=len(rep.indeterminate), faults=faults,
             p99_ms_per_minute=latency_per_minute(view, t0, math.ceil(minutes)),
-            rate_per_s=rep.enqueued / max(load_s, 1e-9), lost_ids=sorted(rep.lost))
+            rate_per_s=rep.enqueued / max(load_s, 1e-9), lost_ids=sorted(rep.lost),
+            refused_ids=sorted(rep.refused))
     finally:
         for proxy_name in ("broker_proxy", "results_proxy"):
             proxy = locals().get(proxy_name)

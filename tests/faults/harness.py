@@ -587,7 +587,7 @@ class Producer:
         delay = 0.05
         for attempt in range(1, self.max_tries + 1):
             try:
-                await self.rt.enqueue(signature, task_id=key)
+                handle = await self.rt.enqueue(signature, task_id=key)
             except BrokerError as e:
                 self.indeterminate += 1
                 self.ledger.write("ENQ_INDET", id=key, err=f"{type(e).__name__}: {e}"[:500],
@@ -595,7 +595,12 @@ class Producer:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            self.ledger.write("ENQ_OK", id=key)
+            if handle.duplicate:
+                # nothing was published: the runtime found a record under this id
+                # (a reservation or a result); the checker reports it (Report.refused)
+                self.ledger.write("ENQ_OK", id=key, dup=True)
+            else:
+                self.ledger.write("ENQ_OK", id=key)
             self.ok += 1
             for count, event in self._thresholds:
                 if self.ok >= count:

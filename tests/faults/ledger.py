@@ -5,7 +5,9 @@ file opened ``O_APPEND``, one ``os.write`` per record, each under 4 KiB (atomic 
 Linux), so a SIGKILL loses at most the record being written and never corrupts
 another. Records (RELIABILITY.md §2.1)::
 
-    ENQ_SENT(id)  ENQ_OK(id)  ENQ_INDET(id, err)         the producer
+    ENQ_SENT(id)  ENQ_OK(id[, dup])  ENQ_INDET(id, err)  the producer (dup: the
+                                                          runtime said duplicate
+                                                          and published nothing)
     START(id, x, pid, t)  END(id, x, ok, err, pid, t)    the task bodies (x: one execution)
     KILL(pid, t)  EXIT(pid, rc, t)                        the harness, about worker processes
     DLQ_SEEN(id, reason)                                  the test, after reading the DLQ
@@ -117,6 +119,8 @@ class Report:
     concurrent_dup: set[str]
     dlq_false: set[str]
     indeterminate: set[str] = field(default_factory=set)
+    #: ids whose every ENQ_OK was a duplicate the runtime refused (nothing sent)
+    refused: set[str] = field(default_factory=set)
 
     def summary(self) -> str:
         def few(s: Iterable[str]) -> list[str]:
@@ -126,7 +130,8 @@ class Report:
                 f"dup_exec={len(self.dup_exec)} {dict(sorted(self.dup_exec.items())[:10])} "
                 f"concurrent_dup={len(self.concurrent_dup)} {few(self.concurrent_dup)} "
                 f"dlq_false={len(self.dlq_false)} {few(self.dlq_false)} "
-                f"indeterminate={len(self.indeterminate)} recovered={len(self.recovered)}")
+                f"indeterminate={len(self.indeterminate)} recovered={len(self.recovered)} "
+                f"refused={len(self.refused)} {few(self.refused)}")
 
 
 def check(view: LedgerView, *, designed_to_fail: Iterable[str] = ()) -> Report:
@@ -138,7 +143,10 @@ def check(view: LedgerView, *, designed_to_fail: Iterable[str] = ()) -> Report:
     - ``concurrent_dup``: ids with two executions whose [START, end] intervals
       overlap. An execution ends at its END; without one, at the KILL of its
       process, or at the EXIT of its process; otherwise it is still running.
-    - ``dlq_false``: dead-lettered ids not designed to fail.
+    - ``dlq_false``: dead-lettered ids not designed to fail;
+    - ``refused``: ids confirmed only as duplicates (``ENQ_OK`` with ``dup``):
+      the runtime published nothing for them (a lost one among them was never
+      sent, whatever the broker did).
     """
     failing = set(designed_to_fail)
     sent = view.ids("ENQ_SENT")
@@ -175,4 +183,5 @@ def check(view: LedgerView, *, designed_to_fail: Iterable[str] = ()) -> Report:
         concurrent_dup=concurrent,
         dlq_false=dlq - failing,
         indeterminate=indet,
+        refused=view.ids("ENQ_OK", dup=True) - view.ids("ENQ_OK", dup=None),
     )
