@@ -63,6 +63,7 @@ class StoreRetry:
         """
         backoff: Backoff | None = None
         while True:
+            started = time.monotonic()
             try:
                 value = await op()
             except (EncodeError, PayloadTooLarge, DecodeError):
@@ -71,7 +72,7 @@ class StoreRetry:
                 if isinstance(e, TaskloomError) and not isinstance(
                         e, (ResultError, BrokerConnectionError)):
                     raise
-                self.failed(doing, e)
+                self.failed(doing, e, started)
                 backoff = backoff or Backoff(min(0.05, self.cap_s), self.cap_s)
                 await anyio.sleep(backoff.next())
                 continue
@@ -79,13 +80,16 @@ class StoreRetry:
                 self.recovered()
             return value
 
-    def failed(self, doing: str, error: Exception) -> None:
-        """Count a failure; the first once the outage lasts ``warn_after_s``
-        logs a warning."""
+    def failed(self, doing: str, error: Exception, started: float | None = None) -> None:
+        """Count a failure of a call begun at ``started`` (monotonic; now if not
+        given): the outage began when its first failing call did, so a call that
+        hung for a socket timeout before failing (a stalled store) counts its
+        wait; the first failure once the outage lasts ``warn_after_s`` logs a
+        warning."""
         self.failures += 1
         now = time.monotonic()
         if self.since is None:
-            self.since = now
+            self.since = now if started is None else started
         if not self.warned and now - self.since >= self.warn_after_s:
             self.warned = True
             log.warning("result store unavailable; finished tasks are held unacknowledged and "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import anyio
 import pytest
@@ -63,3 +64,26 @@ def test_the_backoff_grows_to_its_cap_with_jitter_and_never_spins() -> None:
     assert all(0.025 <= d <= 1.0 for d in delays)
     assert max(delays[-4:]) > 0.5  # at the cap
     assert len(set(delays)) == len(delays)  # jittered
+
+
+async def test_a_call_that_hangs_before_failing_counts_its_wait(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stalled store: the first call hangs for a socket timeout (10 s here, on a
+    clock the test moves) and fails; the outage began when that call did, so it
+    is logged (it was not: the outage was counted from the failure)."""
+    clock = [1000.0]
+    monkeypatch.setattr("runtime.persist.time", SimpleNamespace(monotonic=lambda: clock[0]))
+    calls: list[int] = []
+
+    async def op() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            clock[0] += 10.0  # hung for the socket timeout, then failed
+            raise ResultStoreUnavailable("timed out")
+        return "stored"
+
+    retry = StoreRetry(cap_s=0.02, warn_after_s=1.0)
+    with capture_logs() as logs, anyio.fail_after(10):
+        assert await retry("store a result", op) == "stored"
+    assert [e["log_level"] for e in logs] == ["warning", "info"]
+    assert logs[1]["down_s"] == 10.0
