@@ -79,14 +79,17 @@ async def _reserve(rt: Runtime, ids: list[str]) -> list[bool]:
 
 
 async def _release(rt: Runtime, ids: list[str]) -> None:
+    # remembered whatever the release does: a release that succeeded can still
+    # be rolled back (a Redis killed before its AOF write), and a retry of this
+    # runtime must not find its own reservation and send nothing
+    stuck = _STUCK.setdefault(rt, set())
+    if len(stuck) + len(ids) > _STUCK_MAX:
+        stuck.clear()
+    stuck.update(ids)
     with anyio.CancelScope(shield=True):
         try:
             await rt.results.release(ids)
         except (ResultError, BrokerConnectionError) as e:
-            stuck = _STUCK.setdefault(rt, set())
-            if len(stuck) + len(ids) > _STUCK_MAX:
-                stuck.clear()
-            stuck.update(ids)
             log.error("the publish failed and the task ids stay reserved in the result store "
                       "until their TTL; this runtime may enqueue them again, other processes "
                       "will see duplicates", task_ids=ids[:10], error=str(e))

@@ -96,6 +96,15 @@ class FlakyBroker(MemoryBroker):
         await super().publish_many(envelopes)
 
 
+class RolledBackRelease(MemoryResultStore):
+    """A memory store whose release succeeds and is then undone, as a Redis killed
+    before its AOF write rolls back an acknowledged DEL (the 30-minute chaos soak)."""
+
+    async def release(self, task_ids: Sequence[str]) -> None:
+        await super().release(task_ids)
+        await self.reserve(list(task_ids))
+
+
 class NoRelease(MemoryResultStore):
     """A memory store that cannot be reached to release reservations."""
 
@@ -103,7 +112,7 @@ class NoRelease(MemoryResultStore):
         raise ResultStoreUnavailable("test: the result store is unreachable")
 
 
-@pytest.mark.parametrize("store", [MemoryResultStore, NoRelease])
+@pytest.mark.parametrize("store", [MemoryResultStore, NoRelease, RolledBackRelease])
 async def test_an_id_whose_publish_failed_can_be_enqueued_again(store: Any) -> None:
     broker, results = FlakyBroker(), store()
     rt = Runtime(broker=broker, results=results)
