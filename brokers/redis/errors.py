@@ -56,6 +56,10 @@ def mapped(what: str, *, publish: bool = False) -> Iterator[None]:
         if text.startswith("OOM") or isinstance(e, rex.OutOfMemoryError):
             text += ("; Redis reached maxmemory: raise it, drain the queues, or purge "
                      "dead letters")
+        elif isinstance(e, rex.NoPermissionError) or text.startswith("NOPERM"):
+            text += ("; the Redis user lacks a permission taskloom needs: grant it the "
+                     "namespace's keys and channels (~<namespace>:* &<namespace>:*) and the "
+                     "commands listed under 'Least privilege' in the README")
         cls = PublishError if publish else BrokerError
         raise cls(f"{what}: Redis replied with an error: {text}") from e
     except Exception as e:

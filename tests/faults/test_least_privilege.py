@@ -132,7 +132,7 @@ async def test_a_namespace_outside_the_acl_fails_with_a_taskloom_error(
     text = str(refused.value)
     # names the operation and the refusal; the password never appears
     assert "publishing message" in text and "jobs" in text, text
-    assert "permission" in text.lower(), text
+    assert "permission" in text.lower() and "Least privilege" in text, text  # says what to grant
     assert PASSWORD not in text
 
 
