@@ -12,6 +12,15 @@ broker kill -9 and restart, broker proxy reset, broker proxy blackhole,
 result-store proxy reset. Then it stops the load, drains, and prints the
 ledger's verdict: lost, duplicated (and overlapping), stuck, dead-lettered by
 design, p99 latency per minute. The exit code is 1 when lost > 0 or stuck > 0.
+
+For each lost id it also prints what the ledger knows (its ENQ_SENT / ENQ_INDET /
+ENQ_OK records, refused duplicates included, and worker records, in seconds
+since the soak's start), the nearest fault before and after it, and what the
+servers still held for it, read before they stop (result record, reservation or
+``ended`` marker; stream, pending, delayed or dead entry): ``tests/chaos/evidence.py``.
+The workdir (ledger, server data with the Redis AOF, worker logs, and
+``evidence.txt``) is removed only when the verdict passes; otherwise it is kept
+and its path printed. ``--keep DIR`` runs in DIR and never removes it.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import structlog
 
 from runtime import Runtime, Signature, chain
 from tests.chaos.app import CPU, HEAD, NOOP, REJECT, SLEEP, TAIL, build
+from tests.chaos.evidence import explain, probe
 from tests.faults.harness import (
     Producer,
     RabbitNode,
@@ -83,6 +93,10 @@ class Verdict:
     lost_ids: list[str] = field(default_factory=list)
     #: confirmed only as duplicates the runtime refused: nothing was published
     refused_ids: list[str] = field(default_factory=list)
+    #: per lost id: ledger records, nearest faults, what the servers held
+    evidence: list[str] = field(default_factory=list)
+    #: the kept workdir (None when it was removed)
+    workdir: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -106,6 +120,8 @@ class Verdict:
             f"unexpected: {self.unexpected}",
             f"dead-lettered by design: {self.dead_by_design}   not by design: {self.dead_false}",
             f"p99 latency per minute (ms, enqueue -> end): [{p99}]",
+            *self.evidence,
+            *([f"workdir kept: {self.workdir}"] if self.workdir else []),
             f"verdict: {'PASS' if self.ok else 'FAIL'}",
         ])
 
@@ -170,6 +186,7 @@ async def soak(*, minutes: float, broker: str, fault_every: float = 60.0, rate: 
     redis_server = RedisServer(root / "redis")
     node: RabbitNode | None = None
     faults: list[tuple[float, str]] = []
+    passed = False
     try:
         redis_server.start()
         results_proxy = TcpProxy(target_port=redis_server.port).start()
@@ -201,6 +218,7 @@ async def soak(*, minutes: float, broker: str, fault_every: float = 60.0, rate: 
         async with rt, WorkerPool(env=env, log_dir=root / "logs", ledger=writer, count=workers,
                                   concurrency=concurrency, respawn=True,
                                   app="tests.chaos.app:rt") as pool:
+            writer.write("SOAK_START")
             t0 = time.monotonic()
             end_at = t0 + duration
 
@@ -281,6 +299,13 @@ async def soak(*, minutes: float, broker: str, fault_every: float = 60.0, rate: 
         view = ledger.read()
         rep = check(view, designed_to_fail=mix.rejects)
         writer.close()
+        # read before the servers stop (the finally below): what they still hold
+        held = await probe(redis_server.url, namespace=namespace, queue=QUEUE, ids=rep.lost,
+                           broker=broker)
+        evidence = explain(view, rep.lost, t0=t0, servers=held)
+        passed = not rep.lost and not stuck
+        if not passed:
+            (root / "evidence.txt").write_text("\n".join(evidence) + "\n")
         return Verdict(
             broker=broker, minutes=minutes, enqueued=rep.enqueued, lost=len(rep.lost),
             stuck=stuck, duplicated=len(rep.dup_exec), overlapping=len(rep.concurrent_dup),
@@ -289,7 +314,8 @@ async def soak(*, minutes: float, broker: str, fault_every: float = 60.0, rate: 
             dead_false=len(rep.dlq_false), indeterminate=len(rep.indeterminate), faults=faults,
             p99_ms_per_minute=latency_per_minute(view, t0, math.ceil(minutes)),
             rate_per_s=rep.enqueued / max(load_s, 1e-9), lost_ids=sorted(rep.lost),
-            refused_ids=sorted(rep.refused))
+            refused_ids=sorted(rep.refused), evidence=evidence,
+            workdir=None if passed and own_dir else str(root))
     finally:
         for proxy_name in ("broker_proxy", "results_proxy"):
             proxy = locals().get(proxy_name)
@@ -298,8 +324,11 @@ async def soak(*, minutes: float, broker: str, fault_every: float = 60.0, rate: 
         if node is not None:
             node.close()
         redis_server.close()
-        if own_dir:
+        if own_dir and passed:
             shutil.rmtree(root, ignore_errors=True)
+        elif own_dir:
+            # a failed verdict (or a crash): the evidence stays
+            report(f"chaos: workdir kept (verdict failed or the soak crashed): {root}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", type=Path, default=None,
-                        help="keep the ledger, logs and server data in this directory")
+                        help="run in this directory and keep it (ledger, logs, server data); "
+                        "without it a temp dir is used, kept only when the verdict fails")
     parser.add_argument("--json", action="store_true", help="also print the verdict as JSON")
     args = parser.parse_args(argv)
     out = sys.stdout

@@ -11,6 +11,8 @@ another. Records (RELIABILITY.md §2.1)::
     START(id, x, pid, t)  END(id, x, ok, err, pid, t)    the task bodies (x: one execution)
     KILL(pid, t)  EXIT(pid, rc, t)                        the harness, about worker processes
     DLQ_SEEN(id, reason)                                  the test, after reading the DLQ
+    NEMESIS(what)  HEAL(what)  SOAK_START                 the chaos soak: a fault begins,
+                                                          ends; the load's t0
 
 ``t`` is ``time.monotonic()``: CLOCK_MONOTONIC is system-wide on Linux, so times of
 different processes compare. This module imports nothing of the runtime: the
