@@ -21,7 +21,6 @@ import redis.asyncio as aioredis
 
 from brokers.redis.keys import BANDS, Queue, decode
 from runtime.results.base import reservation
-from runtime.results.redis_wire import decode_stored
 from tests.faults.ledger import LedgerView
 
 __all__ = ["Fault", "explain", "faults_of", "probe"]
@@ -121,11 +120,18 @@ async def _store(client: aioredis.Redis, ns: str, task_id: str) -> str:
         ttl = await client.pttl(f"{ns}:result:{{{task_id}}}")
         held = f"a reservation (PENDING from reserving.py, pttl {ttl} ms)"
     else:
-        try:
-            held = f"a result record state={decode_stored(task_id, raw).state.name}"
-        except Exception as e:  # evidence, not a verdict: say what it was
-            held = f"an undecodable result record ({e})"
+        held = f"a {'terminal' if raw[:1] == b'T' else 'non-terminal'} result record{_state(raw)}"
     return f"store: {held}, {'an' if marker else 'no'} ended marker"
+
+
+def _state(raw: bytes) -> str:
+    # read generically (not via the store's decoder, whose signature moves): the
+    # record is a msgpack map with a "state" field unless it is sealed
+    try:
+        record = msgspec.msgpack.decode(raw[1:])
+    except msgspec.DecodeError:
+        return f" ({len(raw)} bytes, not plain msgpack: sealed?)"
+    return f" state={record.get('state')}" if isinstance(record, dict) else ""
 
 
 def _mentions(body: bytes, task_id: str, env_id: str) -> bool:

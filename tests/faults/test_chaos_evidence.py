@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from brokers.redis.keys import Queue
+from runtime import Result, State
 from tests.chaos.app import NOOP, build
 from tests.chaos.evidence import Fault, explain, faults_of, probe
 from tests.conftest import REDIS_URL
@@ -79,6 +80,7 @@ async def test_probe_tells_a_reservation_and_a_pending_entry_from_nothing(
         async with rt:
             await rt.enqueue(rt.signature(NOOP, "p1-1"), task_id="p1-1")
             await rt.enqueue(rt.signature(NOOP, "p1-2"), task_id="p1-2")
+            await rt.results.put(Result(id="p1-3", state=State.SUCCESS))
         lengths = {k: await client.xlen(k) for k in Queue(f"{namespace}:", "default").streams}
         (stream,) = [k for k, n in lengths.items() if n]  # one priority: one stream
         # deliver the oldest entry (p1-1) to a consumer that never acks it (the
@@ -86,7 +88,7 @@ async def test_probe_tells_a_reservation_and_a_pending_entry_from_nothing(
         await client.xgroup_create(stream, "taskloom", id="0")
         await client.xreadgroup("taskloom", "probe-test", {stream: ">"}, count=1)
         held = await probe(REDIS_URL, namespace=namespace, queue="default",
-                           ids=["p1-1", "p1-2", "p1-10"], broker="redis")
+                           ids=["p1-1", "p1-2", "p1-3", "p1-10"], broker="redis")
     finally:
         keys = [k async for k in client.scan_iter(match=f"{namespace}:*")]
         if keys:
@@ -95,5 +97,7 @@ async def test_probe_tells_a_reservation_and_a_pending_entry_from_nothing(
     assert "a reservation (PENDING" in held["p1-1"], held
     assert "pending entry (delivered, unacked)" in held["p1-1"], held
     assert "stream entry (not delivered)" in held["p1-2"], held
+    assert held["p1-3"].startswith("store: a terminal result record state=SUCCESS, an ended "
+                                   "marker; broker: nothing"), held
     assert held["p1-10"] == ("store: no result record, no ended marker; broker: nothing "
                              "(no stream, pending, delayed or dead entry)"), held
