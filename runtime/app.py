@@ -48,7 +48,7 @@ from runtime.messages import TaskMessage
 from runtime.middleware import Middleware
 from runtime.registry import Hook, Kind, Task, TaskDecorator, TaskRegistry
 from runtime.reserving import checked_ids, send_reserved
-from runtime.results import DEFAULT_TTL_S, ResultStore
+from runtime.results import DEFAULT_TTL_S, ResultStore, share_keyring
 from runtime.seams import open_listeners
 from runtime.wiring import (
     check_task_id,
@@ -152,11 +152,10 @@ class Runtime(Hooks):
             results_for(results, ttl_s=result_ttl_s, namespace=namespace)
             if isinstance(results, str) else results
         )
-        self.codec = codec_from(env, codec, compress_over=compress_over,
-                                signing_keys=signing_keys, signing_key_id=signing_key_id,
-                                max_message_bytes=max_message_bytes,
-                                encryption_keys=encryption_keys,
-                                encryption_key_id=encryption_key_id)
+        self.codec = share_keyring(self.results, codec_from(  # results stored encrypted too
+            env, codec, compress_over=compress_over, signing_keys=signing_keys,
+            signing_key_id=signing_key_id, max_message_bytes=max_message_bytes,
+            encryption_keys=encryption_keys, encryption_key_id=encryption_key_id))
         broker_limit = self.broker.capabilities.max_message_bytes
         if broker_limit is not None and self.codec.max_message_bytes > broker_limit:
             raise ConfigError(f"max_message_bytes {self.codec.max_message_bytes} is above the "

@@ -38,12 +38,12 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from runtime.deadletters import DeadLetterReason
-from runtime.errors import ConfigError, DecodeError, EncodeError
+from runtime.errors import ConfigError, DecodeError, EncodeError, ResultError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["INSTALL_HINT", "DecryptError", "Keyring", "parse_keys"]
+__all__ = ["INSTALL_HINT", "DecryptError", "Keyring", "SealedResultError", "parse_keys"]
 
 #: What to run when ``cryptography`` is missing.
 INSTALL_HINT = "pip install 'taskloom[encryption]'"
@@ -57,6 +57,9 @@ _KID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: Prefix of the associated data: the scheme and its version.
 _AAD_PREFIX = b"taskloom/aes-256-gcm/1"
 _REASON = DeadLetterReason.BAD_ENCRYPTION
+#: Prefix of the associated data of a stored result (or join value): another
+#: domain than messages', so neither can pass for the other.
+_RESULT_AAD_PREFIX = b"taskloom/result/aes-256-gcm/1"
 
 
 class DecryptError(DecodeError):
@@ -70,6 +73,17 @@ class DecryptError(DecodeError):
         super().__init__(_REASON, detail)
         self.task_id = task_id
         self.authenticated = authenticated
+
+
+class SealedResultError(ResultError):
+    """A stored result (or join value) that cannot be decrypted: its key id is
+    not configured here, or it does not authenticate (tampered, or moved
+    under another task id). ``task_id`` and ``key_id`` name the record."""
+
+    def __init__(self, task_id: str, key_id: str, detail: str) -> None:
+        self.task_id = task_id
+        self.key_id = key_id
+        super().__init__(detail)
 
 
 def _aesgcm() -> type[AESGCM]:
@@ -183,6 +197,42 @@ class Keyring:
                 f"{kid!r}: tampered, encrypted with another key under that id, or its headers "
                 "were changed") from None
         return tid, plain
+
+
+    # -- stored results ------------------------------------------------------
+
+    def seal_result(self, plain: bytes, name: str) -> tuple[str, bytes]:
+        """The current key id and ``nonce || ciphertext || tag`` of ``plain``,
+        bound to ``name`` (the task id, or join id and member)."""
+        kid = self.current
+        nonce = self._nonce(NONCE_BYTES)
+        return kid, nonce + self._ciphers[kid].encrypt(nonce, plain, _result_aad(kid, name))
+
+    def open_result(self, box: bytes, kid: str, name: str, task_id: str) -> bytes:
+        """The plaintext of a :meth:`seal_result` box; :class:`SealedResultError`
+        naming ``task_id`` and ``kid`` if the key is missing or the tag fails."""
+        cipher = self._ciphers.get(kid)
+        if cipher is None:
+            raise SealedResultError(task_id, kid, missing_key(task_id, kid, sorted(self._ciphers)))
+        try:
+            return cipher.decrypt(box[:NONCE_BYTES], box[NONCE_BYTES:], _result_aad(kid, name))
+        except (self._invalid_tag, ValueError):
+            raise SealedResultError(
+                task_id, kid, f"the stored result of task {task_id[:64]!r} does not "
+                f"authenticate under encryption key {kid[:64]!r}: tampered, moved from another "
+                "task id, or encrypted with another key under that id") from None
+
+
+def missing_key(task_id: str, kid: str, have: list[str]) -> str:
+    """What to say of a stored result whose key ``kid`` is not configured."""
+    where = f"only {have}" if have else "no encryption_keys"
+    return (f"the stored result of task {task_id[:64]!r} is encrypted with key id "
+            f"{kid[:64]!r}, which this runtime does not have (it has {where}); add that key to "
+            "encryption_keys (TASKLOOM_ENCRYPTION_KEYS) to read it")
+
+
+def _result_aad(kid: str, name: str) -> bytes:
+    return b"\0".join((_RESULT_AAD_PREFIX, kid.encode(), name.encode()))
 
 
 def _framing(tid: str) -> bytes:

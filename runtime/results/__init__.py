@@ -6,7 +6,10 @@ and :func:`results_from_url`, which picks one from a URL."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
+
+import structlog
 
 from brokers.base import redact_url
 from runtime.errors import ConfigError
@@ -19,8 +22,31 @@ from runtime.results.base import (
 )
 from runtime.results.memory import MemoryResultStore
 
+if TYPE_CHECKING:
+    from runtime.codec import Codec
+
 __all__ = ["CANCELLED", "DEFAULT_MAX_RESULT_BYTES", "DEFAULT_TTL_S", "MemoryResultStore",
-           "ResultStore", "encode_result", "results_from_url"]
+           "ResultStore", "encode_result", "results_from_url", "share_keyring"]
+
+log = structlog.get_logger(__name__)
+
+
+def share_keyring(store: ResultStore, codec: Codec) -> Codec:
+    """Give ``store`` the encryption keys of ``codec`` (the Runtime calls this
+    once, the store being built before the codec): results are then stored
+    with their value and error details encrypted. A store without
+    ``use_keyring`` (a custom one) keeps storing them in clear: said once.
+    Returns ``codec``."""
+    keyring = codec._keyring
+    use_keyring = getattr(store, "use_keyring", None)
+    if keyring is None:
+        return codec
+    if use_keyring is None:
+        log.warning("this result store cannot encrypt results: their values are stored in "
+                    "clear; give it a use_keyring(keyring) method", store=type(store).__name__)
+    else:
+        use_keyring(keyring)
+    return codec
 
 
 def results_from_url(url: str, *, ttl_s: float = DEFAULT_TTL_S,

@@ -48,16 +48,21 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import anyio
 import msgspec
 
-from runtime.errors import EncodeError, PayloadTooLarge
+from runtime.encryption import SealedResultError, missing_key
+from runtime.errors import DecodeError, EncodeError, PayloadTooLarge
 from runtime.messages import ErrorInfo, Result, State
 
+if TYPE_CHECKING:
+    from runtime.encryption import Keyring
+
 __all__ = ["CANCELLED", "DEFAULT_MAX_RESULT_BYTES", "DEFAULT_TTL_S", "MARKER_EXTRA_MAX_S",
-           "MARKER_EXTRA_MIN_S", "ResultStore", "encode_result", "marker_ttl_s", "reservation"]
+           "MARKER_EXTRA_MIN_S", "SEALED", "ResultStore", "decode_record", "encode_result", "marker_ttl_s",
+           "reservation", "seal_value", "open_value"]
 
 DEFAULT_TTL_S = 24 * 3600.0
 DEFAULT_MAX_RESULT_BYTES = 16 * 1024 * 1024
@@ -71,6 +76,14 @@ CANCELLED = ErrorInfo(type="TaskCancelled", reason="cancelled",
                       message="cancelled by TaskHandle.cancel() before it finished")
 
 _ENCODER = msgspec.msgpack.Encoder()
+_RESULT = msgspec.msgpack.Decoder(Result)
+_SEALED_RESULT = msgspec.msgpack.Decoder(tuple[str, Result, bytes])
+_SECRETS = msgspec.msgpack.Decoder(tuple[Any, str, str])
+_SEALED_VALUE = msgspec.msgpack.Decoder(tuple[str, bytes])
+_VALUE = msgspec.msgpack.Decoder()
+#: First byte of an encrypted record (after the state mark) or join value:
+#: 0xC1, the one byte msgpack never uses, so a clear record never starts with it.
+SEALED = b"\xc1"
 
 
 def marker_ttl_s(ttl_s: float) -> float:
@@ -88,16 +101,78 @@ def reservation(task_id: str) -> bytes:
     return b"N" + _ENCODER.encode(Result(id=task_id, state=State.PENDING))
 
 
-def encode_result(result: Result, limit: int) -> bytes:
-    """The stored form of ``result``; EncodeError or PayloadTooLarge if it
-    cannot be stored."""
+def encode_result(result: Result, limit: int, keyring: Keyring | None = None) -> bytes:
+    """The stored form of ``result`` (without its state mark); EncodeError or
+    PayloadTooLarge if it cannot be stored. With a ``keyring``, its value and
+    error message and traceback are encrypted (:func:`_seal`)."""
     try:
-        data = _ENCODER.encode(result)
+        data = _ENCODER.encode(result) if keyring is None else _seal(result, keyring)
     except (TypeError, OverflowError, RecursionError) as e:
         raise EncodeError(f"the result of task {result.id} cannot be encoded: {e}") from None
     if len(data) > limit:
         raise PayloadTooLarge(len(data), limit, f"result of task {result.id}")
     return data
+
+
+def _seal(result: Result, keyring: Keyring) -> bytes:
+    """``SEALED || msgpack([key id, result without its secrets, box])``, the
+    box holding ``msgpack([value, error message, error traceback])`` bound to
+    the task id; a record with no secret to keep is stored clear."""
+    error = result.error
+    if result.value is None and (error is None or not (error.message or error.traceback)):
+        return _ENCODER.encode(result)
+    secrets = (result.value, error.message if error else "", error.traceback if error else "")
+    kid, box = keyring.seal_result(_ENCODER.encode(secrets), result.id)
+    bare = msgspec.structs.replace(
+        result, value=None,
+        error=None if error is None else msgspec.structs.replace(error, message="",
+                                                                 traceback=""))
+    return SEALED + _ENCODER.encode((kid, bare, box))
+
+
+def decode_record(task_id: str, data: bytes | memoryview, keyring: Keyring | None) -> Result:
+    """A stored record (without its state mark) as a ``Result``, decrypted if
+    sealed: ``SealedResultError`` naming the key id if it cannot be,
+    ``DecodeError`` if it is not a taskloom record."""
+    try:
+        if data[:1] != SEALED:
+            return _RESULT.decode(data)
+        kid, bare, box = _SEALED_RESULT.decode(data[1:])
+    except msgspec.MsgspecError as e:
+        raise DecodeError("bad_result", f"the stored result of task {task_id} "
+                          f"cannot be decoded ({e}); it was not written by taskloom") from e
+    if keyring is None:
+        raise SealedResultError(task_id, kid, missing_key(task_id, kid, []))
+    plain = keyring.open_result(box, kid, task_id, task_id)
+    try:
+        value, message, traceback = _SECRETS.decode(plain)
+    except msgspec.MsgspecError as e:  # authenticated, so written by a taskloom
+        raise DecodeError("bad_result", f"the decrypted result of task {task_id} cannot be "
+                          f"decoded ({e})") from e
+    error = bare.error
+    if error is not None:
+        error = msgspec.structs.replace(error, message=message, traceback=traceback)
+    return msgspec.structs.replace(bare, value=value, error=error)
+
+
+def seal_value(data: bytes, join_id: str, index: int, keyring: Keyring | None) -> bytes:
+    """A join member's encoded value as stored: sealed (bound to the join id
+    and member index) when there is a ``keyring``."""
+    if keyring is None:
+        return data
+    kid, box = keyring.seal_result(data, f"{join_id}#{index}")
+    return SEALED + _ENCODER.encode((kid, box))
+
+
+def open_value(data: bytes, join_id: str, index: int, keyring: Keyring | None) -> Any:
+    """A join member's value from its stored form (:func:`seal_value`)."""
+    if data[:1] != SEALED:
+        return _VALUE.decode(data)
+    kid, box = _SEALED_VALUE.decode(data[1:])
+    name = f"join {join_id} member {index}"
+    if keyring is None:
+        raise SealedResultError(join_id, kid, missing_key(name, kid, []))
+    return _VALUE.decode(keyring.open_result(box, kid, f"{join_id}#{index}", name))
 
 
 class ResultStore(Protocol):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
-import msgspec
 
 from runtime.errors import ResultExpired, ResultTimeout
 from runtime.messages import Result, State
@@ -16,6 +15,7 @@ from runtime.results.base import (
     CANCELLED,
     DEFAULT_MAX_RESULT_BYTES,
     DEFAULT_TTL_S,
+    decode_record,
     encode_result,
     reservation,
 )
@@ -23,9 +23,10 @@ from runtime.results.base import (
     marker_ttl_s as marker_ttl,
 )
 
-__all__ = ["MemoryResultStore"]
+if TYPE_CHECKING:
+    from runtime.encryption import Keyring
 
-_DECODER = msgspec.msgpack.Decoder(Result)
+__all__ = ["MemoryResultStore"]
 
 
 class MemoryResultStore:
@@ -43,13 +44,20 @@ class MemoryResultStore:
         self._prune_finished_at = 1024
         # stored encoded, as a remote store would: what cannot be encoded fails
         # here too, and readers get decoded copies, never the worker's objects
-        self._results: dict[str, tuple[float, Result, bytes]] = {}
+        self._results: dict[str, tuple[float, State, bytes]] = {}
         self._waiters: dict[str, anyio.Event] = {}
         self._revoked: set[str] = set()
         self._joins: dict[str, tuple[float, dict[int, Any]]] = {}
         self._claims: dict[str, tuple[float, str]] = {}
         self._changes: dict[str, anyio.Event] = {}  # ids watched by updates()
         self._on_revoked: list[Callable[[str], None]] = []
+        self._keyring: Keyring | None = None
+
+    def use_keyring(self, keyring: Keyring | None) -> None:
+        """Encrypt the value and error details of the results stored from now
+        on with ``keyring``'s current key, and decrypt with any of its keys
+        (the Runtime passes its codec's)."""
+        self._keyring = keyring
 
     @classmethod
     def from_url(cls, url: str = "memory://", *, ttl_s: float = DEFAULT_TTL_S,
@@ -74,14 +82,15 @@ class MemoryResultStore:
         if entry[0] < time.monotonic():
             del self._results[task_id]
             return None
-        return _DECODER.decode(entry[2])
+        return decode_record(task_id, entry[2], self._keyring)
 
     def _put(self, result: Result) -> bool:
         entry = self._results.get(result.id)
-        if entry is not None and entry[0] >= time.monotonic() and entry[1].state.terminal:
+        if entry is not None and entry[0] >= time.monotonic() and entry[1].terminal:
             return False
-        data = encode_result(result, self.max_result_bytes)
-        self._results[result.id] = (time.monotonic() + (result.ttl_s or self.ttl_s), result, data)
+        data = encode_result(result, self.max_result_bytes, self._keyring)
+        self._results[result.id] = (time.monotonic() + (result.ttl_s or self.ttl_s), result.state,
+                                    data)
         if self._changes:
             changed = self._changes.pop(result.id, None)
             if changed is not None:
@@ -114,15 +123,14 @@ class MemoryResultStore:
             if self._live(task_id) is not None:
                 out.append(False)
                 continue
-            record = Result(id=task_id, state=State.PENDING)
-            self._results[task_id] = (now + self.ttl_s, record, reservation(task_id)[1:])
+            self._results[task_id] = (now + self.ttl_s, State.PENDING, reservation(task_id)[1:])
             out.append(True)
         return out
 
     async def release(self, task_ids: Sequence[str]) -> None:
         for task_id in task_ids:
             entry = self._results.get(task_id)
-            if entry is not None and entry[1].state is State.PENDING:
+            if entry is not None and entry[1] is State.PENDING:
                 del self._results[task_id]
 
     async def put(self, result: Result) -> bool:

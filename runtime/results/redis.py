@@ -43,7 +43,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
@@ -68,7 +68,9 @@ from runtime.results.base import (
     DEFAULT_MAX_RESULT_BYTES,
     DEFAULT_TTL_S,
     encode_result,
+    open_value,
     reservation,
+    seal_value,
 )
 from runtime.results.base import marker_ttl_s as marker_ttl
 from runtime.results.batching import Batcher
@@ -83,6 +85,9 @@ from runtime.results.redis_wire import (
     roundtrip,
 )
 from runtime.results.revocations import watch_revocations
+
+if TYPE_CHECKING:
+    from runtime.encryption import Keyring
 
 __all__ = ["RedisResultStore"]
 
@@ -102,7 +107,6 @@ _INLINE_NOTIFY = b"%d" % _INLINE_NOTIFY_BYTES
 _Write = tuple[bytes, bytes, bytes, bytes, bytes, bytes]
 
 _ENCODER = msgspec.msgpack.Encoder()
-_VALUE_DECODER = msgspec.msgpack.Decoder()
 
 #: The batched compare-and-set write of results (first terminal wins).
 _PUT = Script("put.lua")
@@ -162,6 +166,13 @@ class RedisResultStore:
         self._revoked: dict[str, float] = {}
         self._on_revoked: list[Callable[[str], None]] = []
         self._prune_revoked_at = 1024
+        self._keyring: Keyring | None = None
+
+    def use_keyring(self, keyring: Keyring | None) -> None:
+        """Encrypt the value and error details of the results (and the join
+        values) stored from now on with ``keyring``'s current key, and decrypt
+        with any of its keys (the Runtime passes its codec's)."""
+        self._keyring = keyring
 
     @classmethod
     def from_url(cls, url: str, *, ttl_s: float = DEFAULT_TTL_S, namespace: str = "",
@@ -264,7 +275,7 @@ class RedisResultStore:
     # -- writing ---------------------------------------------------------------------
 
     def _encode(self, result: Result) -> _Write:
-        body = encode_result(result, self.max_result_bytes)
+        body = encode_result(result, self.max_result_bytes, self._keyring)
         ns, task_id = self._ns, result.id
         ttl = self._ttl_ms if result.ttl_s is None else b"%d" % max(1, int(result.ttl_s * 1000))
         return (f"{ns}:result:{{{task_id}}}".encode(), f"{ns}:ended:{{{task_id}}}".encode(),
@@ -329,7 +340,7 @@ class RedisResultStore:
 
     async def get(self, task_id: str) -> Result | None:
         raw = (await self._reads.submit([self._result_key(task_id)]))[0]
-        return None if raw is None else decode_stored(task_id, raw)
+        return None if raw is None else decode_stored(task_id, raw, self._keyring)
 
     async def _read(self, keys: list[str]) -> list[bytes | None]:
         with self._errors("read results"):
@@ -357,7 +368,7 @@ class RedisResultStore:
             if marker is not None:
                 raise ResultExpired(task_id, self.ttl_s)
             return None
-        return decode_stored(task_id, raw)
+        return decode_stored(task_id, raw, self._keyring)
 
     async def _wait(self, task_id: str, seen: list[State]) -> Result:
         current = await self._first_read(task_id)
@@ -375,7 +386,7 @@ class RedisResultStore:
                 await waiters.fired.wait()
                 waiters.check()
                 if len(waiters.note) > 1:
-                    current = decode_stored(task_id, waiters.note)
+                    current = decode_stored(task_id, waiters.note, self._keyring)
                 else:
                     current = await self.get(task_id)
             finally:
@@ -408,7 +419,7 @@ class RedisResultStore:
                     await waiters.fired.wait()
                     waiters.check()
                     if len(waiters.note) > 1:
-                        return decode_stored(task_id, waiters.note)
+                        return decode_stored(task_id, waiters.note, self._keyring)
                     return await self._wait(task_id, [State.PENDING])  # too big to ride along
         finally:
             self._notify.unsubscribe(channel, waiters)
@@ -521,7 +532,7 @@ class RedisResultStore:
         if not 0 <= index < size:
             raise ValueError(f"join member index {index} is outside 0..{size - 1}")
         try:
-            data = _ENCODER.encode(value)
+            data = seal_value(_ENCODER.encode(value), join_id, index, self._keyring)
         except (TypeError, OverflowError, RecursionError) as e:
             raise EncodeError(f"member {index} of join {join_id} cannot be encoded: {e}") from None
         if len(data) > self.max_result_bytes:
@@ -532,7 +543,7 @@ class RedisResultStore:
                                  f"count member {index} of join {join_id}")
         if reply is None or any(v is None for v in reply):
             return None
-        return [_VALUE_DECODER.decode(v) for v in reply]
+        return [open_value(v, join_id, i, self._keyring) for i, v in enumerate(reply)]
 
     async def claim(self, task_id: str, ttl_s: float, *, holder: str = "") -> bool:
         key = f"{self._ns}:claim:{{{task_id}}}"

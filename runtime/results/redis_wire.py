@@ -7,16 +7,19 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 
 from brokers.base import is_connection_failure
 from runtime.errors import DecodeError, EncodeError, ResultError, ResultStoreUnavailable
 from runtime.messages import Result
+from runtime.results.base import decode_record
 from runtime.results.notify import CONNECTION_ERRORS
+
+if TYPE_CHECKING:
+    from runtime.encryption import Keyring
 
 __all__ = ["Script", "decode_stored", "execute", "glob_escape", "mapped", "pack", "pairs",
            "roundtrip"]
@@ -24,8 +27,6 @@ __all__ = ["Script", "decode_stored", "execute", "glob_escape", "mapped", "pack"
 #: Redis replies that mean "not now" rather than "never": the caller may retry.
 _TRANSIENT = ("LOADING", "READONLY", "OOM", "MISCONF", "BUSY", "MASTERDOWN", "TRYAGAIN",
               "CLUSTERDOWN")
-
-_RESULT_DECODER = msgspec.msgpack.Decoder(Result)
 
 
 class Script:
@@ -38,13 +39,9 @@ class Script:
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 
-def decode_stored(task_id: str, raw: bytes) -> Result:
-    """A stored record (mark byte + msgpack) as a ``Result``."""
-    try:
-        return _RESULT_DECODER.decode(memoryview(raw)[1:])
-    except msgspec.MsgspecError as e:
-        raise DecodeError("bad_result", f"the stored result of task {task_id} "
-                          f"cannot be decoded ({e}); it was not written by taskloom") from e
+def decode_stored(task_id: str, raw: bytes, keyring: Keyring | None) -> Result:
+    """A stored record (mark byte + msgpack, or + a sealed record) as a ``Result``."""
+    return decode_record(task_id, memoryview(raw)[1:], keyring)
 
 
 async def execute(client: aioredis.Redis, *args: Any) -> Any:
