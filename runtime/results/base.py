@@ -84,6 +84,7 @@ _VALUE = msgspec.msgpack.Decoder()
 #: First byte of an encrypted record (after the state mark) or join value:
 #: 0xC1, the one byte msgpack never uses, so a clear record never starts with it.
 SEALED = b"\xc1"
+_SEALED_BYTE = SEALED[0]
 
 
 def marker_ttl_s(ttl_s: float) -> float:
@@ -135,7 +136,7 @@ def decode_record(task_id: str, data: bytes | memoryview, keyring: Keyring | Non
     sealed: ``SealedResultError`` naming the key id if it cannot be,
     ``DecodeError`` if it is not a taskloom record."""
     try:
-        if data[:1] != SEALED:
+        if not data or data[0] != _SEALED_BYTE:
             return _RESULT.decode(data)
         kid, bare, box = _SEALED_RESULT.decode(data[1:])
     except msgspec.MsgspecError as e:
