@@ -75,15 +75,19 @@ class DecryptError(DecodeError):
         self.authenticated = authenticated
 
 
-class SealedResultError(ResultError):
+class SealedResultError(DecodeError, ResultError):
     """A stored result (or join value) that cannot be decrypted: its key id is
     not configured here, or it does not authenticate (tampered, or moved
-    under another task id). ``task_id`` and ``key_id`` name the record."""
+    under another task id). ``task_id`` and ``key_id`` name the record.
+
+    A ``ResultError`` for callers; a ``DecodeError`` (reason ``bad_encryption``)
+    so that a worker meeting one does not retry it as a store outage: the
+    delivery is dead-lettered and the worker goes on."""
 
     def __init__(self, task_id: str, key_id: str, detail: str) -> None:
         self.task_id = task_id
         self.key_id = key_id
-        super().__init__(detail)
+        DecodeError.__init__(self, _REASON, detail)
 
 
 def _aesgcm() -> type[AESGCM]:

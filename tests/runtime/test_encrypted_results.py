@@ -20,6 +20,7 @@ from runtime import Runtime, TaskError, run
 from runtime.canvas import chord
 from runtime.encryption import Keyring, SealedResultError
 from runtime.messages import ErrorInfo, Result, State
+from runtime.persist import StoreRetry
 from runtime.results import MemoryResultStore
 from runtime.results.base import SEALED
 from tests.conftest import REDIS_URL
@@ -86,6 +87,19 @@ async def test_memory_store_without_the_key_says_which_key() -> None:
     store.use_keyring(None)  # a reader with no keys at all
     with pytest.raises(SealedResultError, match=r"'k1'.*no encryption_keys"):
         await store.wait("b", 1.0)
+
+
+async def test_a_worker_does_not_retry_a_record_it_cannot_decrypt_as_an_outage() -> None:
+    """The worker's store calls retry a ResultError as an outage; a record whose
+    key is gone is no outage: raised at once (the delivery is dead-lettered)."""
+    store = MemoryResultStore()
+    store.use_keyring(Keyring({"k1": K1}))
+    await store.put(Result(id="a", state=State.SUCCESS, value=SECRET))
+    store.use_keyring(Keyring({"k2": K2}))
+    persist = StoreRetry()
+    with anyio.fail_after(LIMIT), pytest.raises(SealedResultError, match="'k1'"):
+        await persist("read", lambda: store.get("a"))
+    assert persist.failures == 0
 
 
 async def test_memory_rotation_reads_old_records_with_the_old_key() -> None:
