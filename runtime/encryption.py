@@ -24,6 +24,12 @@ encryption) vouches for it even when the key to read the rest is missing:
 that is what lets a worker record a ``bad_encryption`` failure under that id
 for its caller (see :class:`DecryptError`).
 
+Stored results (:func:`runtime.results.base.encode_result`): the value and
+the error message and traceback are sealed with :meth:`Keyring.seal_result`
+under the current key, with associated data of their own scheme, the key id
+and the task id (join values: join id and member index); a record names its
+key id, and one whose key is not configured raises :class:`SealedResultError`.
+
 ``cryptography`` is imported only when a :class:`Keyring` is built, so the
 core works without the extra.
 """

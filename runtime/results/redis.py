@@ -4,12 +4,15 @@ Keys (``ns`` is the namespace, ``taskloom`` by default)::
 
     {ns}:result:{<id>}   string   b"T" or b"N" + msgpack(Result), PX ttl
                                   (T: terminal, so Lua can compare without decoding;
-                                  enqueue(task_id=...) reserves it: N + PENDING, SET NX)
+                                  enqueue(task_id=...) reserves it: N + PENDING, SET NX;
+                                  with encryption keys, T/N + 0xC1 + msgpack([key id,
+                                  Result without value nor error text, AES-GCM box]):
+                                  base.encode_result)
     {ns}:ended:{<id>}    string   b"1", PX marker_ttl_s (two days for the default TTL of
                                   one day; base.marker_ttl_s): set with the first terminal
                                   result, outlives it; result gone + marker = expired.
                                   Additive: older writers set none (absence as before)
-    {ns}:join:{<id>}     hash     member index -> msgpack(value), PX ttl
+    {ns}:join:{<id>}     hash     member index -> msgpack(value) (or 0xC1 + sealed), PX ttl
     {ns}:claim:{<id>}    string   SET NX PX
     {ns}:revoked         zset     task id -> expiry (epoch ms), trimmed on revoke
     {ns}:done:<id>       channel  PUBLISHed once, when the first terminal result lands
