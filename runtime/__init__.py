@@ -23,6 +23,7 @@ from runtime.app import Runtime, TaskHandle, run
 from runtime.canvas import Signature, chain, chord, chunks, group, map, starmap
 from runtime.context import CurrentTask, current_task
 from runtime.deadletters import DeadLetterReason
+from runtime.encryption import SealedResultError
 from runtime.errors import (
     ArgumentsError,
     ConfigError,
@@ -80,6 +81,7 @@ __all__ = [
     "ResultExpired",
     "ResultStore",
     "ResultStoreUnavailable",
+    "SealedResultError",
     "ResultTimeout",
     "Retry",
     "RetryPolicy",

@@ -166,6 +166,12 @@ class Codec:
     def encrypts(self) -> bool:
         return self._keyring is not None
 
+    @property
+    def keyring(self) -> Keyring | None:
+        """The encryption keys (None when encryption is off), shared with the
+        result store so stored results are sealed with the same keys."""
+        return self._keyring
+
     # -- values ----------------------------------------------------------------
 
     def encode_value(self, value: Any) -> bytes:

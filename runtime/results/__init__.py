@@ -37,7 +37,7 @@ def share_keyring(store: ResultStore, codec: Codec) -> Codec:
     with their value and error details encrypted. A store without
     ``use_keyring`` (a custom one) keeps storing them in clear: said once.
     Returns ``codec``."""
-    keyring = codec._keyring
+    keyring = codec.keyring
     use_keyring = getattr(store, "use_keyring", None)
     if keyring is None:
         return codec

@@ -31,6 +31,7 @@ from runtime import (
     ResultStoreUnavailable,
     ResultTimeout,
     Runtime,
+    SealedResultError,
     Task,
     TaskCancelled,
     TaskDeadLettered,
@@ -324,6 +325,8 @@ REACHABLE: dict[type[BaseException], str] = {
     ResultError: "handle.result() when the result store resets (base of the next three)",
     ResultTimeout: "run(timeout=...), handle.result(timeout=...)",
     ResultStoreUnavailable: "handle.result() with the Redis result store unreachable",
+    SealedResultError: "handle.result() of a result sealed with a key the reader lacks "
+                       "(test_encrypted_results.py)",
     TaskError: "run() of a task that raised",
     TaskDeadLettered: "run() of a task that raised Reject",
     TaskTimeLimitExceeded: "run() of a task past its timeout",
