@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, cast, overload
 
 import anyio
+import msgspec
 import structlog
 
 import brokers
@@ -557,7 +558,11 @@ class Runtime(Hooks):
             self.transition(t)
 
     def transition(self, t: Transition) -> None:
-        """Tell every listener of ``t`` (a listener that raises is logged)."""
+        """Tell every listener of ``t`` (a listener that raises is logged). With
+        encryption on, an error's text is left out (it stays sealed in the result
+        store); its type is kept."""
+        if t.error and self.codec.encrypts:
+            t = msgspec.structs.replace(t, error="")
         for listener in self._listeners:
             try:
                 listener.transition(t)

@@ -224,7 +224,9 @@ class Flow:
         assert info is not None and outcome.reason is not None
         self.failed += 1
         log.warning("task failed", task_id=msg.id, task=msg.task, attempt=msg.attempt,
-                    reason=outcome.reason.value, error=f"{info.type}: {info.message[:300]}")
+                    reason=outcome.reason.value,  # with encryption on, the text stays sealed
+                    error=info.type if self.runtime.codec.encrypts
+                    else f"{info.type}: {info.message[:300]}")
         now = now_ms()
         ttl = self._ttl(msg, failed=True)
         failure = Result(id=msg.id, task=msg.task, state=State.FAILURE, error=info,

@@ -226,3 +226,30 @@ async def test_redis_rotation_old_key_still_reads_old_records(namespace: str) ->
                 assert await new_only.handle(new.id).result() == f"{SECRET}-2"
                 with pytest.raises(SealedResultError, match="'k1'"):
                     await new_only.handle(old.id).result()
+
+
+@pytest.mark.redis
+async def test_with_index_and_events_on_an_error_text_stays_sealed(namespace: str) -> None:
+    """The task index, the event stream and the worker's "task failed" line keep
+    a failure's type but not its text while encryption is on."""
+    from structlog.testing import capture_logs
+
+    rt = Runtime(broker=REDIS_URL, namespace=namespace, encryption_keys={"k1": K1})
+    tasks = _app(rt)
+    async with cleanup(rt):
+        with capture_logs() as logs, anyio.fail_after(LIMIT):
+            async with rt, rt.worker() as worker:
+                failed = await rt.enqueue(tasks["leak"].s())
+                with pytest.raises(TaskError, match=SECRET):
+                    await failed.result()
+                await worker.idle()
+                for listener in rt._listeners:   # the index is written off the task's path
+                    if hasattr(listener, "flush"):
+                        await listener.flush()
+                page = await rt.ops.tasks(state="failed")
+            raw = await _raw_namespace(namespace)
+    assert page.items[0].error_type == "ValueError"
+    assert b"ValueError" in raw and b":ops:" in raw
+    assert SECRET.encode() not in raw and b"cannot pay" not in raw
+    told = [e for e in logs if e.get("event") == "task failed"]
+    assert told and all(SECRET not in str(e) for e in told)
