@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from brokers.base import QueueStats
@@ -9,6 +11,17 @@ from runtime import Runtime
 
 #: The bound on every test's waiting (anyio.fail_after); work here takes milliseconds.
 LIMIT = 10.0
+
+
+@asynccontextmanager
+async def purged(rt: Runtime) -> AsyncIterator[None]:
+    """Remove the runtime's namespace from Redis (broker and results) afterwards."""
+    try:
+        yield
+    finally:
+        async with rt:
+            await rt.broker.purge_namespace()  # type: ignore[attr-defined]
+            await rt.results.purge_namespace()  # type: ignore[attr-defined]
 
 
 async def dead_letters(rt: Runtime, queue: str = "default") -> list[tuple[str, str]]:

@@ -8,8 +8,6 @@ and on the real Redis with a real worker."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -24,7 +22,7 @@ from runtime.persist import StoreRetry
 from runtime.results import MemoryResultStore
 from runtime.results.base import SEALED
 from tests.conftest import REDIS_URL
-from tests.runtime.helpers import LIMIT
+from tests.runtime.helpers import LIMIT, purged
 
 K1 = os.urandom(32)
 K2 = os.urandom(32)
@@ -149,14 +147,6 @@ async def _raw_namespace(namespace: str) -> bytes:
     return bytes(out)
 
 
-@asynccontextmanager
-async def cleanup(rt: Runtime) -> AsyncIterator[None]:
-    try:
-        yield
-    finally:
-        async with rt:
-            await rt.broker.purge_namespace()  # type: ignore[attr-defined]
-            await rt.results.purge_namespace()  # type: ignore[attr-defined]
 
 
 def _redis(namespace: str, keys: dict[str, bytes] | None, kid: str | None = None
@@ -170,7 +160,7 @@ def _redis(namespace: str, keys: dict[str, bytes] | None, kid: str | None = None
 async def test_redis_never_holds_the_result_but_callers_read_it(namespace: str) -> None:
     worker, _ = _redis(namespace, {"k1": K1})
     producer, tasks = _redis(namespace, {"k1": K1})
-    async with cleanup(worker):
+    async with purged(worker):
         with anyio.fail_after(LIMIT):
             async with producer, worker, worker.worker():
                 assert await run(tasks["reveal"].s(1)) == f"{SECRET}-1"
@@ -194,7 +184,7 @@ async def test_redis_producer_without_the_key_gets_a_clear_error(namespace: str)
     worker, _ = _redis(namespace, {"k1": K1})
     producer, tasks = _redis(namespace, {"k1": K1})
     keyless, _ = _redis(namespace, None)
-    async with cleanup(worker):
+    async with purged(worker):
         with anyio.fail_after(LIMIT):
             async with producer, worker, worker.worker():
                 handle = await producer.enqueue(tasks["reveal"].s(1))
@@ -213,7 +203,7 @@ async def test_redis_rotation_old_key_still_reads_old_records(namespace: str) ->
     before, tasks = _redis(namespace, {"k1": K1})
     after, _ = _redis(namespace, {"k1": K1, "k2": K2}, "k2")
     new_only, _ = _redis(namespace, {"k2": K2})
-    async with cleanup(after):
+    async with purged(after):
         with anyio.fail_after(LIMIT):
             async with before, before.worker():
                 old = await before.enqueue(tasks["reveal"].s(1))
@@ -236,7 +226,7 @@ async def test_with_index_and_events_on_an_error_text_stays_sealed(namespace: st
 
     rt = Runtime(broker=REDIS_URL, namespace=namespace, encryption_keys={"k1": K1})
     tasks = _app(rt)
-    async with cleanup(rt):
+    async with purged(rt):
         with capture_logs() as logs, anyio.fail_after(LIMIT):
             async with rt, rt.worker() as worker:
                 failed = await rt.enqueue(tasks["leak"].s())

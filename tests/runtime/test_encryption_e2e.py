@@ -12,8 +12,6 @@ which is all the Runtime argument does.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -25,7 +23,7 @@ from runtime import Runtime, TaskDeadLettered, run
 from runtime.codec import Codec
 from runtime.messages import TaskMessage
 from tests.conftest import REDIS_URL
-from tests.runtime.helpers import LIMIT, dead_letters
+from tests.runtime.helpers import LIMIT, dead_letters, purged
 from tests.unit import encryption_old_codec
 
 pytestmark = pytest.mark.redis
@@ -65,14 +63,6 @@ def _message(task_id: str, account: str) -> TaskMessage:
     return TaskMessage(id=task_id, task="pay.mask", args=[account])
 
 
-@asynccontextmanager
-async def cleanup(rt: Runtime) -> AsyncIterator[None]:
-    try:
-        yield
-    finally:
-        async with rt:
-            await rt.broker.purge_namespace()  # type: ignore[attr-defined]
-            await rt.results.purge_namespace()  # type: ignore[attr-defined]
 
 
 async def _queued_entries(namespace: str) -> bytes:
@@ -93,7 +83,7 @@ async def _queued_entries(namespace: str) -> bytes:
 async def test_round_trip_and_redis_never_holds_the_arguments(namespace: str) -> None:
     producer = _runtime(namespace, {"k1": OLD})
     worker = _runtime(namespace, {"k1": OLD})
-    async with cleanup(worker.rt):
+    async with purged(worker.rt):
         with anyio.fail_after(LIMIT):
             async with producer.rt:
                 handle = await producer.rt.enqueue(producer.mask.s(SECRET))
@@ -111,7 +101,7 @@ async def test_rotation_old_key_id_is_read_while_configured(namespace: str) -> N
     producer = _runtime(namespace, {"k1": OLD})  # not rotated yet
     worker = _runtime(namespace, {"k1": OLD, "k2": NEW}, "k2")
     new_only = _runtime(namespace, {"k2": NEW})
-    async with cleanup(worker.rt):
+    async with purged(worker.rt):
         with anyio.fail_after(LIMIT):
             async with producer.rt, worker.rt, worker.rt.worker():
                 assert await run(producer.mask.s(SECRET) | producer.length.s()) == len(SECRET)
@@ -125,7 +115,7 @@ async def test_a_removed_key_dead_letters_with_bad_encryption_and_the_worker_goe
         namespace: str) -> None:
     producer = _runtime(namespace, {"k1": OLD})
     worker = _runtime(namespace, {"k2": NEW})
-    async with cleanup(worker.rt):
+    async with purged(worker.rt):
         with anyio.fail_after(LIMIT):
             async with producer.rt, worker.rt, worker.rt.worker() as w:
                 lost = await producer.rt.enqueue(producer.mask.s(SECRET))
@@ -137,7 +127,7 @@ async def test_a_removed_key_dead_letters_with_bad_encryption_and_the_worker_goe
 
 async def test_a_tampered_body_dead_letters_with_bad_encryption(namespace: str) -> None:
     worker = _runtime(namespace, {"k1": OLD})
-    async with cleanup(worker.rt):
+    async with purged(worker.rt):
         with anyio.fail_after(LIMIT):
             async with worker.rt, worker.rt.worker() as w:
                 body, headers = worker.rt.codec.encode(_message("tampered", SECRET))
@@ -155,7 +145,7 @@ async def test_a_worker_from_before_encryption_dead_letters_it_and_never_runs_it
     producer = _runtime(namespace, {"k1": OLD}, compress_over=0)
     old = _runtime(namespace, None)
     old.rt.codec = encryption_old_codec.Codec()  # type: ignore[assignment]
-    async with cleanup(old.rt):
+    async with purged(old.rt):
         with anyio.fail_after(LIMIT):
             async with producer.rt, old.rt, old.rt.worker() as w:
                 handle = await producer.rt.enqueue(producer.mask.s(SECRET))
@@ -171,7 +161,7 @@ async def test_a_removed_key_reaches_a_signed_caller_as_task_dead_lettered(
     worker = _runtime(namespace, {"k2": NEW}, signing_keys=signing)
     try:
         with anyio.fail_after(LIMIT):
-            async with cleanup(worker.rt), producer.rt, worker.rt, worker.rt.worker():
+            async with purged(worker.rt), producer.rt, worker.rt, worker.rt.worker():
                 await run(producer.mask.s(SECRET), timeout=600)  # far past LIMIT: at once or fail
     except TaskDeadLettered as e:
         caught = e
