@@ -10,12 +10,15 @@ attributes of :class:`aiormq.Channel` that are not part of its abstract interfac
 * the confirm bookkeeping of a confirm channel (``delivery_tag``,
   ``confirmations``, ``message_id_delivery_tag``, under ``lock``, futures from
   ``create_future``) and ``max_content_size``, for batched publishing;
-* ``consumers`` (the consumer tags subscribed on a channel).
+* ``consumers`` (the consumer tags subscribed on a channel);
+* ``_get_frame`` and ``_on_deliver_frame`` (the channel's frame reader reading a
+  delivery's content), for handing deliveries over without a task each
+  (:func:`deliver_inline`).
 
 Written against aiormq 7.2.4 (with aio-pika 10.2.1 and pamqp 4.0.1). The project
-pins only ``aio-pika>=9.4``, which pulls aiormq in: :func:`can_batch` and
-:func:`send_acks` check the attributes at run time and fall back to aiormq's
-per-message calls when they are missing, and the AMQP tests (tests/amqp,
+pins only ``aio-pika>=9.4``, which pulls aiormq in: :func:`can_batch`,
+:func:`send_acks` and :func:`deliver_inline` check the attributes at run time and
+fall back to aiormq's per-message calls when they are missing, and the AMQP tests (tests/amqp,
 tests/contract, tests/faults/test_amqp_*) are what tells whether a new aiormq
 still keeps the bookkeeping this module relies on.
 """
@@ -24,22 +27,96 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from typing import Any, Final
 
 import aiormq
-from aiormq.abc import ChannelFrame
+import structlog
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-__all__ = ["Acks", "Item", "can_batch", "send_acks", "send_batch", "subscribed"]
+__all__ = ["Acks", "Item", "can_batch", "deliver_inline", "send_acks", "send_batch",
+           "subscribed"]
+
+log = structlog.get_logger("brokers.amqp")
 
 
 def subscribed(channel: aiormq.Channel) -> Collection[str]:
     """The consumer tags subscribed on ``channel``."""
     return channel.consumers.keys()
+
+
+# -- deliveries without a task each ---------------------------------------------------
+
+#: Where a channel's inline handlers are kept (consumer tag -> handler).
+_INLINE: Final = "_taskloom_inline"
+_INLINE_ATTRIBUTES: Final = ("_get_frame", "_on_deliver_frame", "consumers")
+
+
+def deliver_inline(channel: aiormq.Channel, tag: str,
+                   handler: Callable[[DeliveredMessage], None]) -> bool:
+    """Hand the deliveries of consumer ``tag`` on ``channel`` to ``handler`` from the
+    channel's frame reader, as they are read; False (nothing done) when this aiormq
+    lacks the attributes used (then its consumer callback gets them, as usual).
+
+    aiormq starts an asyncio task per delivery to run the consumer callback (a task
+    object, its scheduling and two done callbacks per message). ``handler`` must be
+    quick and must not block: it runs inside the reader, before the channel's next
+    frame is read. A delivery for a tag without a handler takes aiormq's own path;
+    one for a tag no longer subscribed (cancelled) is dropped, as aiormq does (its
+    channel's close hands it back to the queue).
+    """
+    if not all(hasattr(channel, name) for name in _INLINE_ATTRIBUTES):
+        return False  # pragma: no cover  # an aiormq without the attributes used
+    handlers: dict[str, Callable[[DeliveredMessage], None]] | None = getattr(
+        channel, _INLINE, None)
+    if handlers is None:
+        handlers = {}
+        setattr(channel, _INLINE, handlers)
+        # replaces the method on this channel only (an assignment mypy refuses)
+        setattr(channel, "_on_deliver_frame",  # noqa: B010
+                partial(_on_deliver_frame, channel, handlers))
+    handlers[tag] = handler
+    return True
+
+
+async def _on_deliver_frame(channel: aiormq.Channel,
+                            handlers: dict[str, Callable[[DeliveredMessage], None]],
+                            frame: Basic.Deliver) -> None:
+    """aiormq's ``Channel._on_deliver_frame``, calling an inline handler if there is one."""
+    get_frame = channel._get_frame
+    header = await get_frame()
+    if not isinstance(header, ContentHeader):
+        raise ValueError(f"unexpected frame {header!r} instead of a content header")
+    size = header.body_size or 0
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        content = await get_frame()
+        if not isinstance(content, ContentBody):
+            raise ValueError(f"unexpected frame {content!r} instead of a content body")
+        parts.append(content.value)
+        got += len(content.value)
+    body = parts[0] if len(parts) == 1 else b"".join(parts)
+    message = DeliveredMessage(delivery=frame, header=header, body=body, channel=channel)
+    tag = frame.consumer_tag or ""
+    consumer = channel.consumers.get(tag)
+    if consumer is None:
+        return  # cancelled: the channel's close requeues it
+    handler = handlers.get(tag)
+    if handler is None:
+        task = channel.create_task(consumer(message))
+        task.add_done_callback(channel._on_consumer_done)
+        return
+    try:
+        handler(message)
+    except Exception as e:  # never let the channel's reader die
+        log.error("amqp.delivery_handler_failed", consumer_tag=tag, error=repr(e),
+                  note="the delivery stays unacked: RabbitMQ redelivers it when the "
+                       "channel closes")
 
 
 # -- merged acks ----------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 * **Consuming**: one channel per consumer, ``basic.qos`` prefetch, manual ack.
   Deliveries are pushed by the broker into a local buffer that ``prefetch``
-  bounds, each handed to one waiting receiver. ``basic.ack`` has no reply, so
-  ``ack()`` only records the ack: they are sent merged (one ``multiple`` ack for
-  a settled run of delivery tags, in one socket write: :class:`~brokers.amqp._aiormq.Acks`)
-  once a quarter of the prefetch is pending, as soon as the prefetch is used up,
-  and at most 2 ms later; closing the consumer sends them first.
+  bounds, each handed to one waiting receiver, straight from the channel's frame
+  reader (no asyncio task per delivery: :func:`~brokers.amqp._aiormq.deliver_inline`).
+  ``basic.ack`` has no reply, so ``ack()`` only records the ack: they are sent
+  merged (one ``multiple`` ack for a settled run of delivery tags, in one socket
+  write: :class:`~brokers.amqp._aiormq.Acks`) once a quarter of the prefetch is
+  pending, as soon as the prefetch is used up, and at most 2 ms later; closing
+  the consumer sends them first.
 * **Reconnecting**: the connection is aio-pika's robust one. After a reconnect
   each consumer subscribes again (also after the server cancelled it, e.g. a
   deleted queue, which it declares again); deliveries of the dead channel are
@@ -53,7 +55,7 @@ import structlog
 from aio_pika.abc import AbstractRobustChannel
 from pamqp.commands import Basic
 
-from brokers.amqp._aiormq import Acks, send_acks, subscribed
+from brokers.amqp._aiormq import Acks, deliver_inline, send_acks, subscribed
 from brokers.amqp.errors import mapped
 from brokers.amqp.headers import H_DELIVERED, count_header, user_headers
 from brokers.amqp.watchdog import watch
@@ -217,6 +219,7 @@ class AmqpConsumer(ReceiveIteration):
         underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
         for tag, q in self._tags.items():
             if not self._closed and tag not in subscribed(underlay):
+                deliver_inline(underlay, tag, self._on_delivered)
                 await underlay.basic_consume(q.amqp, self._on_message, consumer_tag=tag)
 
     def _on_reopen(self, *_: Any) -> None:
@@ -250,6 +253,11 @@ class AmqpConsumer(ReceiveIteration):
                 self._resubscribe.set()
 
     async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
+        """aiormq's consumer callback (a task per delivery), used only where
+        :func:`~brokers.amqp._aiormq.deliver_inline` is not."""
+        self._on_delivered(message)
+
+    def _on_delivered(self, message: aiormq.abc.DeliveredMessage) -> None:
         self._received += 1
         self._handoff(message)
 
