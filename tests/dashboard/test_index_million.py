@@ -25,6 +25,7 @@ from runtime import Runtime
 from runtime.dashboard import dashboard_app
 from runtime.lifecycle import Phase, Transition
 from runtime.ops.index import IndexSettings, Query, RedisIndex
+from runtime.ops.index.redis import summary_key
 from tests.conftest import REDIS_URL
 from tests.dashboard.conftest import redis_up
 
@@ -90,7 +91,7 @@ async def remove(index: RedisIndex, namespace: str) -> None:
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
         for lo in range(0, N, 50_000):
-            await client.eval(_UNLINK_RANGE, 0, f"{index.prefix}t:m", lo, lo + 49_999)
+            await client.eval(_UNLINK_RANGE, 0, summary_key(index.prefix, "m"), lo, lo + 49_999)
         keys = [k async for k in client.scan_iter(match=f"*{namespace}*", count=50_000)]
         for lo in range(0, len(keys), 1000):
             await client.unlink(*keys[lo:lo + 1000])

@@ -149,7 +149,7 @@ async def test_retention_bounds_the_index_under_100k_transitions(kind: str,
         newest = (await index.query(Query(states=(Phase.SUCCEEDED,), limit=1))).items[0]
         assert newest.id == f"r{n // 2 - 1}"
         if isinstance(index, RedisIndex):  # the summaries are bounded as well
-            keys = [k async for k in index._redis.scan_iter(match=index.prefix + "t:*",
+            keys = [k async for k in index._redis.scan_iter(match=index.prefix + "t2:*",
                                                             count=5000)]
             assert len(keys) <= settings.max_per_state * 2
     finally:

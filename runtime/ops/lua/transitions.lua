@@ -1,24 +1,49 @@
 -- One batch of the operations log (runtime/ops/writer.py): events appended to the
--- stream and task transitions applied to the task index, in one call.
+-- stream and task transitions applied to the task index (layout 2), in one call.
 -- ARGV: prefix, max_per_state, cutoff_ms, ttl_ms, stream key ('' : no events), stream
 -- max_len, '1' to apply task events to the index ('0' : not), then the events' JSON
 -- joined by "\n" (JSON text never holds a raw newline).
+-- Keys (P = prefix; see runtime/ops/index/redis.py):
+--   P ix2:<state>     zset    task id -> time it entered the state (ms)
+--   P ix2:<state>:c   hash    'q:<queue>' / 'n:<task name>' -> tasks of the state
+--   P t2:<id>         string  'v2 <order> <enqueued_ms|-> <started_ms|-> <state> <worker>'
+--                             "\n" then the JSON of the task's latest event; PX ttl
 -- A task event ({"kind":"task", ...}: the fields of runtime.lifecycle.Transition) also
 -- moves its task in the index. Of one task's steps in a batch only the latest (by order:
 -- ends beat everything, then attempts, then the step) is written, with the earliest
--- enqueue and latest start time seen beside it. Each sorted set gets one ZADD and one ZREM
--- per call (members gathered), and each state's set touched is trimmed to its count and
--- age once, at the end. Returns the number of tasks written.
+-- enqueue and latest start time seen beside it: one GET and one SET per task, one ZADD
+-- and one ZREM per state's set and call (members gathered), one HINCRBY per count
+-- changed in the call, and each state's set touched is trimmed to its count and age
+-- once, at the end. Returns the number of tasks written.
 local P, max, cutoff, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local stream, maxlen, indexing, blob = ARGV[5], ARGV[6], ARGV[7] == '1', ARGV[8]
-local call, find, sub, fmt, decode, NULL =
-  redis.call, string.find, string.sub, string.format, cjson.decode, cjson.null
+local call, find, sub, match, fmt, decode, NULL =
+  redis.call, string.find, string.sub, string.match, string.format, cjson.decode, cjson.null
 local RANK = {enqueued = 0, scheduled = 0, started = 1, retrying = 2}
 local FINAL = {succeeded = true, failed = true, dead_lettered = true, revoked = true,
                expired = true}
 
 local function given(v) return v and v ~= NULL and v ~= '' end
 local function int(v) return fmt('%d', v) end
+
+-- A task event's fields. msgspec writes them in a fixed order (id, task, queue, phase,
+-- at_ms, attempt unless 1, worker unless ''), so a pattern reads them without decoding
+-- the JSON; a value with an escape in it (or any other shape) goes through cjson.
+local HEAD = '"id":"([^"\\]*)","task":"([^"\\]*)","queue":"([^"\\]*)","phase":"([%l_]+)",'
+  .. '"at_ms":(%d+)'
+local function fields(ev)
+  local _, stop, id, task, queue, phase, at = find(ev, HEAD)
+  if stop then
+    local worker = match(ev, '"worker":"([^"\\]*)"', stop)
+    if worker or not find(ev, '"worker":"', stop, true) then
+      return id, task, queue, phase, tonumber(at),
+        tonumber(match(ev, '^,"attempt":(%d+)', stop + 1)) or 1, worker or ''
+    end
+  end
+  local e = decode(ev)
+  local worker = given(e.worker) and string.gsub(e.worker, '[\r\n]', ' ') or ''
+  return e.id, e.task, e.queue, e.phase, e.at_ms, given(e.attempt) and e.attempt or 1, worker
+end
 
 -- read the batch: stream every event, gather each task's latest step
 local ids, latest = {}, {}
@@ -29,38 +54,28 @@ while pos <= n do
   pos = stop + 1
   if stream ~= '' then call('XADD', stream, '*', 'e', ev) end
   if indexing and sub(ev, 1, 15) == '{"kind":"task",' then
-    local e = decode(ev)
-    local state = e.phase
+    local id, task, queue, state, at, attempt, worker = fields(ev)
     local rank = RANK[state]
-    local o = (FINAL[state] and 1073741824 or 0) + (given(e.attempt) and e.attempt or 1) * 4
-      + (rank or 3)
-    local cur = latest[e.id]
+    local o = (FINAL[state] and 1073741824 or 0) + attempt * 4 + (rank or 3)
+    local cur = latest[id]
     if not cur then
       cur = {o = -1}
-      latest[e.id] = cur
-      ids[#ids + 1] = e.id
+      latest[id] = cur
+      ids[#ids + 1] = id
     end
-    if o >= cur.o then cur.o, cur.e = o, e end
-    if rank == 0 and (not cur.enq or e.at_ms < cur.enq) then cur.enq = e.at_ms end
-    if rank == 1 and (not cur.started or e.at_ms > cur.started) then cur.started = e.at_ms end
+    if o >= cur.o then
+      cur.o, cur.ev, cur.state, cur.queue, cur.task, cur.at, cur.w =
+        o, ev, state, queue, task, at, worker
+    end
+    if worker ~= '' then cur.anyw = worker end
+    if rank == 0 and (not cur.enq or at < cur.enq) then cur.enq = at end
+    if rank == 1 and (not cur.started or at > cur.started) then cur.started = at end
   end
 end
 if stream ~= '' and n > 0 then call('XTRIM', stream, 'MAXLEN', '~', maxlen) end
+if not indexing then return 0 end
 
--- the three sets of (state, queue, name), each key built once per call
-local sets = {}
-local function sets_of(state, queue, name)
-  local tag = state .. '\0' .. queue .. '\0' .. name
-  local s = sets[tag]
-  if not s then
-    local main = P .. 'ix:' .. state
-    s = {main, main .. ':q:' .. queue, main .. ':n:' .. name}
-    sets[tag] = s
-  end
-  return s
-end
-
--- one ZADD / ZREM per set and call, not one per task: members gathered per key
+-- members gathered per key: one ZADD / ZREM per set and call, not one per task
 local adds, add_keys, rems, rem_keys = {}, {}, {}, {}
 local function gather(into, keys, key, a, b)
   local list = into[key]
@@ -73,49 +88,58 @@ local function gather(into, keys, key, a, b)
   if b then list[#list + 1] = b end
 end
 
+-- the counts per queue and per task name of each state, summed over the call
+local deltas, delta_keys = {}, {}
+local function count(state, queue, name, by)
+  local key = P .. 'ix2:' .. state .. ':c'
+  local d = deltas[key]
+  if not d then
+    d = {}
+    deltas[key] = d
+    delta_keys[#delta_keys + 1] = key
+  end
+  local q, nm = 'q:' .. queue, 'n:' .. name
+  d[q] = (d[q] or 0) + by
+  d[nm] = (d[nm] or 0) + by
+end
+
 -- a command over many members, in slices (unpack has a limit)
 local function many(cmd, key, list)
   for i = 1, #list, 1000 do call(cmd, key, unpack(list, i, math.min(i + 999, #list))) end
 end
 
+-- a stored summary: order, enqueued, started, state, worker, the event's JSON
+local STORED = '^v2 (%d+) (%S+) (%S+) (%S+) ([^\n]*)\n()'
+local function stored(raw)
+  if not raw then return nil end
+  local o, enq, started, state, worker, at = match(raw, STORED)
+  if not o then return nil end
+  return tonumber(o), enq, started, state, worker, sub(raw, at)
+end
+
 -- write each task's latest step (unless the index holds a later one)
 local touched, mains, written = {}, {}, 0
-local f, k = {}, 0
-local function opt(key, v)
-  if given(v) then f[k + 1] = key; f[k + 2] = v; k = k + 2 end
-end
 for _, id in ipairs(ids) do
   local c = latest[id]
-  local e = c.e
-  local h = P .. 't:' .. id
-  local old = call('HMGET', h, 'o', 'state', 'queue', 'name', 'enqueued_ms', 'started_ms',
-                   'worker')
-  if not old[1] or tonumber(old[1]) <= c.o then
-    local state, queue, name, at = e.phase, e.queue, e.task, int(e.at_ms)
-    if old[2] then
-      for _, key in ipairs(sets_of(old[2], old[3], old[4])) do gather(rems, rem_keys, key, id) end
+  local key = P .. 't2:' .. id
+  local oo, oenq, ostarted, ostate, oworker, ojson = stored(call('GET', key))
+  if not oo or oo <= c.o then
+    if ostate then
+      gather(rems, rem_keys, P .. 'ix2:' .. ostate, id)
+      local _, otask, oqueue = fields(ojson)
+      count(ostate, oqueue, otask, -1)
     end
-    if old[1] or old[2] then call('DEL', h) end
-    local enq, started, worker = old[5], old[6], e.worker
-    if not enq and c.enq then enq = int(c.enq) end
-    if c.started then started = int(c.started) end
-    if not given(worker) then worker = old[7] end
-    f = {'id', id, 'name', name, 'queue', queue, 'state', state, 'at_ms', at,
-         'attempt', given(e.attempt) and int(e.attempt) or '1', 'o', int(c.o)}
-    k = #f
-    opt('worker', worker)
-    if given(e.eta_ms) then opt('eta_ms', int(e.eta_ms)) end
-    opt('error_type', e.error_type); opt('error', e.error); opt('reason', e.reason)
-    opt('parent_id', e.parent_id); opt('root_id', e.root_id)
-    opt('enqueued_ms', enq); opt('started_ms', started)
-    if FINAL[state] then opt('finished_ms', at) end
-    call('HSET', h, unpack(f))
-    call('PEXPIRE', h, ttl)
-    local new = sets_of(state, queue, name)
-    for _, key in ipairs(new) do gather(adds, add_keys, key, at, id) end
-    if not touched[new[1]] then
-      touched[new[1]] = true
-      mains[#mains + 1] = new[1]
+    local enq = (oenq and oenq ~= '-' and oenq) or (c.enq and int(c.enq)) or '-'
+    local started = (c.started and int(c.started)) or ostarted or '-'
+    local worker = (c.w ~= '' and c.w) or c.anyw or oworker or ''
+    call('SET', key, 'v2 ' .. int(c.o) .. ' ' .. enq .. ' ' .. started .. ' ' .. c.state
+      .. ' ' .. worker .. '\n' .. c.ev, 'PX', ttl)
+    local main = P .. 'ix2:' .. c.state
+    gather(adds, add_keys, main, int(c.at), id)
+    count(c.state, c.queue, c.task, 1)
+    if not touched[main] then
+      touched[main] = c.state
+      mains[#mains + 1] = main
     end
     written = written + 1
   end
@@ -126,24 +150,33 @@ for _, key in ipairs(add_keys) do many('ZADD', key, adds[key]) end
 
 -- retention: each touched state keeps its newest `max`, none older than the cutoff
 local gone, gone_keys = {}, {}
-local function drop(id, main)
+local function drop(id, main, state)
   gather(gone, gone_keys, main, id)
-  local h = P .. 't:' .. id
-  local old = call('HMGET', h, 'state', 'queue', 'name')
-  if old[1] then
-    for _, key in ipairs(sets_of(old[1], old[2], old[3])) do gather(gone, gone_keys, key, id) end
+  local key = P .. 't2:' .. id
+  local _, _, _, ostate, _, ojson = stored(call('GET', key))
+  if ostate == state then  -- else the entry was stale: the summary is another state's
+    local _, otask, oqueue = fields(ojson)
+    count(state, oqueue, otask, -1)
+    call('DEL', key)
   end
-  call('DEL', h)
 end
 for _, main in ipairs(mains) do
-  local count = call('ZCARD', main)
-  if count > max then
-    for _, id in ipairs(call('ZRANGE', main, 0, count - max - 1)) do drop(id, main) end
+  local state = touched[main]
+  local total = call('ZCARD', main)
+  if total > max then
+    for _, id in ipairs(call('ZRANGE', main, 0, total - max - 1)) do drop(id, main, state) end
   end
   for _, id in ipairs(call('ZRANGEBYSCORE', main, '-inf', '(' .. int(cutoff), 'LIMIT', 0,
                            1000)) do
-    drop(id, main)
+    drop(id, main, state)
   end
 end
 for _, key in ipairs(gone_keys) do many('ZREM', key, gone[key]) end
+
+-- the counts: one HINCRBY per count changed; none kept at zero
+for _, key in ipairs(delta_keys) do
+  for field, by in pairs(deltas[key]) do
+    if by ~= 0 and call('HINCRBY', key, field, by) <= 0 then call('HDEL', key, field) end
+  end
+end
 return written
