@@ -3,8 +3,14 @@
 Publishing is one ``XADD`` (a message for now) or one script call
 (``lua/publish.lua``: a delayed message goes to the delayed set, scored on the
 Redis clock); ``publish_many`` sends ``publish_chunk`` messages per script call,
-all in one round trip. ``stats``, ``purge`` and ``dead_letters`` first flush the
+all in one round trip. With ``min_replicas`` a publish also ``WAIT``s on its
+connection for that many replicas and raises ``PublishError`` when fewer
+acknowledged in time. ``stats``, ``purge`` and ``dead_letters`` first flush the
 settlements this broker's consumers have queued (read your own writes).
+
+On connect it logs an error when ``maxmemory-policy`` is not ``noeviction``
+(Redis could evict queued messages) and a warning when this host's clock is
+more than ``CLOCK_SKEW_WARN_S`` off Redis's.
 
 Limits: a consumer of several queues issues multi-key commands across their hash
 slots; on Redis Cluster give each consumer one queue. On Redis < 7.0 there is no
@@ -17,6 +23,7 @@ import math
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -36,6 +43,7 @@ from brokers.base import (
     ConnectionFailed,
     DeadLetter,
     Envelope,
+    PublishError,
     QueueStats,
     is_connection_failure,
     redact_url,
@@ -47,9 +55,12 @@ from brokers.redis.options import RedisBrokerOptions, parse_url
 from brokers.redis.scripts import ALL as ALL_SCRIPTS
 from brokers.redis.scripts import PUBLISH, PURGE, STATS, Call, cmd, evalsha, evalsha_many
 
-__all__ = ["RedisBroker"]
+__all__ = ["CLOCK_SKEW_WARN_S", "RedisBroker"]
 
 log = structlog.get_logger("brokers.redis")
+
+#: A host clock further than this from Redis's is logged at connect (RELIABILITY G1).
+CLOCK_SKEW_WARN_S = 5.0
 
 
 def _glob_escape(text: str) -> str:
@@ -125,6 +136,7 @@ class RedisBroker:
                 "and that redis-server is running and reachable") from e
         self._redis = client
         await self._check_eviction()
+        await self._check_clock()
         return self
 
     async def _check_eviction(self) -> None:
@@ -139,6 +151,24 @@ class RedisBroker:
             log.error("Redis maxmemory-policy is not noeviction: Redis may evict queued "
                       "messages under memory pressure; set maxmemory-policy noeviction",
                       policy=policy)
+
+    async def _check_clock(self) -> None:
+        """Warn when this host's clock is more than ``CLOCK_SKEW_WARN_S`` off
+        Redis's. Delays are due on Redis's clock, but an ``eta`` datetime becomes
+        a delay on the producer's clock and expiry is checked on the worker's."""
+        try:
+            before = time.time()
+            seconds, micros = await self._redis_client.time()
+            after = time.time()
+        except rex.RedisError:
+            return  # TIME may be denied by ACLs; not fatal
+        skew = (before + after) / 2 - (seconds + micros / 1e6)
+        if abs(skew) > CLOCK_SKEW_WARN_S + (after - before) / 2:
+            log.warning("this host's clock is off Redis's clock: delayed tasks are due on "
+                        "Redis's clock, but an eta given as a datetime is turned into a delay "
+                        "on the producer's clock and expiry is checked on the worker's clock, "
+                        "so both are off by the skew; sync the clocks (NTP)",
+                        skew_s=round(skew, 1), redis=redact_url(self.url))
 
     async def __aexit__(
         self,
@@ -178,14 +208,22 @@ class RedisBroker:
     async def publish(self, envelope: Envelope) -> None:
         q = self._queue(envelope.queue)
         band = band_of(envelope.priority)
-        with mapped(f"publishing message {envelope.id} to queue {envelope.queue!r}",
-                    publish=True):
-            if envelope.delay_s > 0:
-                await evalsha(self._redis_client, PUBLISH, [*q.streams, q.delayed],
-                              [0, band, math.ceil(envelope.delay_s * 1000),
-                               self._delayed_member(envelope, band)])
-                self._wake_delay_timers()
+        what = f"publishing message {envelope.id} to queue {envelope.queue!r}"
+        if envelope.delay_s > 0:
+            call: Call = (PUBLISH, [*q.streams, q.delayed],
+                          [0, band, math.ceil(envelope.delay_s * 1000),
+                           self._delayed_member(envelope, band)])
+            if self.options.min_replicas:
+                await self._replicated([call], what)
             else:
+                with mapped(what, publish=True):
+                    await evalsha(self._redis_client, *call)
+            self._wake_delay_timers()
+        elif self.options.min_replicas:
+            await self._replicated([(PUBLISH, [*q.streams, q.delayed],
+                                     [0, band, 0, encode(envelope)])], what)
+        else:
+            with mapped(what, publish=True):
                 await cmd(self._redis_client, "XADD", q.streams[band], "*", "e",
                           encode(envelope))
 
@@ -225,13 +263,52 @@ class RedisBroker:
         if not calls:
             return
         what = f"publishing {len(envelopes)} messages"
-        with mapped(what, publish=True):
-            results = await evalsha_many(self._redis_client, calls)
-        for result in results:
-            if isinstance(result, Exception):
-                raise as_broker_error(what, result, publish=True)
+        if self.options.min_replicas:
+            await self._replicated(calls, what)
+        else:
+            with mapped(what, publish=True):
+                results = await evalsha_many(self._redis_client, calls)
+            for result in results:
+                if isinstance(result, Exception):
+                    raise as_broker_error(what, result, publish=True)
         if any(env.delay_s > 0 for env in envelopes):
             self._wake_delay_timers()
+
+    async def _replicated(self, calls: Sequence[Call], what: str) -> None:
+        """Run publish script calls, then ``WAIT`` for ``min_replicas`` on the same
+        connection (a redis-py pipeline holds one): ``WAIT`` covers every write
+        the connection made, and a replica that has a later write has the earlier
+        ones. Scripts Redis lost (``NOSCRIPT``: nothing ran) are loaded and sent
+        again. Raises ``PublishError`` when fewer replicas acknowledged in time."""
+        opts = self.options
+        todo = list(calls)
+        for _ in range(2):
+            pipe = self._redis_client.pipeline(transaction=False)
+            for script, keys, args in todo:
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", opts.min_replicas, opts.replica_timeout_ms)
+            with mapped(what, publish=True):
+                results = await pipe.execute(raise_on_error=False)
+            missing = [c for c, r in zip(todo, results, strict=False)
+                       if isinstance(r, rex.NoScriptError)]
+            for result in results:
+                if isinstance(result, Exception) and not isinstance(result, rex.NoScriptError):
+                    raise as_broker_error(what, result, publish=True)
+            if not missing:
+                break
+            with mapped(what, publish=True):
+                for script, _, _ in missing:
+                    await cmd(self._redis_client, "SCRIPT", "LOAD", script.source)
+            todo = missing
+        else:
+            raise PublishError(f"{what}: Redis kept answering NOSCRIPT for the publish script")
+        acked = int(results[-1])
+        if acked < opts.min_replicas:
+            raise PublishError(
+                f"{what}: stored on the primary but acknowledged by {acked} of "
+                f"{opts.min_replicas} replicas within {opts.replica_timeout_ms} ms "
+                "(min_replicas): it may be lost if Redis fails over now; check the "
+                "replicas' links (INFO replication), then retry with the same task id")
 
     def _wake_delay_timers(self) -> None:
         """Delays published through this broker need not wait for the tick."""
