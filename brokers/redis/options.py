@@ -45,6 +45,16 @@ class RedisBrokerOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     #: Bytes of message bodies one consumer fetches and holds at most (at least one
     #: message at a time): bounds a worker's memory whatever the entry sizes.
     fetch_bytes: Annotated[int, msgspec.Meta(ge=1)] = 8 * 1024 * 1024
+    #: Replicas that must hold a published message before ``publish`` returns
+    #: (Redis ``WAIT`` on the publishing connection); 0 = do not wait. When fewer
+    #: acknowledge within ``replica_timeout_ms`` the publish raises ``PublishError``:
+    #: the message is on the primary only and may not survive a failover (retry it
+    #: with the same task id). Replicas hold it in memory: not a guarantee against
+    #: every failure, but what a Sentinel-style failover to a live replica keeps.
+    min_replicas: Annotated[int, msgspec.Meta(ge=0)] = 0
+    #: How long a publish waits for ``min_replicas`` (milliseconds, at least 1:
+    #: ``WAIT`` with 0 would block forever).
+    replica_timeout_ms: Annotated[int, msgspec.Meta(ge=1)] = 100
 
 
 def parse_url(url: str) -> tuple[str, RedisBrokerOptions]:
