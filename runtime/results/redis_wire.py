@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rex
 
 from brokers.base import is_connection_failure
+from brokers.redis.scripts import exchange
 from runtime.errors import DecodeError, EncodeError, ResultError, ResultStoreUnavailable
 from runtime.messages import Result
 from runtime.results.base import decode_record
@@ -57,20 +58,9 @@ def pack(args: Sequence[bytes]) -> bytes:
 
 
 async def roundtrip(client: aioredis.Redis, commands: list[bytes]) -> list[Any]:
-    """Send packed commands in one write; their replies (errors in place)."""
-    pool = client.connection_pool
-    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-    try:
-        await conn.send_packed_command(commands, check_health=False)
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(await conn.read_response())
-            except rex.ResponseError as e:  # read in full: the next reply follows
-                replies.append(e)
-        return replies
-    finally:
-        await pool.release(conn)
+    """Send packed commands in one write; their replies (errors in place), under
+    one timeout for the whole exchange (:func:`brokers.redis.scripts.exchange`)."""
+    return await exchange(client, commands, len(commands))
 
 
 def glob_escape(text: str) -> str:
