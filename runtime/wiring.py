@@ -17,7 +17,7 @@ from brokers.memory import MemoryBroker
 from runtime import canvas
 from runtime.errors import BrokerConnectionError, ConfigError, EnqueueError, ResultError
 from runtime.handle import TaskHandle
-from runtime.messages import TaskMessage, TaskOptions
+from runtime.messages import ChainNode, ChordNode, GroupNode, Node, SigNode, TaskMessage, TaskOptions
 from runtime.results import MemoryResultStore, ResultStore
 from runtime.retry import RetryPolicy
 
@@ -187,7 +187,49 @@ def compile_call(
         canvas.check_call_options(f"enqueue({target!r})", overrides)
     if isinstance(target, canvas.Signature) and not target.errbacks:
         message = canvas.message_for(target, task_id=task_id, overrides=overrides)
-        return [message], TaskHandle(rt, message.id, target.task.return_type)
-    node = canvas.to_node(target, final=task_id)
-    messages = canvas.start(node, rt.registry, overrides=overrides)
-    return messages, TaskHandle(rt, canvas.final_id(node))
+        messages = [message]
+        handle: TaskHandle[Any] = TaskHandle(rt, message.id, target.task.return_type)
+        node: Node | None = None
+    else:
+        node = canvas.to_node(target, final=task_id)
+        messages = canvas.start(node, rt.registry, overrides=overrides)
+        handle = TaskHandle(rt, canvas.final_id(node))
+    limit = rt.broker.capabilities.consumer_timeout_s
+    if limit is not None:
+        for m in messages:
+            _refuse_time_limit(limit, m.task, m.id, m.timeout)
+        if node is not None:
+            _check_canvas_time_limits(limit, node)
+    return messages, handle
+
+
+def _check_canvas_time_limits(limit: float, node: Node) -> None:
+    """Every step of a canvas, the later ones too (the worker publishes them
+    when their turn comes, too late to refuse)."""
+    match node:
+        case SigNode():
+            _refuse_time_limit(limit, node.task, node.id, node.options.timeout)
+            for errback in node.errbacks:
+                _check_canvas_time_limits(limit, errback)
+        case GroupNode(members=children) | ChainNode(steps=children):
+            for child in children:
+                _check_canvas_time_limits(limit, child)
+        case ChordNode():
+            for child in node.header:
+                _check_canvas_time_limits(limit, child)
+            if node.body is not None:
+                _check_canvas_time_limits(limit, node.body)
+
+
+def _refuse_time_limit(limit: float, task: str, task_id: str, timeout: float | None) -> None:
+    """A per-call ``.set(timeout=...)`` must stay below the broker's consumer
+    timeout, as ``check_time_limit`` requires of the task's own option (a
+    message held past it is taken back and run twice)."""
+    if timeout is None or timeout < limit:
+        return
+    raise EnqueueError(
+        f"{task!r} (id {task_id}) was given timeout={timeout:g}, but the broker takes back "
+        f"messages held longer than its consumer timeout of {limit:g}s, which would run the "
+        f"task twice; nothing was sent. Give .set(timeout=...) a value below {limit:g} or "
+        f"raise the broker's consumer_timeout"
+    )
