@@ -16,7 +16,16 @@ events=False``; "on" with both on (the default). Modes are interleaved
 Columns: tasks/s over the window; worker CPU (this process's user+sys time
 in the window) per task; Redis CPU (``INFO cpu`` of the server, user+sys)
 per task; the ratio of "on" to "off" throughput (medians). The machine may be
-shared: read the figures beside ``uptime``'s load.
+shared: read the figures beside ``uptime``'s load. Under load, throughput
+follows the CPU of every process on the machine, so the Redis and worker CPU
+per task are the steadier figures; run on a redis-server of your own
+(``TASKLOOM_BENCH_REDIS_URL``) so that Redis CPU is this benchmark's alone.
+
+Then, by Redis command, what "on" adds per task (``INFO commandstats``, median
+of "on" minus median of "off"): calls and microseconds per task. ``evalsha``
+includes the commands its scripts call; "script itself" is what "on" adds of
+``evalsha`` less what it adds of the commands the writer's script calls (an
+estimate of the Lua work: parsing the batch and building strings).
 """
 
 from __future__ import annotations
@@ -51,6 +60,8 @@ class Run:
     wall_s: float
     cpu_s: float  # this process (the worker), user + sys
     redis_cpu_s: float
+    #: per Redis command: (calls, usec) in the window
+    commands: dict[str, tuple[int, float]]
 
     @property
     def rate(self) -> float:
@@ -78,6 +89,19 @@ def _runtime(namespace: str) -> Runtime:
 async def _redis_cpu(client: Any) -> float:
     info = await client.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def _commands(client: Any) -> dict[str, tuple[int, float]]:
+    info = await client.info("commandstats")
+    return {k.removeprefix("cmdstat_"): (int(v["calls"]), float(v["usec"]))
+            for k, v in info.items()}
+
+
+def _delta(after: dict[str, tuple[int, float]], before: dict[str, tuple[int, float]]
+           ) -> dict[str, tuple[int, float]]:
+    zero = (0, 0.0)
+    return {k: (c - before.get(k, zero)[0], u - before.get(k, zero)[1])
+            for k, (c, u) in after.items()}
 
 
 async def _drained(listeners: Sequence[Listener]) -> None:
@@ -114,16 +138,18 @@ async def measure(mode: str, tasks: int, concurrency: int, batch: int | None = N
         listeners = listeners_for(rt, index=settings) if on else []
         rt.listeners.extend(listeners)
         async with rt:
+            stats0 = await _commands(client)
             redis0, cpu0, t0 = await _redis_cpu(client), time.process_time(), time.perf_counter()
             async with rt.worker(queues=["cost"], concurrency=concurrency) as w:
                 await w.idle()
             await _drained(listeners)
             wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             redis_cpu = await _redis_cpu(client) - redis0
+            commands = _delta(await _commands(client), stats0)
             await _purge(client, rt, namespace)
     finally:
         await client.aclose()
-    return Run(mode, tasks, wall, cpu, redis_cpu)
+    return Run(mode, tasks, wall, cpu, redis_cpu, commands)
 
 
 def _table(runs: Sequence[Run], out: IO[str]) -> None:
@@ -147,6 +173,35 @@ def _table(runs: Sequence[Run], out: IO[str]) -> None:
         out.write(f"{mode:<4} {rate:>9,.0f} {cpu:>15.1f} {rcpu:>14.1f} {ratio:>13}\n")
     cost = (1 - med["on"][0] / med["off"][0]) * 100
     out.write(f"throughput cost of index+events: {cost:+.1f}% (target: under 15%)\n")
+    _by_command(runs, out)
+
+
+#: The commands ``lua/transitions.lua`` calls: what "on" adds of each (a difference, so
+#: the worker's own use of them cancels) is subtracted from what it adds of ``evalsha``.
+_SCRIPT_CALLS = ("get", "set", "del", "hincrby", "hdel", "zadd", "zrem", "zcard", "zrange",
+                 "zrangebyscore", "zremrangebyscore", "xadd", "xtrim")
+
+
+def _by_command(runs: Sequence[Run], out: IO[str]) -> None:
+    def per_task(mode: str, name: str) -> tuple[float, float]:
+        mine = [r for r in runs if r.mode == mode]
+        calls = statistics.median(r.commands.get(name, (0, 0.0))[0] / r.tasks for r in mine)
+        us = statistics.median(r.commands.get(name, (0, 0.0))[1] / r.tasks for r in mine)
+        return calls, us
+
+    names = sorted({k for r in runs for k in r.commands})
+    added = {n: tuple(a - b for a, b in zip(per_task("on", n), per_task("off", n),
+                                            strict=True)) for n in names}
+    rows = [(n, c, u) for n, (c, u) in added.items() if abs(u) >= 0.05 or abs(c) >= 0.01]
+    rows.sort(key=lambda r: -r[2])
+    out.write('Redis commands: what "on" adds per task (median on - median off)\n')
+    out.write(f"{'command':<18} {'calls/task':>10} {'us/task':>8}\n")
+    for name, calls, us in rows:
+        out.write(f"{name:<18} {calls:>10.3f} {us:>8.2f}\n")
+    nested = sum(added.get(n, (0.0, 0.0))[1] for n in _SCRIPT_CALLS)
+    script = added.get("evalsha", (0.0, 0.0))[1] - nested
+    out.write(f"{'script itself':<18} {'':>10} {script:>8.2f}  (evalsha less its "
+              "commands above)\n")
 
 
 def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> list[Run]:
