@@ -183,7 +183,12 @@ async def soak(*, minutes: float, broker: str, fault_every: float = 60.0, rate: 
     root.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(root / "ledger")
     namespace = f"chaos{rng.randrange(16**6):06x}"
-    redis_server = RedisServer(root / "redis")
+    # appendfsync always: under everysec Redis may answer a write before it is in
+    # the AOF while an earlier fsync is still running (up to 2 s), so even a plain
+    # kill -9 can lose a confirmed enqueue (RELIABILITY C3, measured by
+    # tests/faults/test_server_rows_fsync.py); a soak that counts every loss runs
+    # with the setting under which Redis promises none
+    redis_server = RedisServer(root / "redis", appendfsync="always")
     node: RabbitNode | None = None
     faults: list[tuple[float, str]] = []
     passed = False

@@ -169,13 +169,18 @@ async def wait_for_ledger(
 
 class RedisServer:
     """A redis-server owned by the test: ``--appendonly yes --appendfsync everysec
-    --save ""`` in its own directory, on a free loopback port."""
+    --save ""`` (``appendfsync`` may be ``always``) in its own directory, on a free
+    loopback port."""
 
-    def __init__(self, root: Path, *, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(self, root: Path, *, port: int | None = None, appendonly: bool = True,
+                 appendfsync: str = "everysec") -> None:
+        if appendfsync not in ("everysec", "always", "no"):
+            raise HarnessError(f"appendfsync must be everysec, always or no, not {appendfsync!r}")
         self.dir = root
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.log = self.dir / "redis.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -194,7 +199,7 @@ class RedisServer:
             raise HarnessError(f"redis-server already runs as pid {self.proc.pid}")
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                "--dir", str(self.dir), "--appendonly", "yes" if self.appendonly else "no",
-               "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+               "--appendfsync", self.appendfsync, "--save", "", "--daemonize", "no",
                "--logfile", str(self.log), "--maxmemory-policy", "noeviction"]
         self.proc = subprocess.Popen(_pinned(cmd, _SERVER_CPU), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
