@@ -7,8 +7,14 @@ they do not know and refuse nothing; see :mod:`runtime.ops.event_types`).
 Events go to a bounded stream:
 
 - on Redis (when the result store or broker is Redis), the stream
-  ``{ns}:ops:{<ns>}:events``, trimmed to about ``max_len`` (``XTRIM MAXLEN ~``) after each batch;
-  ids are Redis stream ids; written by :class:`runtime.ops.writer.RedisWriter`;
+  ``{ns}:ops:{<ns>}:events``, written by :class:`runtime.ops.writer.RedisWriter`:
+  wire 2 (``STREAM_WIRE``) keeps each batch the writer sends as ONE entry, fields
+  ``v`` (``"2"``), ``n`` (events) and ``b`` (the events' JSON joined by newlines), and
+  trims the oldest entries after each batch while the newer ones hold ``max_len``
+  events; event ``k`` (from 0) of entry ``<ms>-<seq>`` has the id ``<ms>-<seq>:<k>``.
+  Entries of wire 1 (one event each, field ``e``, id the entry's) are read as
+  before; an entry of a later wire is skipped with a warning naming it (and a
+  reader of wire 1 skips each wire-2 entry with its "cannot read" warning);
 - else a ring buffer of this process (ids ``"<n>-0"``, counting up).
 
 ``async for rec in stream.events(since=id)`` yields every event after ``id``
@@ -43,19 +49,22 @@ from runtime.ops.event_types import (
 )
 from runtime.ops.writer import RedisWriter
 
-__all__ = ["EVENTS_VERSION", "Event", "EventRecord", "Gap", "MemoryEventStream", "ProgressEvent",
-           "RedisEventStream", "TaskEvent", "TickEvent", "WorkerEvent", "task_event"]
+__all__ = ["EVENTS_VERSION", "STREAM_WIRE", "Event", "EventRecord", "Gap", "MemoryEventStream",
+           "ProgressEvent", "RedisEventStream", "TaskEvent", "TickEvent", "WorkerEvent",
+           "task_event"]
 
 log = structlog.get_logger("taskloom.ops.events")
 
 DEFAULT_MAX_LEN = 100_000
+#: The version of the stream's entries this reader and ``lua/transitions.lua`` write.
+STREAM_WIRE = 2
 _BLOCK_MS = 5_000
 _READ_COUNT = 500
 _DEC: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 
 
 def _seq(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
+    ms, _, seq = stream_id.partition(":")[0].partition("-")
     try:
         return int(ms), int(seq or 0)
     except ValueError:
@@ -63,6 +72,47 @@ def _seq(stream_id: str) -> tuple[int, int]:
 
         raise ConfigError(f"bad event id {stream_id!r}: pass the id of an event you read, "
                           "'0' for the oldest kept, or None for new events only") from None
+
+
+def _place(stream_id: str) -> tuple[str, int]:
+    """An event id as (its stream entry, the index of the event in it; -1 for an
+    entry's id alone: all of it was seen)."""
+    entry, sep, k = stream_id.partition(":")
+    _seq(entry)
+    if not sep:
+        return entry, -1
+    try:
+        return entry, int(k)
+    except ValueError:
+        from runtime.errors import ConfigError
+
+        raise ConfigError(f"bad event id {stream_id!r}: pass the id of an event you read, "
+                          "'0' for the oldest kept, or None for new events only") from None
+
+
+def _records(entry_id: str, fields: dict[bytes, bytes], after: int = -1
+             ) -> list[EventRecord]:
+    """The events of one stream entry (of wire 1 or 2), those after index ``after``."""
+    out: list[EventRecord] = []
+    batch = fields.get(b"b")
+    if batch is None:  # wire 1: one event, the entry's id
+        lines, wire1 = [fields.get(b"e", b"")], True
+    elif fields.get(b"v") != b"%d" % STREAM_WIRE:
+        log.warning("skipping events of a stream wire this version cannot read; upgrade this "
+                    "reader to the taskloom that wrote them", id=entry_id,
+                    wire=fields.get(b"v", b"?").decode(errors="replace"), wire_read=STREAM_WIRE)
+        return out
+    else:
+        lines, wire1 = batch.split(b"\n"), False
+    for k, raw in enumerate(lines):
+        if k <= after:
+            continue
+        rid = entry_id if wire1 else f"{entry_id}:{k}"
+        try:
+            out.append(EventRecord(rid, _DEC.decode(raw)))
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            log.warning("skipping an event this version cannot read", id=rid, error=str(e))
+    return out
 
 
 class MemoryEventStream:
@@ -147,13 +197,17 @@ class RedisEventStream:
                     newest = await client.xrevrange(self.key, "+", "-", count=1)
                     last = newest[0][0].decode() if newest else "0-0"
                 else:
-                    last = since
+                    last, seen = _place(since)
                     first = await client.xrange(self.key, "-", "+", count=1)
-                    if (since not in ("0", "0-0") and first
-                            and _seq(first[0][0].decode()) > _seq(since)):
+                    if (last not in ("0", "0-0") and first
+                            and _seq(first[0][0].decode()) > _seq(last)):
                         # what followed ``since`` may have been trimmed (conservative)
                         yield EventRecord(since, Gap(since=since,
                                                      resumed_at=first[0][0].decode()))
+                    elif seen >= 0:  # the rest of the entry ``since`` is in
+                        for entry_id, fields in await client.xrange(self.key, last, last):
+                            for rec in _records(entry_id.decode(), fields, seen):
+                                yield rec
             except OpsUnavailable:
                 raise
             except Exception as e:
@@ -172,14 +226,8 @@ class RedisEventStream:
                 for _key, entries in reply or ():
                     for entry_id, fields in entries:
                         last = entry_id.decode()
-                        try:
-                            event = _DEC.decode(fields[b"e"])
-                        except (msgspec.DecodeError, msgspec.ValidationError, KeyError) as e:
-                            log.warning("skipping an event this version cannot read",
-                                        id=last, error=str(e))
-                            continue
-                        yield EventRecord(last, event)
+                        for rec in _records(last, fields):
+                            yield rec
         finally:
             with anyio.CancelScope(shield=True):
                 await client.aclose()
-

@@ -7,18 +7,17 @@ item, lets a batch gather (``BatchWriter``'s linger; under load, whatever came
 in during the previous write), turns each item into its event's JSON (one
 msgspec call), joins a chunk of them into ONE argument, and sends one EVALSHA
 of ``lua/transitions.lua`` per chunk, the chunks pipelined in one round trip.
-The script appends every event to the stream and, from the same JSON, moves
-each task in the index: a task's several steps in one batch (a fast task's
-STARTED and end) are one index write, and each state's set is trimmed once per
-chunk instead of once per step.
+The script appends the chunk to the stream as one entry (the joined JSON as it
+came) and, from the same JSON, moves each task in the index: a task's several
+steps in one batch (a fast task's STARTED and end) are one index write, and each
+state's set is trimmed once per chunk instead of once per step.
 
 With events off it only indexes; with the index off it only streams. Other
 events (``publish``: worker heartbeats, scheduler ticks) go through the same
 buffer, so the stream keeps the order in which they happened.
 
 The keys and their layout are the index's and the stream's (see
-:mod:`runtime.ops.index.redis` and :mod:`runtime.ops.events`); they are
-unchanged by this writer.
+:mod:`runtime.ops.index.redis`, layout 2, and :mod:`runtime.ops.events`, wire 2).
 """
 
 from __future__ import annotations
@@ -170,9 +169,9 @@ class RedisWriter(BatchWriter[Transition | bytes]):
         args = self._args()
         try:
             try:
-                await self._redis.evalsha(_SHA, 0, *args, blob)
+                await self._redis.evalsha(_SHA, 0, *args, len(batch), blob)
             except rex.NoScriptError:
-                await self._redis.eval(_SOURCE, 0, *args, blob)
+                await self._redis.eval(_SOURCE, 0, *args, len(batch), blob)
         except Exception as e:
             raise OpsUnavailable(f"the task index and events on {self.url} cannot be written "
                                  f"({type(e).__name__}: {e}); check that Redis is up") from e

@@ -1,9 +1,14 @@
--- One batch of the operations log (runtime/ops/writer.py): events appended to the
--- stream and task transitions applied to the task index (layout 2), in one call.
+-- One batch of the operations log (runtime/ops/writer.py): the events appended to the
+-- stream as one entry, and task transitions applied to the task index (layout 2), in
+-- one call.
 -- ARGV: prefix, max_per_state, cutoff_ms, ttl_ms, stream key ('' : no events), stream
--- max_len, '1' to apply task events to the index ('0' : not), then the events' JSON
--- joined by "\n" (JSON text never holds a raw newline).
--- Keys (P = prefix; see runtime/ops/index/redis.py):
+-- max_len (events), '1' to apply task events to the index ('0' : not), the number of
+-- events, then the events' JSON joined by "\n" (JSON text never holds a raw newline).
+-- The stream (wire 2, see runtime/ops/events.py): one entry per call, fields v = '2',
+-- n = the number of events, b = the events' JSON as given; beside it
+--   P events:held  zset    entry id -> events written up to and including it (a running
+--                          total), so that the stream is trimmed by events, not entries
+-- Keys of the index (P = prefix; see runtime/ops/index/redis.py):
 --   P ix2:<state>     zset    task id -> time it entered the state (ms)
 --   P ix2:<state>:c   hash    'q:<queue>' / 'n:<task name>' -> tasks of the state
 --   P t2:<id>         string  'v2 <order> <enqueued_ms|-> <started_ms|-> <state> <worker>'
@@ -16,7 +21,8 @@
 -- changed in the call, and each state's set touched is trimmed to its count and age
 -- once, at the end. Returns the number of tasks written.
 local P, max, cutoff, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local stream, maxlen, indexing, blob = ARGV[5], ARGV[6], ARGV[7] == '1', ARGV[8]
+local stream, maxlen, indexing = ARGV[5], tonumber(ARGV[6]), ARGV[7] == '1'
+local events, blob = tonumber(ARGV[8]), ARGV[9]
 local call, find, sub, match, fmt, decode, NULL =
   redis.call, string.find, string.sub, string.match, string.format, cjson.decode, cjson.null
 local RANK = {enqueued = 0, scheduled = 0, started = 1, retrying = 2}
@@ -45,15 +51,31 @@ local function fields(ev)
   return e.id, e.task, e.queue, e.phase, e.at_ms, given(e.attempt) and e.attempt or 1, worker
 end
 
--- read the batch: stream every event, gather each task's latest step
+-- the stream: the batch as one entry, then the oldest entries dropped while the newer
+-- ones still hold max_len events
+if stream ~= '' and events > 0 then
+  local held = stream .. ':held'
+  local id = call('XADD', stream, '*', 'v', '2', 'n', events, 'b', blob)
+  local newest = call('ZRANGE', held, -1, -1, 'WITHSCORES')
+  local total = (tonumber(newest[2]) or 0) + events
+  call('ZADD', held, total, id)
+  local keep = call('ZRANGEBYSCORE', held, '(' .. fmt('%d', total - maxlen), '+inf', 'LIMIT',
+                    0, 1)
+  -- (older entries of wire 1, one event each and not counted, go with the first trim)
+  if keep[1] and call('ZREMRANGEBYSCORE', held, '-inf', fmt('%d', total - maxlen)) > 0 then
+    call('XTRIM', stream, 'MINID', keep[1])
+  end
+end
+if not indexing then return 0 end
+
+-- read the batch: gather each task's latest step
 local ids, latest = {}, {}
 local pos, n = 1, #blob
 while pos <= n do
   local stop = find(blob, '\n', pos, true) or n + 1
   local ev = sub(blob, pos, stop - 1)
   pos = stop + 1
-  if stream ~= '' then call('XADD', stream, '*', 'e', ev) end
-  if indexing and sub(ev, 1, 15) == '{"kind":"task",' then
+  if sub(ev, 1, 15) == '{"kind":"task",' then
     local id, task, queue, state, at, attempt, worker = fields(ev)
     local rank = RANK[state]
     local o = (FINAL[state] and 1073741824 or 0) + attempt * 4 + (rank or 3)
@@ -72,8 +94,6 @@ while pos <= n do
     if rank == 1 and (not cur.started or at > cur.started) then cur.started = at end
   end
 end
-if stream ~= '' and n > 0 then call('XTRIM', stream, 'MAXLEN', '~', maxlen) end
-if not indexing then return 0 end
 
 -- members gathered per key: one ZADD / ZREM per set and call, not one per task
 local adds, add_keys, rems, rem_keys = {}, {}, {}, {}
