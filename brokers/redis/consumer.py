@@ -7,10 +7,12 @@ outages: :mod:`.errors`):
   ``XREADGROUP … >`` from the priority streams, highest first, for at most the
   consumer's free prefetch credits (so the pending list of a consumer never
   exceeds its prefetch). When nothing is left it waits on ``XREAD BLOCK`` (a
-  dedicated connection; it consumes nothing) for the next entry, then fetches
-  again: leaving the idle state costs one extra round trip; a busy consumer
-  never blocks. Under load a fetch waits for a quarter of the prefetch to be
-  free, or ``batch_wait_s``.
+  dedicated connection; it consumes nothing) for the next entry, with the
+  fetch script queued behind it on that connection: Redis runs the fetch the
+  moment the wait ends, so leaving the idle state costs no extra round trip
+  (that fetch asks for at most a quarter of the prefetch, never the last
+  credit, reserved while it waits); a busy consumer never blocks. Under load a
+  fetch waits for a quarter of the prefetch to be free, or ``batch_wait_s``.
 * **Leases**: a consumer re-``XCLAIM``\\s (``JUSTID``) its unsettled entries every
   ``lease_s / 3`` seconds, and ``XAUTOCLAIM``\\s entries idle for ``lease_s``
   (those of dead consumers) every ``lease_s / 3``. Past ``max_deliveries`` an
@@ -43,6 +45,7 @@ import anyio.abc
 import anyio.lowlevel
 import msgspec
 import redis.asyncio as aioredis
+import redis.exceptions as rex
 import structlog
 
 from brokers.base import (
@@ -54,10 +57,22 @@ from brokers.base import (
 )
 from brokers.redis.delivery import Batch, RedisDelivery
 from brokers.redis.errors import Outage, as_broker_error, backoff, mapped
-from brokers.redis.keys import BANDS, Queue, Stream, decode
+from brokers.redis.fetching import report, streams_after, wait_command
+from brokers.redis.keys import Queue, Stream, decode
 from brokers.redis.options import ENVELOPE_HEADROOM, RedisBrokerOptions
 from brokers.redis.ready import ReadyQueue
-from brokers.redis.scripts import FETCH, PENDING, PROMOTE, RECLAIM, RELEASE, evalsha, evalsha_many
+from brokers.redis.scripts import (
+    FETCH,
+    PENDING,
+    PROMOTE,
+    RECLAIM,
+    RELEASE,
+    Call,
+    evalsha,
+    evalsha_many,
+    exchange,
+    pack_command,
+)
 
 __all__ = ["Host", "RedisConsumer"]
 
@@ -225,11 +240,8 @@ class RedisConsumer(ReceiveIteration):
                     self._reserved -= want
                 if self._outage.up():
                     await self._drop_stale_connections()
-                if streams:
-                    with mapped("waiting for messages"):
-                        assert self._blocking is not None
-                        await self._blocking.xread(streams, count=1,
-                                                   block=int(self._opts.block_s * 1000))
+                while streams:
+                    streams = await self._wait(streams)
             except BrokerConnectionError as e:
                 self._reread_pel = True
                 await anyio.sleep(self._outage.down(e))
@@ -270,20 +282,64 @@ class RedisConsumer(ReceiveIteration):
             log.info("took up deliveries whose fetch reply was lost in the outage",
                      consumer=self.name, count=found)
 
+    async def _wait(self, streams: dict[Any, Any]) -> dict[Any, Any]:
+        """Nothing was left to fetch: wait on ``XREAD BLOCK`` for the next entry
+        of ``streams``, with the fetch script queued behind it on the same
+        connection, so Redis runs the fetch as soon as the wait ends (no round
+        trip between wake-up and fetch: ``run()``'s latency). Its credits are
+        reserved meanwhile: at most a quarter of the prefetch, never the last
+        one (a reclaim while idle always has room). With one credit, or at the
+        byte budget, the wait is a plain ``XREAD BLOCK`` and the loop fetches after.
+        Returns what :meth:`_fetch` does (streams to wait on again: nothing left)."""
+        free = self._prefetch - len(self._unsettled) - self._reserved
+        want = min(self._low_water, free - 1)
+        if want < 1 or self._held_bytes >= self._opts.fetch_bytes:
+            await self._wait_only(streams)
+            return {}
+        call, slots = self._fetch_call(want)
+        script, keys, args = call
+        commands = [wait_command(streams, self._opts.block_s),
+                    pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))]
+        self._reserved += want
+        try:
+            with mapped("waiting for messages"):
+                assert self._blocking is not None
+                woke, fetched = await exchange(self._blocking, commands, 2)
+                if isinstance(woke, Exception):
+                    raise woke
+            if isinstance(fetched, rex.NoScriptError):
+                return {}  # Redis lost its scripts: the loop's next fetch loads it again
+            return self._take_fetched(fetched, call, slots)
+        finally:
+            self._reserved -= want
+
+    async def _wait_only(self, streams: dict[Any, Any]) -> None:
+        with mapped("waiting for messages"):
+            assert self._blocking is not None
+            woke = await exchange(self._blocking, [wait_command(streams, self._opts.block_s)], 1)
+            if isinstance(woke[0], Exception):
+                raise woke[0]
+
+    def _fetch_call(self, want: int) -> tuple[Call, Sequence[Stream | None]]:
+        """The fetch script's call for ``want`` deliveries (the queues rotated:
+        fairness), and its key index -> stream."""
+        keys, slots = self._layouts[self._rotation]
+        self._rotation = (self._rotation + 1) % len(self._layouts)
+        opts = self._opts
+        self._last_fetch = anyio.current_time()
+        budget = max(1, opts.fetch_bytes - self._held_bytes)
+        return (FETCH, keys, [opts.group, self.name, want, opts.max_deliveries,
+                              opts.max_message_bytes + ENVELOPE_HEADROOM, budget]), slots
+
     async def _fetch(self, want: int) -> dict[Any, Any]:
         """Flush pending settlements and fetch up to ``want`` deliveries, in one
         round trip (settlements first: a requeued message competes for the fetch).
         When fewer were found, returns the priority streams with their last ids,
         for ``XREAD BLOCK`` to wait on."""
-        keys, slots = self._layouts[self._rotation]
-        self._rotation = (self._rotation + 1) % len(self._layouts)
-        opts = self._opts
-        self._last_fetch = anyio.current_time()
+        call, slots = self._fetch_call(want)
         batch = self._take_batch()
-        calls = batch.calls(opts.group) if batch is not None else []
-        budget = max(1, opts.fetch_bytes - self._held_bytes)
-        calls.append((FETCH, keys, [opts.group, self.name, want, opts.max_deliveries,
-                                    opts.max_message_bytes + ENVELOPE_HEADROOM, budget]))
+        calls = batch.calls(self._opts.group) if batch is not None else []
+        calls.append(call)
         try:
             with mapped("fetching messages"):
                 results = await evalsha_many(self._broker._redis_client, calls)
@@ -293,28 +349,21 @@ class RedisConsumer(ReceiveIteration):
             raise
         if batch is not None:
             self._settled(batch, None, results[:-1])
-        fetched = results[-1]
+        return self._take_fetched(results[-1], call, slots)
+
+    def _take_fetched(self, fetched: Any, call: Call, slots: Sequence[Stream | None]
+                      ) -> dict[Any, Any]:
+        """Take what the fetch script found; the priority streams with their last
+        ids when it found fewer than asked (else empty)."""
         if isinstance(fetched, Exception):
             raise as_broker_error("fetching messages", fetched)
         out, lost, dead, last = fetched
         if out:
             self._accept(out, slots)
-        for ki in lost:
-            stream = slots[ki - 1]
-            assert stream is not None
-            log.error("DATA LOSS: the consumer group of a queue was missing (Redis restarted "
-                      "without persistence, or its keys were deleted); recreated it at id 0. "
-                      "Messages published before the loss are gone.",
-                      queue=stream.queue.name, stream=stream.key, group=opts.group)
-        if dead:
-            log.warning("dead-lettered messages past max_deliveries, too large or malformed",
-                        count=len(dead), max_deliveries=opts.max_deliveries,
-                        max_message_bytes=opts.max_message_bytes)
+        report(lost, dead, slots, self._opts)
         if not last:
             return {}
-        per = BANDS + 1
-        return {keys[j * per + b]: last[j * BANDS + b]
-                for j in range(len(self._queues)) for b in range(BANDS)}
+        return streams_after(call[1], last, len(self._queues))
 
     def _accept(self, out: list[Any], slots: Sequence[Stream | None]) -> None:
         ready, unsettled = self._ready, self._unsettled
