@@ -151,17 +151,31 @@ class LimitsGate:
         return self.deferred["rate"] + self.deferred["concurrency"]
 
     async def _current_overrides(self) -> dict[str, dict[str, Any]]:
-        now = anyio.current_time()
-        if now - self._overrides_at >= self.overrides_ttl_s:
-            self._overrides_at = now  # a failed read is not retried at every task
-            try:
-                self._overrides = await self.store.overrides()
-            except LimitsUnavailable as e:
-                # keep the last known overrides: a task without limits must not
-                # wait on a limiter store it does not need
-                log.warning("cannot read the limit overrides; keeping the last known ones",
-                            error=str(e))
+        if time.monotonic() - self._overrides_at >= self.overrides_ttl_s:
+            await self._read_overrides()
         return self._overrides
+
+    async def _read_overrides(self) -> None:
+        self._overrides_at = time.monotonic()  # a failed read is not retried at every task
+        try:
+            self._overrides = await self.store.overrides()
+        except LimitsUnavailable as e:
+            # keep the last known overrides: a task without limits must not
+            # wait on a limiter store it does not need
+            log.warning("cannot read the limit overrides; keeping the last known ones",
+                        error=str(e))
+
+    def _unlimited(self, message: TaskMessage) -> bool:
+        """True when ``message`` surely has no limit: none declared on its task,
+        none set at run time (as last read), none in its headers. No I/O, no
+        await: the path of every task a limited app runs without limits."""
+        if message.task in self._overrides:
+            return False
+        headers = message.headers
+        if headers and (HEADER_RATE in headers or HEADER_CONCURRENCY in headers):
+            return False
+        declared = self._declared(message.task)
+        return declared is None or not declared.gated
 
     def _fn(self, name: str) -> Callable[..., Any] | None:
         task = self.rt.registry.get(name)
@@ -190,6 +204,10 @@ class LimitsGate:
                 limits.debounce_key, fn, message.args, message.kwargs))
 
     async def admit(self, message: TaskMessage, /) -> float | None:
+        if time.monotonic() - self._overrides_at >= self.overrides_ttl_s:
+            await self._read_overrides()
+        if self._unlimited(message):
+            return None
         try:
             check = await self.check_for(message)
         except ConfigError as e:
@@ -221,6 +239,8 @@ class LimitsGate:
         return SUPERSEDED_DELAY_S
 
     async def done(self, message: TaskMessage, /) -> None:
+        if not self.holding:
+            return
         held = self.holding.pop(message.id, None)
         if held is not None:
             await self.store.release(held[0], held[1], message.id,
