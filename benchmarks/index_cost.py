@@ -25,7 +25,10 @@ Then, by Redis command, what "on" adds per task (``INFO commandstats``, median
 of "on" minus median of "off"): calls and microseconds per task. ``evalsha``
 includes the commands its scripts call; "script itself" is what "on" adds of
 ``evalsha`` less what it adds of the commands the writer's script calls (an
-estimate of the Lua work: parsing the batch and building strings).
+estimate of the Lua work: parsing the batch and building strings). Redis times
+a command by the clock, so on a loaded machine these include the time its
+thread waited for a core: read them for proportions, and the Redis CPU column
+for the total.
 """
 
 from __future__ import annotations
