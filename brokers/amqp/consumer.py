@@ -306,13 +306,23 @@ class AmqpConsumer(ReceiveIteration):
 
     async def _ack_loop(self) -> None:
         """Send acks merged: once a quarter of the prefetch is pending, or when the
-        prefetch is used up, and at most ``_ACK_DELAY_S`` after the first one."""
+        prefetch is used up, and at most ``_ACK_DELAY_S`` after the first one.
+
+        The delay is a plain loop timer, not a cancel scope: this runs for every
+        ack when deliveries come one at a time (``run()``), where a timed-out
+        cancel scope per ack was a tenth of the worker's time."""
+        loop = asyncio.get_running_loop()
+        nudge = self._ack_nudge
         while True:
             await self._ack_wanted.wait()
-            with anyio.move_on_after(_ACK_DELAY_S):
-                while not self._acks_due():
-                    self._ack_nudge.clear()
-                    await self._ack_nudge.wait()
+            if not self._acks_due():
+                # woken by a due batch (``_ack`` sets it then) or by the timer
+                nudge.clear()
+                timer = loop.call_later(_ACK_DELAY_S, nudge.set)
+                try:
+                    await nudge.wait()
+                finally:
+                    timer.cancel()
             self._ack_wanted.clear()
             try:
                 await self._flush_acks()
