@@ -36,6 +36,7 @@ import redis.exceptions as rex
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 
 from brokers.base import (
     BrokerError,
@@ -102,6 +103,14 @@ class RedisBroker:
             # have run (a fetch that filled the pending list, a settlement); the
             # consumer's own recovery knows how to check, a blind resend does not.
             "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=0),
+            # Maintenance notifications off: with them on (redis-py 8.1's default
+            # "auto") the pool skips its check-out test for a connection the
+            # server closed while it sat idle (EOF seen), so the next command
+            # goes out on it and fails ("Connection closed by server") after any
+            # Redis restart, though nothing reached the server (redis-py#4252,
+            # fixed after 8.1 by #4260). With them off the pool reconnects such
+            # a connection before sending: no command is ever resent.
+            "maint_notifications_config": MaintNotificationsConfig(enabled=False),
             "socket_connect_timeout": 5.0,
             "socket_timeout": 10.0,
             **overrides,

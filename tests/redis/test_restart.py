@@ -85,3 +85,19 @@ async def test_consumer_survives_a_restart_that_lost_everything(
     alerts = [e for e in logs if e["event"].startswith("DATA LOSS")]
     assert alerts and all(a["log_level"] == "error" for a in alerts)
     assert len(alerts) <= 2, "no NOGROUP loop"
+
+
+async def test_a_publish_after_a_restart_reconnects_a_connection_that_died_idle(
+    private_redis: PrivateRedis,
+) -> None:
+    """The broker's pooled connection was idle when Redis died: the next publish
+    goes out on a new connection (nothing was sent on the dead one, so nothing
+    is resent), not on the dead one (``ConnectionLost``)."""
+    await private_redis.start()
+    url = f"redis://127.0.0.1:{private_redis.port}/0"
+    async with RedisBroker.from_url(url, namespace="app") as broker:
+        await broker.publish(env("jobs", "before"))  # leaves one idle pooled connection
+        private_redis.kill()
+        await private_redis.start()  # empty: no persistence
+        await broker.publish(env("jobs", "after"))
+        assert (await broker.stats("jobs")).ready == 1
