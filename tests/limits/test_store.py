@@ -133,3 +133,26 @@ async def test_an_unreachable_redis_is_a_retryable_error_that_says_so() -> None:
             await store.admit(rate_check("a"))
     finally:
         await store.aclose()
+
+
+@pytest.mark.redis
+async def test_a_redis_that_lost_its_scripts_still_answers(namespace: str) -> None:
+    """Checks go by EVALSHA; a Redis whose script cache was flushed (a restart)
+    answers NOSCRIPT, and the store loads the script and answers as before."""
+    import redis.asyncio as aioredis
+
+    from runtime.ops.limits import RedisLimitStore
+    from tests.conftest import REDIS_URL
+
+    store = RedisLimitStore(REDIS_URL, namespace=namespace)
+    raw = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        assert await store.admit(rate_check("a"), T0) == (ADMIT, 0)
+        # SCRIPT FLUSH is server-wide but harmless to other clients: they reload on NOSCRIPT
+        await raw.script_flush()
+        status, delay = await store.admit(rate_check("b"), T0 + 10)
+        assert status == RATE and delay == pytest.approx(90)
+    finally:
+        await raw.aclose()
+        await store.purge()
+        await store.aclose()
