@@ -90,7 +90,10 @@ async def test_probe_tells_a_reservation_and_a_pending_entry_from_nothing(
         held = await probe(REDIS_URL, namespace=namespace, queue="default",
                            ids=["p1-1", "p1-2", "p1-3", "p1-10"], broker="redis")
     finally:
-        keys = [k async for k in client.scan_iter(match=f"{namespace}:*")]
+        # COUNT 10 000: the SCAN walks the whole shared keyspace (over a million
+        # keys left by other runs); redis-py's default COUNT (10) made that one
+        # round trip per 10 keys, minutes under load, past the test timeout
+        keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=10_000)]
         if keys:
             await client.unlink(*keys)
         await client.aclose()
