@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self, cast
 
@@ -289,10 +289,15 @@ class AmqpBroker:
                 return channel
             await anyio.sleep(0.01)  # closed, and its close callback has not run yet
 
-    async def _publish(self, items: Sequence[Item], what: str) -> None:
-        """Send ``items`` and await all their confirms."""
+    async def _publish(self, items: Sequence[Item] | Callable[[], Awaitable[list[Item]]],
+                       what: str) -> None:
+        """Send ``items`` and await all their confirms. ``items`` may be a coroutine
+        function that declares what they need and builds them: the declares then
+        run inside the same deadline (a blocked connection answers no declare)."""
         try:
             with mapped(what, publish=True), anyio.fail_after(self.options.publish_timeout_s):
+                if callable(items):
+                    items = await items()
                 ch = await self._publisher_channel()
                 if len(items) == 1:
                     exchange, key, body, props = items[0]
@@ -314,15 +319,20 @@ class AmqpBroker:
                                              "confirmed; the messages may or may not be stored")
                     if isinstance(result, BaseException):
                         raise result
-        except PublishError:
-            # A queue or exchange deleted behind our back: declare it again next time.
-            self._topology.forget_all()
+        except PublishError as e:
+            # A queue or exchange deleted behind our back: declare it again next
+            # time (not after a timeout: nothing says the topology changed).
+            if isinstance(e.__cause__, aex.PublishError | aex.ChannelNotFoundEntity):
+                self._topology.forget_all()
             raise
 
     async def publish(self, envelope: Envelope) -> None:
         """Store one message durably; returns once RabbitMQ confirmed it. Raises
         :class:`~brokers.base.PublishError` when it is unroutable or refused."""
-        await self._publish([await self._item(envelope)], f"publish to {envelope.queue!r}")
+        async def items() -> list[Item]:
+            return [await self._item(envelope)]
+
+        await self._publish(items, f"publish to {envelope.queue!r}")
 
     async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
         """Store many messages: each chunk is sent at once, then its confirms awaited
@@ -330,19 +340,28 @@ class AmqpBroker:
         chunk = self.options.publish_chunk
         what = f"publish_many ({len(envelopes)} messages)"
         for i in range(0, len(envelopes), chunk):
-            await self._publish([await self._item(e) for e in envelopes[i:i + chunk]], what)
+            part = envelopes[i:i + chunk]
+
+            async def items(part: Sequence[Envelope] = part) -> list[Item]:
+                return [await self._item(e) for e in part]
+
+            await self._publish(items, what)
 
     async def _send(self, envelope: Envelope, delivered: int) -> None:
         """Publish ``envelope`` again (a nack), with the deliveries it had."""
-        await self._publish([await self._item(envelope, delivered)],
-                            f"nack of {envelope.id!r} in {envelope.queue!r}")
+        async def items() -> list[Item]:
+            return [await self._item(envelope, delivered)]
+
+        await self._publish(items, f"nack of {envelope.id!r} in {envelope.queue!r}")
 
     async def _send_dead_letter(self, envelope: Envelope, reason: str, delivered: int) -> None:
-        q = self._queue(envelope.queue)
-        await self._declare(q)
-        props = self._properties(envelope, delivered, reason)
-        await self._publish([(self._topology.dlx, q.amqp, envelope.body, props)],
-                            f"dead-lettering {envelope.id!r} of {envelope.queue!r}")
+        async def items() -> list[Item]:
+            q = self._queue(envelope.queue)
+            await self._declare(q)
+            props = self._properties(envelope, delivered, reason)
+            return [(self._topology.dlx, q.amqp, envelope.body, props)]
+
+        await self._publish(items, f"dead-lettering {envelope.id!r} of {envelope.queue!r}")
 
     # -- consuming ---------------------------------------------------------------------
 

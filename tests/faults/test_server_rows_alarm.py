@@ -20,10 +20,11 @@ stored once the alarm clears (an enqueue that gave up before then may run,
 and its retry too). An enqueue with a longer timeout just waits and returns
 once the alarm clears. Workers keep consuming throughout.
 
-The bug (xfail below): after one publish timed out, the broker forgets its
-declared topology, and the next enqueue declares the queue again with no
-deadline: on a blocked connection it hangs until the alarm clears, however
-long that is.
+A bug this row found, fixed: after one publish timed out, the broker forgot
+its declared topology and the next enqueue declared the queue again with no
+deadline, so on a blocked connection it hung until the alarm cleared. Declares
+now run inside the publish deadline, and only a "not found" or unroutable
+publish makes the broker declare again.
 """
 
 from __future__ import annotations
@@ -267,12 +268,6 @@ async def test_a_disk_alarm_blocks_enqueue_until_its_timeout_and_the_worker_keep
           f"{sorted(report.dup_exec)}; lost {len(report.lost)}")
 
 
-@pytest.mark.xfail(
-    strict=True, raises=TimeoutError,
-    reason="brokers/amqp/broker.py: a publish timeout makes the broker forget its topology "
-           "(forget_all on every PublishError) and the next enqueue declares the queue again "
-           "outside publish_timeout_s; on a blocked connection the declare waits for the end "
-           "of the alarm (issue 19, row B9)")
 async def test_a_second_enqueue_during_a_memory_alarm_times_out_too(
     rabbit_node: RabbitNode, namespace: str,
 ) -> None:
