@@ -137,6 +137,8 @@ class LimitsGate:
         self.retry_s = retry_s
         self.overrides_ttl_s = overrides_ttl_s
         self._declared = limits or (lambda name: limits_of(rt.registry.get(name)))
+        #: the registry's lookup, for the no-limit path (None: a ``limits`` callable decides)
+        self._task = rt.registry.get if limits is None else None
         self._rng = rng or random.Random()
         #: task id -> (task, semaphore key, lease ms, monotonic s when taken) of the
         #: permits this worker holds
@@ -174,6 +176,9 @@ class LimitsGate:
         headers = message.headers
         if headers and (HEADER_RATE in headers or HEADER_CONCURRENCY in headers):
             return False
+        if self._task is not None:  # limits_of inlined: this runs for every task
+            found = getattr(self._task(message.task), "limits", None)
+            return not isinstance(found, Limits) or not found.gated
         declared = self._declared(message.task)
         return declared is None or not declared.gated
 
