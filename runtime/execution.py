@@ -36,8 +36,7 @@ from runtime.errors import SoftTimeLimitExceeded
 from runtime.messages import TaskMessage
 from runtime.registry import Task
 
-__all__ = ["REVOKED", "ProcessRunner", "Revocable", "TimeLimit", "execute", "running",
-           "soft_limited"]
+__all__ = ["ProcessRunner", "TimeLimit", "execute", "running", "soft_limited"]
 
 #: The message each runner is handling, by the id of the runner's task
 #: (``anyio.get_current_task().id``); set and cleared by the worker, read by
@@ -154,93 +153,3 @@ class _SoftLimited:
 def soft_limited(coro: Coroutine[Any, Any, Any], soft_s: float) -> Any:
     """``coro`` with a soft time limit (asyncio: the event loop taskloom runs on)."""
     return _SoftLimited(coro, soft_s)
-
-
-#: What :meth:`Revocable.run` returns when the body was cancelled by a revocation.
-REVOKED: Any = object()
-
-
-class Revocable:
-    """Runs an ``async`` task's body so that a revocation can cancel it, at a
-    fraction of a cancel scope's cost per task (anyio's scope looks up the
-    current task on entry and exit: on Python 3.11 each lookup is a ``getpid``
-    system call; about an eighth of a no-op task's CPU).
-
-    :meth:`cancel` cancels the runner's asyncio task with a marker message while
-    the body is suspended; the ``CancelledError`` reaches this wrapper (it sits
-    between the task and the body), which takes the cancellation back
-    (``uncancel``) and throws it into the body, at its await, as a cancel scope
-    would; again at each later await of the body (level-triggered, like a
-    cancelled scope). A body that ends in that ``CancelledError`` makes
-    :meth:`run` return :data:`REVOKED`. Any other cancellation (a stop past its
-    grace, a kill) passes through. A cancel before the body starts reaches it at
-    its first await."""
-
-    __slots__ = ("_active", "_marker", "_task", "revoked")
-
-    def __init__(self) -> None:
-        self.revoked = False
-        self._active = False
-        self._task: asyncio.Task[Any] | None = None
-        self._marker = f"taskloom revoked {id(self)}"
-
-    def cancel(self) -> None:
-        if self.revoked:
-            return
-        self.revoked = True
-        if self._active and self._task is not None:
-            self._task.cancel(msg=self._marker)
-
-    def run(self, body: Coroutine[Any, Any, Any]) -> Any:
-        """Await ``body`` (a coroutine): its value, or :data:`REVOKED`."""
-        return _Revocably(self, body)
-
-
-class _Revocably:
-    __slots__ = ("body", "owner")
-
-    def __init__(self, owner: Revocable, body: Coroutine[Any, Any, Any]) -> None:
-        self.owner = owner
-        self.body = body
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        owner = self.owner
-        marker = owner._marker
-        inner = self.body.__await__()
-        to_send: Any = None
-        to_throw: BaseException | None = None
-        owner._active = True
-        try:
-            while True:
-                try:
-                    yielded = (inner.throw(to_throw) if to_throw is not None
-                               else inner.send(to_send))
-                except StopIteration as stop:
-                    return stop.value
-                except asyncio.CancelledError:
-                    task = owner._task
-                    if owner.revoked and task is not None and not task.cancelling():
-                        return REVOKED  # no other cancellation is pending: ours ended it
-                    raise
-                to_send, to_throw = None, None
-                if owner.revoked:  # cancelled: at every await of the body
-                    to_throw = asyncio.CancelledError(marker)
-                    continue
-                if owner._task is None:  # suspending: only now look the task up (a syscall)
-                    owner._task = asyncio.current_task()
-                if owner._task is None:  # suspending: only now look the task up (a syscall)
-                    owner._task = asyncio.current_task()
-                try:
-                    to_send = yield yielded
-                except asyncio.CancelledError as e:
-                    if owner.revoked and marker in e.args:
-                        task = owner._task
-                        assert task is not None
-                        task.uncancel()
-                        to_throw = asyncio.CancelledError(marker)
-                    else:
-                        to_throw = e
-                except BaseException as e:
-                    to_throw = e
-        finally:
-            owner._active = False

@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -41,7 +41,7 @@ from runtime import gc_tuning
 from runtime.context import CurrentTask, current
 from runtime.deadletters import DeadLetterReason as Why
 from runtime.errors import ArgumentsError, ConfigError
-from runtime.execution import REVOKED, ProcessRunner, Revocable, execute, running
+from runtime.execution import ProcessRunner, execute, running
 from runtime.flow import Flow, Kind, Outcome, error_info, now_ms
 from runtime.judging import cancelled, count_of, judge, message_id, named
 from runtime.messages import Result, State, TaskMessage
@@ -68,7 +68,6 @@ log = structlog.get_logger("taskloom.worker")
 _STORE_RETRY_MAX_S = 5.0
 #: How long a stopping worker tries to mark a handed-back task PENDING.
 _HAND_BACK_WRITE_S = 2.0
-_NO_SCOPE = nullcontext()  # in place of a task's cancel scope where a Revocable does its job
 
 
 class _Lent:
@@ -95,11 +94,20 @@ class Worker:
     """
 
     def __init__(
-        self, runtime: Runtime, *, queues: Sequence[str] | None = None, concurrency: int = 100,
-        prefetch: int | None = None, shutdown_grace_s: float = 30.0, threads: int = 40,
-        processes: ProcessRunner | None = None, name: str | None = None,
-        nested_waits: int | None = None, pauses: PauseView | None = None,
-        max_tasks: int | None = None, tune_gc: bool = True,
+        self,
+        runtime: Runtime,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 100,
+        prefetch: int | None = None,
+        shutdown_grace_s: float = 30.0,
+        threads: int = 40,
+        processes: ProcessRunner | None = None,
+        name: str | None = None,
+        nested_waits: int | None = None,
+        pauses: PauseView | None = None,
+        max_tasks: int | None = None,
+        tune_gc: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
@@ -143,7 +151,7 @@ class Worker:
         self.deferred = 0
         self.state: WorkerState = "starting"
         self._running: dict[str, tuple[str, int]] = {}
-        self._live: dict[str, tuple[anyio.CancelScope | Revocable, CurrentTask, str]] = {}
+        self._live: dict[str, tuple[anyio.CancelScope, CurrentTask, str]] = {}
         #: read-only: task id -> (task name, started at, ms since the epoch)
         self.running: Mapping[str, tuple[str, int]] = MappingProxyType(self._running)
         self._listeners = runtime._listeners
@@ -502,15 +510,11 @@ class Worker:
             token = current.set(ctx)
             ran: Outcome | None = None
             try:
-                # cancelled by handle.cancel(): a plain async body without a scope
-                plain = task.kind == "async" and not holder and self._chain is None
-                revocable = Revocable() if plain else None
-                with _NO_SCOPE if plain else anyio.CancelScope() as scope:
-                    self._live[msg.id] = (revocable or scope, ctx, task.kind)  # type: ignore[assignment]
+                with anyio.CancelScope() as scope:  # cancelled by handle.cancel()
+                    self._live[msg.id] = (scope, ctx, task.kind)
                     if self.runtime.results.is_revoked(msg.id):  # revoked as it started
                         self._revoked(msg.id)
-                    ran = await self._run(delivery, msg, task, args, kwargs, holder, at,
-                                          revocable)
+                    ran = await self._run(delivery, msg, task, args, kwargs, holder, at)
             finally:
                 current.reset(token)
                 self._live.pop(msg.id, None)
@@ -529,34 +533,30 @@ class Worker:
             self._running.pop(msg.id, None)
 
     async def _run(self, delivery: Delivery, msg: TaskMessage, task: Task[Any, Any],
-                   args: tuple[Any, ...], kwargs: dict[str, Any], holder: str, started: int,
-                   revocable: Revocable | None = None) -> Outcome | None:
-        """Run the task body; what it returned or raised, judged once (None: a
-        revocation cancelled it through ``revocable``)."""
+                   args: tuple[Any, ...], kwargs: dict[str, Any], holder: str, started: int
+                   ) -> Outcome:
+        """Run the task body; what it returned or raised, judged once."""
         timeout = msg.timeout if msg.timeout is not None else task.timeout
         if timeout is None:
             timeout = self._default_limit
-        chain = self._chain
-
-        def call() -> Awaitable[Any]:
-            if chain is None:
+        call: Callable[[], Awaitable[Any]]
+        if self._chain is None:
+            def call() -> Awaitable[Any]:
                 return execute(task, args, kwargs, timeout, threads=self._threads,
                                processes=self.processes)
-            return chain(TaskContext(message=msg, task=task, args=args, kwargs=kwargs,
-                                     timeout=timeout, delivery_count=count_of(delivery),
-                                     worker=self.name))
+        else:
+            context = TaskContext(message=msg, task=task, args=args, kwargs=kwargs,
+                                  timeout=timeout, delivery_count=count_of(delivery),
+                                  worker=self.name)
+            chain = self._chain
+
+            def call() -> Awaitable[Any]:
+                return chain(context)
         error: BaseException | None = None
         value: Any = None
         try:
-            if revocable is not None:
-                value = await revocable.run(execute(task, args, kwargs, timeout,
-                                                    threads=self._threads,
-                                                    processes=self.processes))
-                if value is REVOKED:
-                    return None
-            else:
-                value = await (self._flow.keeping_claim(msg, holder, named(msg, call)) if holder
-                               else call())
+            value = await (self._flow.keeping_claim(msg, holder, named(msg, call)) if holder
+                           else call())
         except Exception as e:
             error = e
         except anyio.get_cancelled_exc_class() as e:
