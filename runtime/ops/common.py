@@ -62,12 +62,15 @@ def ops_prefix(namespace: str) -> str:
 
 
 def redis_client(url: str, *, blocking: bool = False) -> Any:
-    """A redis-py asyncio client; ``blocking`` ones have no read timeout (XREAD BLOCK)."""
+    """A redis-py asyncio client; ``blocking`` ones have no read timeout (XREAD BLOCK).
+    RESP2, as the result store's: with RESP3 redis-py 8.1 skips its check of a
+    pooled connection the server closed, so the first call after a Redis restart
+    would fail on it (redis-py#4252)."""
     import redis.asyncio as aioredis
 
     return aioredis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT_S,
                                    socket_timeout=None if blocking else _SOCKET_TIMEOUT_S,
-                                   health_check_interval=30 if blocking else 0)
+                                   health_check_interval=30 if blocking else 0, protocol=2)
 
 
 @contextmanager

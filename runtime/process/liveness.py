@@ -121,8 +121,10 @@ class RedisLivenessStore:
         self.url = url
         self.prefix = f"{namespace}:taskloom:worker:" if namespace else "taskloom:worker:"
         self._roster = roster_key(self.prefix)
+        # RESP2: with RESP3 redis-py 8.1 sends on a pooled connection the server
+        # closed (redis-py#4252), so the first beat after a Redis restart failed
         self._redis: Any = redis.asyncio.Redis.from_url(url, socket_timeout=5.0,
-                                                        socket_connect_timeout=5.0)
+                                                        socket_connect_timeout=5.0, protocol=2)
 
     def _key(self, worker_id: str) -> str:
         return self.prefix + worker_id
