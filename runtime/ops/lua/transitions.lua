@@ -33,27 +33,17 @@ local function given(v) return v and v ~= NULL and v ~= '' end
 local function int(v) return fmt('%d', v) end
 
 -- A task event's fields. msgspec writes them in a fixed order (id, task, queue, phase,
--- at_ms, attempt unless 1, worker unless ''), so plain searches for the keys between
--- them read the event without decoding it (a key cannot occur inside a JSON string:
--- its quotes would be escaped); an event with an escape before its worker's end (or
--- any other shape) goes through cjson.
+-- at_ms, attempt unless 1, worker unless ''), so a pattern reads them without decoding
+-- the JSON; a value with an escape in it (or any other shape) goes through cjson.
+local HEAD = '"id":"([^"\\]*)","task":"([^"\\]*)","queue":"([^"\\]*)","phase":"([%l_]+)",'
+  .. '"at_ms":(%d+)'
 local function fields(ev)
-  local i = find(ev, '"id":"', 1, true)
-  local j = i and find(ev, '","task":"', i, true)
-  local k = j and find(ev, '","queue":"', j, true)
-  local l = k and find(ev, '","phase":"', k, true)
-  local m = l and find(ev, '","at_ms":', l, true)
-  local at = m and match(ev, '^%d+', m + 10)
-  if at then
-    local rest = m + 10 + #at
-    local w = find(ev, '"worker":"', rest, true)
-    local wend = w and find(ev, '"', w + 10, true)
-    local esc = find(ev, '\\', i, true)
-    if not esc or esc > (wend or m) then
-      return sub(ev, i + 6, j - 1), sub(ev, j + 10, k - 1), sub(ev, k + 11, l - 1),
-        sub(ev, l + 11, m - 1), tonumber(at),
-        tonumber(match(ev, '^,"attempt":(%d+)', rest)) or 1,
-        w and sub(ev, w + 10, wend - 1) or ''
+  local _, stop, id, task, queue, phase, at = find(ev, HEAD)
+  if stop then
+    local worker = match(ev, '"worker":"([^"\\]*)"', stop)
+    if worker or not find(ev, '"worker":"', stop, true) then
+      return id, task, queue, phase, tonumber(at),
+        tonumber(match(ev, '^,"attempt":(%d+)', stop + 1)) or 1, worker or ''
     end
   end
   local e = decode(ev)
@@ -90,9 +80,8 @@ while pos <= n do
     local rank = RANK[state]
     local o = (FINAL[state] and 1073741824 or 0) + attempt * 4 + (rank or 3)
     local cur = latest[id]
-    if not cur then  -- every field made here: the table is sized once
-      cur = {o = -1, ev = false, state = false, queue = false, task = false, at = false,
-             w = false, anyw = false, enq = false, started = false}
+    if not cur then
+      cur = {o = -1}
       latest[id] = cur
       ids[#ids + 1] = id
     end
@@ -120,15 +109,18 @@ local function gather(into, keys, key, a, b)
 end
 
 -- the counts per queue and per task name of each state, summed over the call
-local by_queue, by_name = {}, {}
+local deltas, delta_keys = {}, {}
 local function count(state, queue, name, by)
-  local q, nm = by_queue[state], by_name[state]
-  if not q then
-    q, nm = {}, {}
-    by_queue[state], by_name[state] = q, nm
+  local key = P .. 'ix2:' .. state .. ':c'
+  local d = deltas[key]
+  if not d then
+    d = {}
+    deltas[key] = d
+    delta_keys[#delta_keys + 1] = key
   end
-  q[queue] = (q[queue] or 0) + by
-  nm[name] = (nm[name] or 0) + by
+  local q, nm = 'q:' .. queue, 'n:' .. name
+  d[q] = (d[q] or 0) + by
+  d[nm] = (d[nm] or 0) + by
 end
 
 -- a command over many members, in slices (unpack has a limit)
@@ -202,12 +194,9 @@ end
 for _, key in ipairs(gone_keys) do many('ZREM', key, gone[key]) end
 
 -- the counts: one HINCRBY per count changed; none kept at zero
-local function apply(key, field, by)
-  if by ~= 0 and call('HINCRBY', key, field, by) <= 0 then call('HDEL', key, field) end
-end
-for state, q in pairs(by_queue) do
-  local key = P .. 'ix2:' .. state .. ':c'
-  for queue, by in pairs(q) do apply(key, 'q:' .. queue, by) end
-  for name, by in pairs(by_name[state]) do apply(key, 'n:' .. name, by) end
+for _, key in ipairs(delta_keys) do
+  for field, by in pairs(deltas[key]) do
+    if by ~= 0 and call('HINCRBY', key, field, by) <= 0 then call('HDEL', key, field) end
+  end
 end
 return written
