@@ -95,6 +95,9 @@ async def test_failure_retry_and_dead_letters(env: Env) -> None:
     assert replayed.status_code == 200, replayed.text
     assert replayed.json()["matched"] == [new_id] and len(replayed.json()["replayed"]) == 1
     await wait_state(env, replayed.json()["replayed"][0], "FAILURE")
+    # the link is read from the index, which the worker writes in batches: the
+    # retry's result can be stored before its index entry is
+    await wait_listed(env, {new_id})
     original = (await env.client.get(f"/api/tasks/{task_id}", headers=env.read)).json()
     assert original["retried_as"] == new_id and original["attempts"][-1]["state"] == "FAILURE"
 
