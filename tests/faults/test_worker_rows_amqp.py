@@ -33,7 +33,7 @@ from runtime.app import Runtime
 from runtime.canvas import Signature
 from runtime.errors import ConfigError, EnqueueError
 from runtime.messages import State
-from tests.faults.app import COUNTED, HOG, POISON, build
+from tests.faults.app import COUNTED, POISON, build
 from tests.faults.harness import (
     Producer,
     RabbitNode,
@@ -48,9 +48,8 @@ from tests.faults.harness import (
 )
 from tests.faults.ledger import Ledger, check
 from tests.faults.test_worker_rows_redis import (
-    AS_LIMIT_MIB,
-    HOG_MIB,
     nemesis_t,
+    out_of_memory_row,
     runs,
     signal_worker,
 )
@@ -410,43 +409,10 @@ async def test_a_worker_out_of_memory_fails_the_task_visibly_and_keeps_serving(
     SIGKILL: row A1); it is retried as attempt 2, then dead-lettered ``failed``
     with its error stored; the worker lives on and the good tasks complete."""
     with rig(rabbit_node, redis_server, ledger, namespace) as (rt, env, producer):
-        pool = WorkerPool(env=env, log_dir=tmp_path / "logs", ledger=producer.ledger,
-                          count=1, concurrency=2)
-        pool.cmd = ["prlimit", f"--as={AS_LIMIT_MIB * 1024 * 1024}", "--", *pool.cmd]
-        good = [f"a5-{i:02d}" for i in range(20)]
-        async with rt, pool:
-            await producer.enqueue("a5-hog", rt.signature(HOG, "a5-hog", HOG_MIB))
-            await enqueue_batch(producer, [(k, rt.signature(COUNTED, k, 0.05)) for k in good])
-            letters: list[Any] = []
+        async def enqueue_good(items: list[tuple[str, Any]]) -> None:
+            await enqueue_batch(producer, items)
 
-            async def hog_dead() -> bool:
-                letters[:] = await rt.broker.dead_letters(QUEUE)
-                return any(letter.envelope.id == "a5-hog" for letter in letters)
-
-            # bound: two short runs of the hog and 20 short tasks, loaded machine
-            await wait_until(hog_dead, timeout=60, what="the hog in the dead-letter queue",
-                             describe=describe(pool.logs, lambda: f"dead letters: {letters}",
-                                               lambda: check(ledger.read()).summary()))
-            for letter in letters:
-                producer.ledger.write("DLQ_SEEN", id=letter.envelope.id, reason=letter.reason)
-            await wait_for_ledger(ledger, lambda v: set(good) <= v.done(), timeout=60,
-                                  what="the good tasks to end ok", describe=pool.logs)
-            await wait_queue_settled(rt, QUEUE, timeout=20, describe_more=pool.logs)
-            results = await results_of(rt, ["a5-hog", *good], timeout=20)
-            assert len(pool.pids) == 1 and not pool.exits, f"the worker died:\n{pool.logs()}"
-
-    view = ledger.read()
-    report = check(view, designed_to_fail=["a5-hog"])
-    assert not report.lost, report.summary()
-    assert not report.dlq_false, report.summary()
-    assert not report.dup_exec.keys() - {"a5-hog"}, report.summary()
-    assert [r["a"] for r in runs(view, "a5-hog")] == [1, 2], runs(view, "a5-hog")
-    assert {r.get("err") for r in view.by_kind["END"] if r["id"] == "a5-hog"} == {"MemoryError"}
-    assert [letter.reason for letter in letters if letter.envelope.id == "a5-hog"] == ["failed"]
-    hog = results["a5-hog"]
-    assert hog.state is State.FAILURE and hog.error is not None, hog
-    assert hog.error.type == "MemoryError" and hog.attempt == 2, hog
-    assert all(results[k].state is State.SUCCESS for k in good)
+        await out_of_memory_row(rt, env, producer, ledger, tmp_path, enqueue_good)
 
 # -- B6: the time limit stays below the consumer timeout --------------------------------
 

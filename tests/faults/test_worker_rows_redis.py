@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -200,30 +200,39 @@ async def test_a_worker_out_of_memory_fails_the_task_visibly_and_keeps_serving(
     then dead-lettered ``failed`` with its error stored, never acked as done;
     the worker lives on and the good tasks beside it all complete."""
     with rig(redis_server, ledger, namespace, lease_s=5) as (rt, env, producer):
-        pool = WorkerPool(env=env, log_dir=tmp_path / "logs", ledger=producer.ledger,
-                          count=1, concurrency=2)
-        pool.cmd = ["prlimit", f"--as={AS_LIMIT_MIB * 1024 * 1024}", "--", *pool.cmd]
-        good = [f"a5-{i:02d}" for i in range(20)]
-        async with rt, pool:
-            await producer.enqueue("a5-hog", rt.signature(HOG, "a5-hog", HOG_MIB))
-            await producer.enqueue_all([(k, rt.signature(COUNTED, k, 0.05)) for k in good])
-            letters: list[Any] = []
+        await out_of_memory_row(rt, env, producer, ledger, tmp_path, producer.enqueue_all)
 
-            async def hog_dead() -> bool:
-                letters[:] = await rt.broker.dead_letters(QUEUE)
-                return any(letter.envelope.id == "a5-hog" for letter in letters)
 
-            # bound: two short runs of the hog and 20 short tasks, loaded machine
-            await wait_until(hog_dead, timeout=60, what="the hog in the dead-letter queue",
-                             describe=describe(pool.logs, lambda: f"dead letters: {letters}",
-                                               lambda: check(ledger.read()).summary()))
-            for letter in letters:
-                producer.ledger.write("DLQ_SEEN", id=letter.envelope.id, reason=letter.reason)
-            await wait_for_ledger(ledger, lambda v: set(good) <= v.done(), timeout=60,
-                                  what="the good tasks to end ok", describe=pool.logs)
-            await wait_queue_settled(rt, QUEUE, timeout=20, describe_more=pool.logs)
-            results = await results_of(rt, ["a5-hog", *good], timeout=20)
-            assert len(pool.pids) == 1 and not pool.exits, f"the worker died:\n{pool.logs()}"
+async def out_of_memory_row(
+    rt: Runtime, env: dict[str, str], producer: Producer, ledger: Ledger, tmp_path: Path,
+    enqueue_good: Callable[[list[tuple[str, Any]]], Awaitable[object]],
+) -> None:
+    """Row A5 on any broker (see the tests): the hog, 20 good tasks beside it, and
+    what the ledger, the dead letters and the results must show."""
+    pool = WorkerPool(env=env, log_dir=tmp_path / "logs", ledger=producer.ledger,
+                      count=1, concurrency=2)
+    pool.cmd = ["prlimit", f"--as={AS_LIMIT_MIB * 1024 * 1024}", "--", *pool.cmd]
+    good = [f"a5-{i:02d}" for i in range(20)]
+    async with rt, pool:
+        await producer.enqueue("a5-hog", rt.signature(HOG, "a5-hog", HOG_MIB))
+        await enqueue_good([(k, rt.signature(COUNTED, k, 0.05)) for k in good])
+        letters: list[Any] = []
+
+        async def hog_dead() -> bool:
+            letters[:] = await rt.broker.dead_letters(QUEUE)
+            return any(letter.envelope.id == "a5-hog" for letter in letters)
+
+        # bound: two short runs of the hog and 20 short tasks, loaded machine
+        await wait_until(hog_dead, timeout=60, what="the hog in the dead-letter queue",
+                         describe=describe(pool.logs, lambda: f"dead letters: {letters}",
+                                           lambda: check(ledger.read()).summary()))
+        for letter in letters:
+            producer.ledger.write("DLQ_SEEN", id=letter.envelope.id, reason=letter.reason)
+        await wait_for_ledger(ledger, lambda v: set(good) <= v.done(), timeout=60,
+                              what="the good tasks to end ok", describe=pool.logs)
+        await wait_queue_settled(rt, QUEUE, timeout=20, describe_more=pool.logs)
+        results = await results_of(rt, ["a5-hog", *good], timeout=20)
+        assert len(pool.pids) == 1 and not pool.exits, f"the worker died:\n{pool.logs()}"
 
     view = ledger.read()
     report = check(view, designed_to_fail=["a5-hog"])
