@@ -56,6 +56,7 @@ __all__ = [
     "Broker",
     "BrokerConnectionError",
     "BrokerError",
+    "ConfigError",
     "Capabilities",
     "ConnectionFailed",
     "ConnectionLost",
@@ -78,6 +79,11 @@ __all__ = [
 
 class TaskloomError(Exception):
     """The root of every error taskloom raises on purpose."""
+
+
+class ConfigError(TaskloomError, ValueError):
+    """A setting, URL or option is not valid; the message names it and says what
+    is accepted. Raised before anything is sent or connected."""
 
 
 class BrokerError(TaskloomError):
@@ -242,9 +248,9 @@ class SettleOnce:
 def consumed_queues(queues: Sequence[str], prefetch: int) -> list[str]:
     """``queues`` without repeats, after checking a ``consume()`` call's arguments."""
     if prefetch < 1:
-        raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        raise ConfigError(f"prefetch must be at least 1, got {prefetch}")
     if not queues:
-        raise ValueError("consume() needs at least one queue")
+        raise ConfigError("consume() needs at least one queue")
     return list(dict.fromkeys(queues))
 
 

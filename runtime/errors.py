@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from brokers.base import (
     BrokerConnectionError,
     BrokerError,
+    ConfigError,
     ConnectionFailed,
     ConnectionLost,
     DeliveryAlreadySettled,
@@ -72,10 +73,6 @@ __all__ = [
     "TaskloomError",
     "UnknownTaskError",
 ]
-
-
-class ConfigError(TaskloomError, ValueError):
-    """A setting or task option is not valid."""
 
 
 class EnqueueError(TaskloomError):

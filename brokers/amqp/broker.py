@@ -61,6 +61,7 @@ from brokers.amqp.topology import DELAY_LEVELS, Queue, Topology
 from brokers.base import (
     BrokerError,
     Capabilities,
+    ConfigError,
     ConnectionFailed,
     ConnectionLost,
     DeadLetter,
@@ -435,7 +436,7 @@ class AmqpBroker:
         """Test helper: delete the queues and exchanges this broker declared under its
         namespace (with their dead-letter and delay queues). Returns how many."""
         if not self.namespace:
-            raise ValueError("purge_namespace() needs a namespace: without one it would "
+            raise ConfigError("purge_namespace() needs a namespace: without one it would "
                              "delete queues shared with other applications")
         with mapped("purging the namespace"):
             ch = await self._raw_channel()

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
-from brokers.base import redact_url
+from brokers.base import ConfigError, redact_url
 
 __all__ = ["DEFAULT_DELIVERY_LIMIT", "AmqpBrokerOptions", "check_url", "connect_url",
            "parse_url"]
@@ -68,7 +68,7 @@ class AmqpBrokerOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
     def __post_init__(self) -> None:
         if self.delivery_limit is not None and self.queue_type != "quorum":
-            raise ValueError("delivery_limit needs queue_type=quorum: classic queues have "
+            raise ConfigError("delivery_limit needs queue_type=quorum: classic queues have "
                              "no delivery limit")
 
 
@@ -93,14 +93,14 @@ def _vhost_of(path: str) -> str:
 def check_url(url: str, namespace: str, options: AmqpBrokerOptions) -> str:
     """Refuse what a broker must not start with; the vhost of ``url``."""
     if "*" in namespace or "#" in namespace:
-        raise ValueError(f"namespace {namespace!r} must contain neither '*' nor '#'")
+        raise ConfigError(f"namespace {namespace!r} must contain neither '*' nor '#'")
     parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps"):
-        raise ValueError(f"not an AMQP URL: {redact_url(url)} (use amqp:// or amqps://)")
+        raise ConfigError(f"not an AMQP URL: {redact_url(url)} (use amqp:// or amqps://)")
     host = parts.hostname or "localhost"
     user = unquote(parts.username) if parts.username else "guest"
     if user == "guest" and not _is_loopback(host) and not options.allow_guest:
-        raise ValueError(
+        raise ConfigError(
             f"refusing the default 'guest' user towards {host!r}, which is not a loopback "
             "address (RabbitMQ refuses it too, and default credentials are unsafe): create "
             "a user for this application, or add ?allow_guest=true to the URL")
@@ -119,13 +119,13 @@ def parse_url(url: str) -> tuple[str, AmqpBrokerOptions]:
         elif key in _PASSTHROUGH:
             theirs.append((key, value))
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown AMQP broker option {key!r} in {redact_url(url)}; known options: "
                 f"{', '.join(sorted(known | _PASSTHROUGH))}")
     try:
         options = msgspec.convert(ours, AmqpBrokerOptions, strict=False)
     except msgspec.ValidationError as e:
-        raise ValueError(f"invalid AMQP broker option in {redact_url(url)}: {e}") from None
+        raise ConfigError(f"invalid AMQP broker option in {redact_url(url)}: {e}") from None
     return urlunsplit(parts._replace(query=urlencode(theirs))), options
 
 

@@ -41,7 +41,7 @@ from typing import Any, Final
 import aiormq.abc
 
 from brokers.amqp.errors import mapped
-from brokers.base import PublishError
+from brokers.base import ConfigError, PublishError
 
 __all__ = ["DELAY_LEVELS", "DELAY_TICK_S", "Queue", "Topology", "routing_key", "ticks"]
 
@@ -62,16 +62,16 @@ class Queue:
 
     def __init__(self, prefix: str, name: str) -> None:
         if not name or "*" in name or "#" in name:
-            raise ValueError(f"invalid queue name {name!r}: it must be non-empty and "
+            raise ConfigError(f"invalid queue name {name!r}: it must be non-empty and "
                              "contain neither '*' nor '#'")
         if name.endswith((".dlq", ".dlq.lock")) or _LEVEL_SUFFIX.search(name):
-            raise ValueError(f"invalid queue name {name!r}: names ending in '.dlq', "
+            raise ConfigError(f"invalid queue name {name!r}: names ending in '.dlq', "
                              "'.dlq.lock' or '.delay.NN' are reserved for dead-letter and "
                              "delay queues")
         self.name = name
         self.amqp = prefix + name
         if len(self.amqp.encode()) > _MAX_NAME_BYTES:
-            raise ValueError(f"queue name {self.amqp!r} is too long: at most "
+            raise ConfigError(f"queue name {self.amqp!r} is too long: at most "
                              f"{_MAX_NAME_BYTES} bytes with the namespace (delay routing "
                              "keys need the rest of RabbitMQ's 255)")
         self.dlq = self.amqp + ".dlq"

@@ -41,6 +41,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from brokers.base import (
     BrokerError,
     Capabilities,
+    ConfigError,
     ConnectionFailed,
     DeadLetter,
     Envelope,
@@ -74,7 +75,7 @@ class RedisBroker:
     def __init__(self, url: str = "redis://localhost:6379/0", *, namespace: str = "",
                  options: RedisBrokerOptions | None = None) -> None:
         if "{" in namespace or "}" in namespace:
-            raise ValueError(f"namespace {namespace!r} must not contain '{{' or '}}': they "
+            raise ConfigError(f"namespace {namespace!r} must not contain '{{' or '}}': they "
                              "would break the per-queue Redis Cluster hash tags")
         self.url = url
         self.namespace = namespace
@@ -118,7 +119,7 @@ class RedisBroker:
         try:
             return aioredis.Redis.from_url(self.url, **kwargs)
         except ValueError as e:
-            raise ValueError(f"invalid Redis URL {redact_url(self.url)}: {e}") from None
+            raise ConfigError(f"invalid Redis URL {redact_url(self.url)}: {e}") from None
 
     @property
     def _redis_client(self) -> aioredis.Redis:

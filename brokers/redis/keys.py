@@ -25,7 +25,7 @@ from typing import Final
 
 import msgspec
 
-from brokers.base import Envelope
+from brokers.base import ConfigError, Envelope
 
 __all__ = ["BANDS", "Queue", "Stream", "band_of", "decode", "encode"]
 
@@ -67,7 +67,7 @@ class Queue:
 
     def __init__(self, prefix: str, name: str) -> None:
         if not name:
-            raise ValueError("a queue name must not be empty")
+            raise ConfigError("a queue name must not be empty")
         tag = f"{prefix}{{{name}}}"
         self.name = name
         self.streams = [f"{tag}:p{band}" for band in range(BANDS)]

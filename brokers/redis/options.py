@@ -6,8 +6,9 @@ from typing import Annotated, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
+import redis.asyncio as aioredis
 
-from brokers.base import redact_url
+from brokers.base import ConfigError, redact_url
 
 __all__ = ["ENVELOPE_HEADROOM", "RedisBrokerOptions", "parse_url"]
 
@@ -74,9 +75,27 @@ def parse_url(url: str) -> tuple[str, RedisBrokerOptions]:
     try:
         options = msgspec.convert(ours, RedisBrokerOptions, strict=False)
     except msgspec.ValidationError as e:
-        raise ValueError(f"invalid Redis broker option in {redact_url(url)}: {e}; "
+        raise ConfigError(f"invalid Redis broker option in {redact_url(url)}: {e}; "
                          f"known options: {', '.join(sorted(known))}") from None
-    return urlunsplit(parts._replace(query=urlencode(theirs))), options
+    rest = urlunsplit(parts._replace(query=urlencode(theirs)))
+    check_client_url(rest, ours=sorted(known))
+    return rest, options
+
+
+def check_client_url(url: str, *, ours: list[str]) -> None:
+    """Refuse, before any connection, a URL whose query redis-py cannot use:
+    redis-py hands unknown parameters to its connection class, which fails at
+    connect with a ``TypeError`` that names neither the URL nor the choices.
+    ``ours`` are the parameters the caller reads itself (listed in the message)."""
+    try:
+        aioredis.ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+    except (TypeError, ValueError) as e:
+        given = [key for key, _ in parse_qsl(urlsplit(url).query)]
+        raise ConfigError(
+            f"invalid Redis URL {redact_url(url)}: {str(e).rstrip('.')}; query parameters {given} go to "
+            f"redis-py (socket_timeout, socket_connect_timeout, health_check_interval, "
+            f"client_name, ssl_cert_reqs, ...) unless they are taskloom's: "
+            f"{', '.join(ours)}") from None
 
 
 #: An entry may exceed ``max_message_bytes`` by this much: the envelope's id,

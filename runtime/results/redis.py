@@ -57,6 +57,7 @@ import redis.exceptions as rex
 import structlog
 
 from brokers.base import is_connection_failure
+from brokers.redis.options import check_client_url
 from runtime.errors import (
     ConfigError,
     ConnectionFailed,
@@ -195,6 +196,7 @@ class RedisResultStore:
         except ValueError as e:
             raise ConfigError(f"bad result store URL parameter in {url!r}: {e}") from e
         clean = urlunsplit(parts._replace(query=urlencode(rest)))
+        check_client_url(clean, ours=["max_result_bytes", "ttl_s"])
         return cls(clean, ttl_s=ttl_s, namespace=namespace, max_result_bytes=max_result_bytes)
 
     # -- lifecycle -------------------------------------------------------------------
