@@ -34,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self, cast
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -55,6 +56,7 @@ from brokers.amqp.options import (
     AmqpBrokerOptions,
     check_url,
     connect_url,
+    is_loopback,
     parse_url,
 )
 from brokers.amqp.topology import DELAY_LEVELS, Queue, Topology
@@ -183,12 +185,24 @@ class AmqpBroker:
                 await conn.close()
             raise ConnectionFailed(
                 f"could not connect to RabbitMQ at {redact_url(self.url)} (vhost "
-                f"{self.vhost!r}): {type(e).__name__}: {e}; check that the server runs and is "
-                "reachable, the user and password, and that the vhost exists and the user "
-                "has permissions on it") from e
+                f"{self.vhost!r}): {type(e).__name__}: {e}; {self._connect_hint(e)}") from e
         self._conn = conn
         self._pub = pub
         return self
+
+    def _connect_hint(self, error: BaseException) -> str:
+        """What to check after a failed connect: RabbitMQ never says why it refused
+        a login, but a refused ``guest`` through a non-loopback address is always
+        its ``loopback_users`` default (RELIABILITY S2)."""
+        parts = urlsplit(self.url)
+        if (isinstance(error, aex.ProbableAuthenticationError)
+                and unquote(parts.username or "guest") == "guest"
+                and not is_loopback(parts.hostname or "localhost")):
+            return ("RabbitMQ lets the default 'guest' user log in only through a loopback "
+                    "address (its loopback_users setting): create a user for this "
+                    "application and put it in the URL")
+        return ("check that the server runs and is reachable, the user and password, and "
+                "that the vhost exists and the user has permissions on it")
 
     async def __aexit__(
         self,

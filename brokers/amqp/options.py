@@ -76,7 +76,7 @@ class AmqpBrokerOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 _PASSTHROUGH: Final = frozenset({"cafile", "capath", "cadata", "keyfile", "certfile", "name"})
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host.lower() == "localhost" or host.lower().endswith(".localhost"):
         return True
     try:
@@ -99,7 +99,7 @@ def check_url(url: str, namespace: str, options: AmqpBrokerOptions) -> str:
         raise ConfigError(f"not an AMQP URL: {redact_url(url)} (use amqp:// or amqps://)")
     host = parts.hostname or "localhost"
     user = unquote(parts.username) if parts.username else "guest"
-    if user == "guest" and not _is_loopback(host) and not options.allow_guest:
+    if user == "guest" and not is_loopback(host) and not options.allow_guest:
         raise ConfigError(
             f"refusing the default 'guest' user towards {host!r}, which is not a loopback "
             "address (RabbitMQ refuses it too, and default credentials are unsafe): create "

@@ -37,7 +37,7 @@ import pytest
 import structlog
 
 from runtime import Runtime
-from runtime.errors import ConnectionFailed
+from runtime.errors import ConfigError, ConnectionFailed
 from tests.faults.harness import HarnessError, RabbitNode, free_port, tail, wait_until
 
 pytestmark = [pytest.mark.fault, pytest.mark.amqp, pytest.mark.timeout(150)]
@@ -143,6 +143,8 @@ async def test_guest_from_a_non_loopback_address_is_refused_by_the_broker(
     assert ":guest@" not in message, message  # the password is redacted
     assert f"amqp://guest:***@{exposed_rabbit.ip}:{exposed_rabbit.outer_port}/" in message, message
     assert "ACCESS_REFUSED - Login was refused" in message, message
+    # and says why, which RabbitMQ never tells the client
+    assert "log in only through a loopback address" in message, message
     # RabbitMQ does not tell the client why; its log does: the loopback rule
     node_log = exposed_rabbit.dir / "log" / f"{exposed_rabbit.name}.log"
 
@@ -168,5 +170,5 @@ async def test_guest_through_loopback_on_the_same_node_works(
 def test_guest_towards_a_non_loopback_address_is_refused_before_connecting(
     exposed_rabbit: ExposedRabbitNode, namespace: str,
 ) -> None:
-    with pytest.raises(ValueError, match="refusing the default 'guest' user"):
+    with pytest.raises(ConfigError, match="refusing the default 'guest' user"):
         build(exposed_rabbit.outer_url(), namespace)
