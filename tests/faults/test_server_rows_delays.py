@@ -12,10 +12,9 @@ The semantics, as built:
   and a producer whose clock is 10 min ahead that computes its ETA from its
   own clock (``datetime.now(UTC) + 30 s``) gets the task 30 s after it is sent
   (G1); an ETA read from elsewhere (another host, a database) is off by the
-  producer's skew. There is no injection point for a skewed producer clock in
-  the runtime (three modules read ``time.time``), so G1's skew itself is not
-  simulated; ``expires`` is absolute and checked on the worker's clock, so it
-  *is* skew-sensitive (see the report of issue 19).
+  producer's skew. The skew itself is simulated (faketime ±10 min on a
+  producer process) in ``test_server_rows_clock.py``; ``expires`` is absolute
+  and checked on the worker's clock, so it *is* skew-sensitive (tested there).
 - The broker logs a warning at connect when the host's clock is more than
   5 s off Redis's (the one place the broker reads the host clock; simulated
   here by patching that module's clock).
