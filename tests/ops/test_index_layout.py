@@ -118,3 +118,30 @@ async def test_a_summary_of_another_layout_is_skipped_with_a_warning(namespace: 
         await index.aclose()
         await client.aclose()
         await purge_ops(namespace)
+
+
+@pytest.mark.redis
+async def test_keys_of_the_older_layout_are_reported_once(namespace: str) -> None:
+    """Workers not upgraded keep writing layout 1 (``ix:<state>`` sets) where this
+    reader never looks: its empty listing warns, once, naming the keys."""
+    await redis_up()
+    index = RedisIndex(REDIS_URL, namespace=namespace)
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        with capture_logs() as logs:  # nothing of layout 1: an empty listing, no warning
+            assert (await index.query(Query(states=(Phase.FAILED,)))).items == []
+        assert not [e for e in logs if "older layout" in e["event"]]
+        await index.aclose()
+        index = RedisIndex(REDIS_URL, namespace=namespace)  # a new reader checks again
+        await client.zadd(index.prefix + "ix:failed", {"old-worker-task": 1})
+        with capture_logs() as logs:
+            assert (await index.query(Query(states=(Phase.FAILED,)))).items == []
+            assert (await index.query(Query(states=(Phase.FAILED,)))).items == []
+        warned = [e for e in logs if "older layout" in e["event"]]
+        assert len(warned) == 1, logs
+        assert warned[0]["keys"] == [index.prefix + "ix:failed"]
+        assert "upgrade every worker and reader together" in warned[0]["event"]
+    finally:
+        await index.aclose()
+        await client.aclose()
+        await purge_ops(namespace)

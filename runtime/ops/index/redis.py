@@ -22,7 +22,9 @@ name is one HGET.
 Layout 1 (``ix:`` sets per state, queue and name; ``t:`` hashes) is neither read
 nor written: readers of layout 1 (taskloom before this layout) find no ``ix:``
 keys and list nothing; this reader skips, with a warning naming the layout, a
-summary whose first word is not ``v2``.
+summary whose first word is not ``v2``, and when a first page comes back empty
+while a state's layout-1 set exists (workers not upgraded) it warns once, naming
+the key and what to do.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class RedisIndex:
         self._redis: Any = redis_client(url)
         self._owns = writer is None
         self.writer = writer or RedisWriter(url, namespace=namespace, index=self.settings)
+        self._older_layout_checked = False
 
     @property
     def dropped(self) -> int:
@@ -169,9 +172,24 @@ class RedisIndex:
                 if filtered:  # few may match: read more per round trip
                     chunk = min(chunk * 2, _SCAN_MAX)
         found.sort(key=lambda x: (x[0], x[1]), reverse=True)
+        if not found and cursor is None:
+            await self._warn_of_an_older_layout(states_of(q.states))
         page = found[: q.limit]
         nxt = encode_cursor(page[-1][0], page[-1][1]) if len(page) == q.limit else None
         return Page(items=[s for _, _, s in page], next_cursor=nxt)
+
+    async def _warn_of_an_older_layout(self, states: tuple[Phase, ...]) -> None:
+        """Once per reader, on an empty first page: are layout-1 sets there? Then
+        workers older than this reader are writing where it never looks."""
+        if self._older_layout_checked:
+            return
+        self._older_layout_checked = True
+        old = [f"{self.prefix}ix:{state.value}" for state in states]
+        if old and await self._call("check the task index layout", self._redis.exists, *old):
+            log.warning("the task index holds keys of an older layout (1) that this "
+                        f"reader (layout {LAYOUT}) does not read: workers of an older taskloom "
+                        "are writing it; upgrade every worker and reader together",
+                        keys=old[:3])
 
     async def _hydrate(self, ids: list[str]) -> list[TaskSummary | None]:
         if not ids:
