@@ -102,7 +102,9 @@ async def test_an_eta_two_hours_ahead_waits_in_the_delay_store_and_is_never_rede
     # due on Redis's clock: Redis TIME at publish + the delay (the eta made relative)
     lo = (redis_before[0] + redis_before[1] / 1e6 + FAR.total_seconds()) * 1000
     hi = (redis_after[0] + redis_after[1] / 1e6 + FAR.total_seconds()) * 1000
-    assert lo - 1000 <= score <= hi + 1, (lo, score, hi)
+    # (+5 ms above: the eta, the delay and Redis TIME are each rounded up to whole
+    # ms; the G1 test saw 2 ms over a +1 bound)
+    assert lo - 1000 <= score <= hi + 5, (lo, score, hi)
     # the near one ran once, on its first delivery, though its delay spans 6 leases
     assert not report.dup_exec and not report.lost, report.summary()
     assert results["g3-near"].state is State.SUCCESS
