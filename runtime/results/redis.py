@@ -56,7 +56,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rex
 import structlog
 
-from brokers.base import is_connection_failure
+from brokers.base import is_connection_failure, redact_url
 from brokers.redis.options import check_client_url
 from runtime.errors import (
     ConfigError,
@@ -194,7 +194,7 @@ class RedisResultStore:
             if "max_result_bytes" in ours:
                 max_result_bytes = int(ours["max_result_bytes"])
         except ValueError as e:
-            raise ConfigError(f"bad result store URL parameter in {url!r}: {e}") from e
+            raise ConfigError(f"bad result store URL parameter in {redact_url(url)}: {e}") from e
         clean = urlunsplit(parts._replace(query=urlencode(rest)))
         check_client_url(clean, ours=["max_result_bytes", "ttl_s"])
         return cls(clean, ttl_s=ttl_s, namespace=namespace, max_result_bytes=max_result_bytes)

@@ -64,3 +64,14 @@ def test_a_redis_py_option_nobody_knows_on_the_results_url_is_a_config_error() -
 def test_redis_py_options_still_pass(url: str) -> None:
     Runtime(broker=url)
     Runtime(broker="memory://", results=url.replace("&lease_s=10", "").replace("&block_s=1", ""))
+
+
+def test_a_bad_results_parameter_is_a_config_error_without_the_password() -> None:
+    try:
+        Runtime(broker="memory://", results="redis://:s3cret@127.0.0.1/?ttl_s=soon")
+    except ConfigError as e:
+        text = str(e)
+    else:
+        pytest.fail("ttl_s=soon was accepted")
+    assert "ttl_s=soon" in text
+    assert "s3cret" not in text
