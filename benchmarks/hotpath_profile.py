@@ -68,9 +68,13 @@ def _detach(spy: subprocess.Popen[bytes] | None) -> None:
         spy.wait(timeout=60)
 
 
+#: ``--concurrency`` and ``--prefetch`` of the worker (the bench's: 100 and 100)
+WORKER_ARGS = ["--concurrency", "100", "--prefetch", "100"]
+
+
 def _worker(url: str, ns: str) -> psutil.Process:
     cmd = [sys.executable, "-m", "runtime.cli", "--log-level", "WARNING",
-           "worker", "taskloom_app:rt", "--concurrency", "100", "--prefetch", "100"]
+           "worker", "taskloom_app:rt", *WORKER_ARGS]
     proc = subprocess.Popen(cmd, env=_env(url, ns), start_new_session=True)
     print(f"worker pid {proc.pid}", file=sys.stderr, flush=True)
     return psutil.Process(proc.pid)
@@ -278,7 +282,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     ap.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--concurrency", type=int, default=100, help="the worker's (default 100)")
+    ap.add_argument("--prefetch", type=int, default=100, help="the worker's (default 100)")
     a = ap.parse_args(argv)
+    WORKER_ARGS[:] = ["--concurrency", str(a.concurrency), "--prefetch", str(a.prefetch)]
     if a.what == "summary":
         summary(a.file or a.spy, a.top)
         return 0

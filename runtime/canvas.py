@@ -10,8 +10,8 @@ Every canvas has one *final id*, under which its outcome is stored.
 from __future__ import annotations
 
 import math
+import os
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union, overload
 
@@ -73,8 +73,31 @@ C = TypeVar("C")
 D = TypeVar("D")
 
 
+#: ids drawn ahead, one ``os.urandom`` read per _ID_BATCH (emptied in a forked child)
+_ids: list[str] = []
+_ID_BATCH = 256
+
+
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """A fresh task id: a random (version 4) UUID in hex, as ``uuid.uuid4().hex``
+    gives, with the same 122 random bits, but one system call per 256 ids
+    instead of one per id plus a ``UUID`` object (the enqueue hot path)."""
+    try:
+        return _ids.pop()
+    except IndexError:
+        _draw_ids()
+        return _ids.pop()
+
+
+def _draw_ids() -> None:
+    raw = os.urandom(16 * _ID_BATCH).hex()
+    _ids.extend([f"{raw[i:i + 12]}4{raw[i + 13:i + 16]}{_VARIANT[raw[i + 16]]}{raw[i + 17:i + 32]}"
+                 for i in range(0, 32 * _ID_BATCH, 32)])
+
+
+#: the RFC 4122 variant: the top two bits of the 17th hex digit are 10
+_VARIANT = {f"{n:x}": f"{8 | (n & 3):x}" for n in range(16)}
+os.register_at_fork(after_in_child=_ids.clear)  # a child never repeats its parent's ids
 
 
 class Composable(Generic[R]):

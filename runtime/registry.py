@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec,
 
 import msgspec
 
+from runtime.canvas import Signature
 from runtime.errors import ArgumentsError, ConfigError, UnknownTaskError
 from runtime.options import check_options
 from runtime.retry import RetryPolicy
@@ -23,7 +24,6 @@ from runtime.retry import RetryPolicy
 Hook = Callable[..., Any]
 
 if TYPE_CHECKING:
-    from runtime.canvas import Signature
     from runtime.ops.limits import Limits
 
 __all__ = ["Kind", "Task", "TaskDecorator", "TaskRegistry"]
@@ -160,14 +160,10 @@ class Task(Generic[P, R]):
         against the function). In a chain, a step made with ``.s()`` also gets
         the previous result prepended to ``args``: give such a step with
         :meth:`partial` so that a type checker agrees."""
-        from runtime.canvas import Signature
-
         return Signature(self, tuple(args), kwargs)
 
     def si(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
         """An immutable signature: it ignores the previous result in a chain."""
-        from runtime.canvas import Signature
-
         return Signature(self, tuple(args), kwargs, immutable=True)
 
     def partial(self: Task[Concatenate[Any, Rest], R], *args: Rest.args,
@@ -175,8 +171,6 @@ class Task(Generic[P, R]):
         """A signature missing its first argument, which the chain (or chord)
         fills with the previous step's result: ``chain(add.s(1, 2), add.partial(3))``.
         The same as ``.s(3)`` at run time; typed as "every argument but the first"."""
-        from runtime.canvas import Signature
-
         return Signature(self, tuple(args), kwargs)
 
     def bind(

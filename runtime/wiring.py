@@ -181,7 +181,8 @@ def compile_call(
             raise EnqueueError("eta must be a timezone-aware datetime (e.g. datetime.now(UTC))")
         countdown = max(0.0, eta.timestamp() - time.time())
     overrides = None
-    if any(v is not None for v in (countdown, priority, queue, expires)):
+    if (countdown is not None or priority is not None or queue is not None
+            or expires is not None):
         overrides = TaskOptions(countdown=countdown, priority=priority, queue=queue,
                                 expires=expires)
         canvas.check_call_options(f"enqueue({target!r})", overrides)
