@@ -110,9 +110,11 @@ class Params:
     #: the process-pool efficiency workload: tasks of pool_task_ms CPU in a pool of 2
     pool_n: int = 40
     pool_task_ms: float = 100.0
-    #: the limits workload (issue 16): limited tasks waiting beside the no-op drain
-    #: (throughput_n no-ops); each run watches them for limits_observe_s from the
-    #: worker's start (or until the no-ops are done, if that is later)
+    #: the limits workload (issue 16): limited tasks waiting beside a drain of
+    #: limits_n no-ops (a drain of about 4 s at this machine's rate: long enough that
+    #: the start of a run is not most of it); each run watches them for
+    #: limits_observe_s from the worker's start (or until the no-ops are done, if later)
+    limits_n: int = 60_000
     limits_m: int = 100
     limits_rate: str = "5/s"
     limits_concurrency: int = 2
@@ -139,7 +141,7 @@ class Params:
             latency_warmup=max(1, n(self.latency_warmup)), io_n=n(self.io_n),
             cpu_n=max(self.cpu_processes, n(self.cpu_n)), producer_n=n(self.producer_n),
             pool_n=max(self.cpu_processes, n(self.pool_n)),
-            limits_m=max(self.limits_keys, n(self.limits_m)))
+            limits_n=n(self.limits_n), limits_m=max(self.limits_keys, n(self.limits_m)))
 
 
 def _with_db(url: str, db: int) -> str:

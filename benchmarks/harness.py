@@ -378,7 +378,8 @@ async def _limits(fw: Framework, ctx: RunContext, cpu_task_s: float) -> dict[str
     """The no-op drain alone, then with rate-limited, then with concurrency-limited
     tasks waiting on their limits in the same worker (``benchmarks/flow.py``), each
     under a namespace of its own; the ratios are of this measurement's own drains."""
-    p = ctx.params
+    p = dataclasses.replace(ctx.params, throughput_n=ctx.params.limits_n)  # every run's no-ops
+    ctx = dataclasses.replace(ctx, params=p)
     metrics = {"n": float(p.throughput_n), "m": float(p.limits_m)}
     for kind in flow.KINDS:
         sub = dataclasses.replace(ctx, workload="throughput" if kind == "alone" else "limits",
