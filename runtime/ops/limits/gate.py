@@ -147,13 +147,21 @@ class LimitsGate:
         self.deferred: dict[str, int] = {"rate": 0, "concurrency": 0, "debounced": 0}
         self._overrides: dict[str, dict[str, Any]] = {}
         self._overrides_at = -math.inf
+        #: serve() reads the overrides in the background: admit() never waits on them
+        self._refreshing = False
 
     @property
     def deferred_total(self) -> int:
         return self.deferred["rate"] + self.deferred["concurrency"]
 
+    def _stale(self) -> bool:
+        """Whether a task must read the overrides itself: they are
+        ``overrides_ttl_s`` old and :meth:`serve` is not reading them."""
+        return (not self._refreshing
+                and time.monotonic() - self._overrides_at >= self.overrides_ttl_s)
+
     async def _current_overrides(self) -> dict[str, dict[str, Any]]:
-        if time.monotonic() - self._overrides_at >= self.overrides_ttl_s:
+        if self._stale():
             await self._read_overrides()
         return self._overrides
 
@@ -209,7 +217,7 @@ class LimitsGate:
                 limits.debounce_key, fn, message.args, message.kwargs))
 
     async def admit(self, message: TaskMessage, /) -> float | None:
-        if time.monotonic() - self._overrides_at >= self.overrides_ttl_s:
+        if self._stale():
             await self._read_overrides()
         if self._unlimited(message):
             return None
@@ -259,16 +267,34 @@ class LimitsGate:
             await self.store.renew(held, lease_ms)
 
     async def serve(self) -> None:
-        """Renew the leases of running holders every third of the shortest
-        lease, until cancelled (the worker's stop)."""
+        """Read the run-time overrides every ``overrides_ttl_s`` and renew the
+        leases of running holders every third of the shortest lease, until
+        cancelled (the worker's stop).
+
+        A task's ``admit`` then never waits on the overrides: a read in the
+        middle of a batch of tasks that do not suspend would suspend one of
+        them, and the worker's fetch and settle batches, split in two, would
+        stay split (twice the round trips per task)."""
         try:
-            while True:
-                leases = [lease for _, _, lease, _ in self.holding.values()]
-                await anyio.sleep(min(leases, default=3000) / 3000)
-                try:
-                    await self.renew_once()
-                except TaskloomError as e:
-                    log.warning("cannot renew concurrency permits; they lapse with their lease "
-                                "unless Redis comes back", error=str(e), held=len(self.holding))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._refresh)
+                await self._renew()
         finally:
+            self._refreshing = False
             await self.store.aclose()
+
+    async def _refresh(self) -> None:
+        self._refreshing = True
+        while True:
+            await self._read_overrides()
+            await anyio.sleep(self.overrides_ttl_s)
+
+    async def _renew(self) -> None:
+        while True:
+            leases = [lease for _, _, lease, _ in self.holding.values()]
+            await anyio.sleep(min(leases, default=3000) / 3000)
+            try:
+                await self.renew_once()
+            except TaskloomError as e:
+                log.warning("cannot renew concurrency permits; they lapse with their lease "
+                            "unless Redis comes back", error=str(e), held=len(self.holding))
