@@ -78,6 +78,31 @@ async def test_a_hundred_concurrency_waiters_are_deferred_a_few_times_per_run(
     assert deferrals <= 3 * runs, (deferrals, runs)
 
 
+async def test_concurrency_waiters_at_the_workers_retry_probe_little(store: LimitStore) -> None:
+    """The worker's gate retries after 5 ms: while no hold time is known the
+    waiters of a key probe at that pace. 100 waiters over 2 keys x 2 permits
+    held 250 ms: waiters spaced at half the time between releases came back
+    about 3.7 times per run, at three quarters about 2.9."""
+    hold_ms, runs, deferrals = 250.0, 0, 0
+    events = [(T0, 0, f"w{i}", f"k{i % 2}") for i in range(WAITERS)]
+    while events:
+        now, kind, holder, key = heapq.heappop(events)
+        if kind == 1:  # a run ends
+            await store.release("t", key, holder, hold_ms=hold_ms)
+            continue
+        check = Check(task="t", holder=holder, sem_key=key, limit=2, lease_ms=30_000,
+                      retry_ms=5)
+        status, delay = await store.admit(check, now)
+        if status == ADMIT:
+            runs += 1
+            heapq.heappush(events, (now + hold_ms, 1, holder, key))
+        else:
+            deferrals += 1
+            heapq.heappush(events, (now + float(delay), 0, holder, key))
+    assert runs == WAITERS
+    assert deferrals <= 3.2 * runs, (deferrals, runs)
+
+
 async def test_through_the_gate_each_rate_waiter_is_deferred_at_most_twice() -> None:
     """The same through ``LimitsGate`` (its ``deferred`` counter, as the
     worker's stats show it), on a store whose clock the test moves."""
