@@ -95,3 +95,23 @@ async def test_without_serve_a_gate_reads_the_overrides_itself(rt: Runtime) -> N
     assert await gate.admit(msg("free")) is None
     assert await gate.admit(msg("free")) is not None
     assert store.reads >= 2
+
+
+async def test_a_failing_read_in_the_background_keeps_the_gate_serving(rt: Runtime) -> None:
+    class Broken(CountingStore):
+        async def overrides(self) -> dict[str, dict[str, Any]]:
+            await super().overrides()
+            raise RuntimeError("a bug in the store")
+
+    store = Broken()
+    gate = LimitsGate(rt, store, overrides_ttl_s=0.01)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(gate.serve)
+            while store.reads < 3:  # it went on reading after the failures
+                store.read = anyio.Event()
+                await store.read.wait()
+            assert await gate.admit(msg("free")) is None
+            assert await gate.admit(msg("limited")) is None  # the first of its hour
+            assert await gate.admit(msg("limited")) is not None
+            tg.cancel_scope.cancel()

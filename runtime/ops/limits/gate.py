@@ -286,7 +286,11 @@ class LimitsGate:
     async def _refresh(self) -> None:
         self._refreshing = True
         while True:
-            await self._read_overrides()
+            try:
+                await self._read_overrides()
+            except Exception as e:  # never the worker's end: keep the last known ones
+                log.error("reading the limit overrides failed; keeping the last known ones",
+                          error_type=type(e).__name__, error=str(e)[:300])
             await anyio.sleep(self.overrides_ttl_s)
 
     async def _renew(self) -> None:
